@@ -1,0 +1,18 @@
+"""CXRS: chest X-rays, 31 structures (+ background), 879/125/250 split, 100 epochs.
+
+Point ``--config.data.root`` at the data set in the folder format of DESIGN §3;
+overlapping structures must be flattened to one label map beforehand.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = 'cxrs'
+  config.data.image_size = 256
+  config.data.num_classes = 32
+  config.data.val_fraction = 125 / 1254
+  config.data.test_fraction = 250 / 1254
+  config.train.num_epochs = 100
+  return config

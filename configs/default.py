@@ -1,0 +1,90 @@
+"""Default hyper-parameters: every number of DESIGN.md §1–2 lives here.
+
+Other configs start from ``get_config()`` and change what differs. Override
+any key on the command line, e.g. ``--config.train.batch_size=16``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data (DESIGN §3). `name` picks the loader: synthetic | folder | amdsd |
+  # cxrs | duke_dme (the last three read the folder format under `root`).
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'synthetic'
+  config.data.root = ''
+  config.data.image_size = 256
+  config.data.num_classes = 4  # Background included.
+  config.data.channels = 1
+  config.data.split_seed = 0  # Patient-level split of folder data sets.
+  config.data.val_fraction = 0.1
+  config.data.test_fraction = 0.2
+  # Synthetic OCT-like generator (spad_jax/data/synthetic.py).
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.seed = 1234
+  config.data.synthetic.num_train = 512
+  config.data.synthetic.num_val = 32
+  config.data.synthetic.num_test = 64
+  config.data.num_workers = 2  # Parallel calls building examples and masks.
+  config.data.prefetch = 2  # Batches prefetched to the devices.
+  # 'tf' (tf.data) or 'numpy' (TensorFlow-free, same examples and masks).
+  config.data.loader = 'tf'
+
+  # Denoiser (DESIGN §1: CCDM's UNet, ≈5.7 M parameters at 128²).
+  config.model = ml_collections.ConfigDict()
+  config.model.base_channels = 32
+  config.model.channel_mult = (1, 1, 2, 3, 4)
+  config.model.num_res_blocks = 2
+  config.model.attention_resolutions = (16, 8)
+  config.model.num_heads = 1
+  config.model.norm_groups = 32
+  config.model.dropout = 0.0
+  config.model.dtype = 'float32'  # or 'bfloat16'; loss maths stay float32.
+
+  # Categorical diffusion.
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.num_steps = 250  # T.
+  config.diffusion.cosine_s = 0.008
+
+  # SPAD (DESIGN §2 and its table of lost defaults).
+  config.spad = ml_collections.ConfigDict()
+  config.spad.scd = True
+  config.spad.bcd = True
+  config.spad.pas = True
+  config.spad.sigma0 = 0.5
+  config.spad.pas_lambda = 0.05
+  config.spad.k0 = 3
+  config.spad.k_gamma = 0.01
+  config.spad.anchor_ratio = 0.3
+  config.spad.components = False  # Targets = classes (False) or components.
+  config.spad.canny_low = 100.0
+  config.spad.canny_high = 200.0
+  config.spad.band_width = 5
+
+  # Optimisation.
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 8  # Global, over all devices and hosts.
+  config.train.num_epochs = 200
+  config.train.learning_rate = 1e-4
+  config.train.lr_schedule = 'constant'  # constant | cosine | linear.
+  config.train.warmup_steps = 0
+  config.train.weight_decay = 1e-4
+  config.train.decoupled_weight_decay = False  # True: AdamW.
+  config.train.grad_clip_norm = 0.0  # 0 disables clipping.
+  config.train.ema_decay = 0.9999
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 1000
+  config.train.checkpoints_to_keep = 3
+  config.train.max_nonfinite_steps = 20  # Consecutive skipped updates that stop the run.
+
+  # Evaluation / sampling.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_steps = 50  # Sampling steps S (1..T, evenly strided).
+  config.eval.num_samples = 1  # Ensemble size N.
+  config.eval.batch_size = 8  # Global.
+  config.eval.split = 'test'
+  config.eval.num_grid_cases = 6  # Cases shown in the PNG grid.
+  return config

@@ -1,0 +1,39 @@
+"""CPU-sized demo on the embedded synthetic OCT-like data (minutes on 2 cores)."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = 'synthetic'
+  config.data.image_size = 64
+  config.data.num_classes = 4
+  config.data.synthetic.num_train = 512
+  config.data.synthetic.num_val = 32
+  config.data.synthetic.num_test = 64
+
+  # ≈0.8 M parameters: ~0.25 s per step of 8 at 64² on 2 CPU cores.
+  config.model.base_channels = 16
+  config.model.channel_mult = (1, 2, 2, 4)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (8,)
+
+  # A 25-step chain: with T = 250 each uniformly drawn step's KL is O(β_t) and
+  # the demo learned little in its budget (measured test mDice 0.23 vs 0.65
+  # with T = 25 after 20 epochs); the loss itself is unchanged.
+  config.diffusion.num_steps = 25
+
+  config.spad.band_width = 3  # The default 5 px is sized for 256² images.
+
+  config.train.batch_size = 8
+  config.train.num_epochs = 26
+  config.train.learning_rate = 1e-3
+  config.train.lr_schedule = 'cosine'
+  config.train.warmup_steps = 100
+  config.train.ema_decay = 0.999
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 500
+
+  config.eval.num_steps = 10
+  config.eval.batch_size = 32
+  return config

@@ -1,0 +1,109 @@
+r"""spad_jax entry point.
+
+  python main.py --config=configs/demo.py --workdir=runs/demo
+  python main.py --config=configs/amdsd.py --workdir=runs/amdsd \
+      --config.data.root=/data/amdsd --config.train.batch_size=16
+  python main.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
+
+A second run in the same workdir resumes from its latest checkpoint.
+Multi-host: pass --coordinator_address/--num_processes/--process_id on every
+host (or --distributed on TPU/Slurm, where JAX finds them itself).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
+                  'train (then evaluate), evaluate a trained workdir, or '
+                  'predict on new images.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
+                  'with auto-detection (TPU pods, Slurm).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
+                    'multi-host runs.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and '
+                           '--process_id')
+    if jax.config.jax_platforms in (None, '', 'cpu'):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax/tensorstore (dozens of lines per checkpoint)."""
+
+  def filter(self, record):
+    noisy = f'{os.sep}orbax{os.sep}' in record.pathname
+    return record.levelno >= logging.logging.WARNING or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = FLAGS.config
+  # Validate before importing JAX/TF or touching the workdir.
+  from spad_jax import config_validation  # pylint: disable=g-import-not-at-top
+  try:
+    config_validation.validate(config)
+  except config_validation.ConfigError as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if FLAGS.mode == 'predict':
+    print('error: --mode=predict is not implemented yet (tracked in issue 8: '
+          'predict on a folder with ensembles and uncertainty maps). Use '
+          '--mode=evaluate for a labelled split.', file=sys.stderr)
+    return 2
+
+  _init_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax.data import folder  # pylint: disable=g-import-not-at-top
+
+  logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s).',
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    if FLAGS.mode == 'train':
+      result = train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+      if not os.path.isdir(FLAGS.workdir):
+        raise FileNotFoundError(f'--workdir {FLAGS.workdir} does not exist')
+      result = evaluate.evaluate(config, FLAGS.workdir)
+  except (folder.DataError, FileNotFoundError, FloatingPointError,
+          ValueError) as e:
+    logging.exception('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  if jax.process_index() == 0:
+    fmt = lambda x: 'n/a' if x is None else f'{x:.4f}'
+    print(f'{config.eval.split}: mIoU {fmt(result["mIoU"])}  '
+          f'mDice {fmt(result["mDice"])}  (foreground classes; '
+          f'{os.path.join(FLAGS.workdir, "metrics.json")})')
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,89 @@
+"""Checks a config before any work starts; every problem names its key."""
+
+from spad_jax.data.sources import DATASETS
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def validate(config) -> None:
+  """Raises ``ConfigError`` listing every invalid value of ``config``."""
+  errors = []
+
+  def check(ok: bool, key: str, message: str):
+    if not ok:
+      errors.append(f'config.{key} = {_get(config, key)!r}: {message}')
+
+  d, m, s, t, e = (config.data, config.model, config.spad, config.train,
+                   config.eval)
+  check(d.name in DATASETS, 'data.name', f'unknown data set; expected one of '
+        f'{list(DATASETS)}')
+  check(d.image_size >= 8, 'data.image_size', 'must be at least 8')
+  check(d.num_classes >= 2, 'data.num_classes', 'needs background + at least '
+        'one class')
+  if d.name == 'synthetic':
+    check(d.num_classes == 4, 'data.num_classes', 'the synthetic data set has '
+          '4 classes (background, srf, irf, shrm)')
+    for split in ('num_train', 'num_val', 'num_test'):
+      check(d.synthetic[split] >= 1, f'data.synthetic.{split}', 'must be >= 1')
+  check(d.channels in (1, 3), 'data.channels', 'must be 1 or 3')
+  check(0 <= d.val_fraction < 1, 'data.val_fraction', 'must be in [0, 1)')
+  check(0 <= d.test_fraction < 1, 'data.test_fraction', 'must be in [0, 1)')
+  check(d.val_fraction + d.test_fraction < 1, 'data.test_fraction',
+        'val_fraction + test_fraction must leave training cases')
+  check(d.loader in ('tf', 'numpy'), 'data.loader', "must be 'tf' or 'numpy'")
+  check(d.num_workers >= 1, 'data.num_workers', 'must be >= 1')
+
+  levels = len(m.channel_mult)
+  check(levels >= 1, 'model.channel_mult', 'needs at least one level')
+  check(levels >= 1 and d.image_size % (2 ** (levels - 1)) == 0,
+        'data.image_size', f'must be divisible by 2^{levels - 1} for '
+        f'model.channel_mult = {tuple(m.channel_mult)}')
+  check(m.base_channels >= 1, 'model.base_channels', 'must be >= 1')
+  check(m.num_res_blocks >= 1, 'model.num_res_blocks', 'must be >= 1')
+  check(m.dtype in ('float32', 'bfloat16'), 'model.dtype',
+        "must be 'float32' or 'bfloat16'")
+  check(0 <= m.dropout < 1, 'model.dropout', 'must be in [0, 1)')
+
+  check(config.diffusion.num_steps >= 1, 'diffusion.num_steps', 'must be >= 1')
+
+  check(s.sigma0 >= 0, 'spad.sigma0', 'noise std must be >= 0')
+  check(s.pas_lambda >= 0, 'spad.pas_lambda', 'PaS decay must be >= 0')
+  check(s.k0 >= 0, 'spad.k0', 'initial target count K0 must be >= 0')
+  check(s.k_gamma >= 0, 'spad.k_gamma', 'target-count decay must be >= 0')
+  check(0 <= s.anchor_ratio <= 1, 'spad.anchor_ratio', 'must be in [0, 1]')
+  check(s.band_width >= 1, 'spad.band_width', 'must be >= 1 pixel')
+  check(0 <= s.canny_low <= s.canny_high, 'spad.canny_low',
+        'need 0 <= canny_low <= canny_high')
+
+  check(t.batch_size >= 1, 'train.batch_size', 'must be >= 1')
+  check(t.num_epochs >= 1, 'train.num_epochs', 'must be >= 1')
+  check(t.learning_rate > 0, 'train.learning_rate', 'must be > 0')
+  check(t.lr_schedule in ('constant', 'cosine', 'linear'), 'train.lr_schedule',
+        "must be 'constant', 'cosine' or 'linear'")
+  check(t.warmup_steps >= 0, 'train.warmup_steps', 'must be >= 0')
+  check(t.weight_decay >= 0, 'train.weight_decay', 'must be >= 0')
+  check(t.grad_clip_norm >= 0, 'train.grad_clip_norm', 'must be >= 0 (0: off)')
+  check(0 <= t.ema_decay < 1, 'train.ema_decay', 'must be in [0, 1)')
+  check(t.log_every_steps >= 1, 'train.log_every_steps', 'must be >= 1')
+  check(t.checkpoint_every_steps >= 1, 'train.checkpoint_every_steps',
+        'must be >= 1')
+  check(t.checkpoints_to_keep >= 1, 'train.checkpoints_to_keep', 'must be >= 1')
+  check(t.max_nonfinite_steps >= 1, 'train.max_nonfinite_steps', 'must be >= 1')
+
+  check(1 <= e.num_steps <= config.diffusion.num_steps, 'eval.num_steps',
+        f'must be in [1, diffusion.num_steps = {config.diffusion.num_steps}]')
+  check(e.num_samples >= 1, 'eval.num_samples', 'must be >= 1')
+  check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
+  check(e.split in ('train', 'val', 'test'), 'eval.split',
+        "must be 'train', 'val' or 'test'")
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value

@@ -1,0 +1,179 @@
+"""Training and evaluation batches, from tf.data or a TensorFlow-free loader.
+
+Every training example is a pure function of ``(seed, step, slot)``: the
+epoch ``e = step // steps_per_epoch`` picks a permutation of the split
+(seeded by ``(seed, e)``), the slot picks the example, and the SPAD masks are
+drawn from ``(seed, e, example)``. So the data order and masks of a run are
+fixed by its config, resuming at any step continues them exactly, and the two
+loaders produce identical batches.
+
+Multi-host: each process builds only its slice of every global batch.
+Batches come out as ``[local_devices, per_device_batch, ...]`` numpy arrays.
+"""
+
+import concurrent.futures
+import functools
+from typing import Dict, Iterator
+
+import numpy as np
+
+from spad_jax import perturb
+from spad_jax import tf_cpu
+from spad_jax.data.sources import Source
+
+Batch = Dict[str, np.ndarray]
+
+
+class TrainExamples:
+  """The deterministic stream of training examples of one process."""
+
+  def __init__(self, source: Source, config, process_index: int = 0,
+               process_count: int = 1, local_device_count: int = 1):
+    gb = config.train.batch_size
+    if gb % (process_count * local_device_count):
+      raise ValueError(
+          f'config.train.batch_size = {gb} must be divisible by the number of '
+          f'devices ({process_count * local_device_count})')
+    if len(source) < gb:
+      raise ValueError(f'the training split has {len(source)} cases, fewer '
+                       f'than config.train.batch_size = {gb}')
+    self.source = source
+    self.seed = config.seed
+    self.spad = config.spad
+    self.num_classes = config.data.num_classes
+    self.global_batch = gb
+    self.host_batch = gb // process_count
+    self.host_offset = process_index * self.host_batch
+    self.local_device_count = local_device_count
+    self.steps_per_epoch = len(source) // gb  # The last partial batch is dropped.
+
+  @functools.lru_cache(maxsize=4)
+  def permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, 7, epoch]).permutation(
+        len(self.source))
+
+  def example_index(self, step: int, slot: int):
+    epoch, within = divmod(int(step), self.steps_per_epoch)
+    position = within * self.global_batch + self.host_offset + int(slot)
+    return epoch, int(self.permutation(epoch)[position])
+
+  def example(self, step: int, slot: int) -> Batch:
+    """Image, label and the SPAD mask planes of one example."""
+    epoch, idx = self.example_index(step, slot)
+    label = self.source.labels[idx]
+    spad = self.spad
+    scd = np.zeros(label.shape, np.uint8)
+    bcd = np.zeros(label.shape, np.uint8)
+    if spad.scd:
+      rng = np.random.default_rng([self.seed, epoch, idx])
+      targets = perturb.target_masks(label, self.num_classes, spad.components)
+      k = perturb.num_targets(epoch, spad.k0, spad.k_gamma, len(targets))
+      scd = perturb.scd_mask(label, self.num_classes, k, spad.anchor_ratio,
+                             rng, targets=targets)
+    if spad.bcd:
+      bcd = perturb.boundary_band(label, self.num_classes, spad.band_width,
+                                  spad.canny_low, spad.canny_high)
+    return {'image': self.source.images[idx].astype(np.float32),
+            'label': label.astype(np.int32), 'scd': scd, 'bcd': bcd}
+
+  def to_device_layout(self, batch: Batch) -> Batch:
+    d = self.local_device_count
+    return {k: v.reshape((d, v.shape[0] // d) + v.shape[1:])
+            for k, v in batch.items()}
+
+
+def numpy_train_batches(examples: TrainExamples, start_step: int,
+                        num_steps: int, num_workers: int = 2,
+                        prefetch: int = 2) -> Iterator[Batch]:
+  """TensorFlow-free loader: a thread pool builds the examples, in order."""
+  slots = range(examples.host_batch)
+
+  def build(step):
+    items = [examples.example(step, j) for j in slots]
+    return examples.to_device_layout(
+        {k: np.stack([it[k] for it in items]) for k in items[0]})
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    pending = []
+    step = start_step
+    while step < num_steps or pending:
+      while step < num_steps and len(pending) < max(1, prefetch):
+        pending.append(pool.submit(build, step))
+        step += 1
+      yield pending.pop(0).result()
+
+
+def tf_train_batches(examples: TrainExamples, start_step: int, num_steps: int,
+                     num_workers: int = 2, prefetch: int = 2) -> Iterator[Batch]:
+  """tf.data loader: masks built by ``tf.numpy_function`` in a parallel map."""
+  tf = tf_cpu.import_tensorflow()
+  hb = examples.host_batch
+  source = examples.source
+  h, w, c = source.images.shape[1:]
+
+  def make(step, slot):
+    ex = examples.example(step, slot)
+    return ex['image'], ex['label'], ex['scd'], ex['bcd']
+
+  def mapped(step, slot):
+    image, label, scd, bcd = tf.numpy_function(
+        make, [step, slot], [tf.float32, tf.int32, tf.uint8, tf.uint8],
+        stateful=False)
+    image.set_shape((h, w, c))
+    for t in (label, scd, bcd):
+      t.set_shape((h, w))
+    return {'image': image, 'label': label, 'scd': scd, 'bcd': bcd}
+
+  ds = tf.data.Dataset.range(start_step, num_steps)
+  ds = ds.flat_map(lambda s: tf.data.Dataset.zip(
+      (tf.data.Dataset.from_tensors(s).repeat(hb),
+       tf.data.Dataset.range(hb))))
+  ds = ds.map(mapped, num_parallel_calls=max(1, num_workers),
+              deterministic=True)
+  ds = ds.batch(hb, drop_remainder=True)
+  ds = ds.prefetch(max(1, prefetch))
+  for batch in ds.as_numpy_iterator():
+    yield examples.to_device_layout(batch)
+
+
+def train_batches(examples: TrainExamples, start_step: int, num_steps: int,
+                  config) -> Iterator[Batch]:
+  loader = config.data.loader
+  if loader == 'tf':
+    try:
+      tf_cpu.import_tensorflow()
+    except ImportError as e:
+      raise ImportError('config.data.loader = "tf" needs TensorFlow; install '
+                        'it or run with --config.data.loader=numpy') from e
+    return tf_train_batches(examples, start_step, num_steps,
+                            config.data.num_workers, config.data.prefetch)
+  if loader == 'numpy':
+    return numpy_train_batches(examples, start_step, num_steps,
+                               config.data.num_workers, config.data.prefetch)
+  raise ValueError(f'config.data.loader: unknown loader {loader!r}; expected '
+                   "'tf' or 'numpy'")
+
+
+def eval_batches(source: Source, global_batch: int, local_device_count: int,
+                 process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+  """The split in order, padded to whole global batches.
+
+  Every process yields the same number of batches (pmap needs it); padded
+  slots carry ``valid = False``. ``index`` is the case index in ``source``.
+  """
+  if global_batch % (process_count * local_device_count):
+    raise ValueError(f'config.eval.batch_size = {global_batch} must be '
+                     'divisible by the number of devices '
+                     f'({process_count * local_device_count})')
+  hb = global_batch // process_count
+  d = local_device_count
+  n = len(source)
+  for start in range(0, n, global_batch):
+    pos = start + process_index * hb + np.arange(hb)
+    valid = pos < n
+    idx = np.where(valid, pos, 0)
+    batch = {'image': source.images[idx].astype(np.float32),
+             'label': source.labels[idx].astype(np.int32),
+             'index': idx.astype(np.int32), 'valid': valid}
+    yield {k: v.reshape((d, hb // d) + v.shape[1:]) for k, v in batch.items()}

@@ -1,0 +1,205 @@
+"""Categorical diffusion with uniform transitions (CCDM), as small pure functions.
+
+Notation follows DESIGN.md §1: ``K`` classes, class axis last, ``ᾱ_t`` the
+cumulative signal fraction with ``ᾱ_0 = 1``. Every function broadcasts over
+leading axes; ``t`` and ``s`` may be scalars or arrays with one entry per
+batch element (they are broadcast against the leading axis).
+"""
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Probabilities are clamped here before any log (DESIGN §1).
+LOG_EPS = 1e-12
+
+
+class Schedule(NamedTuple):
+  """Cosine schedule tables, index ``t`` in ``0..T``."""
+  alphas_cumprod: jnp.ndarray  # ᾱ_t, shape [T+1], ᾱ_0 == 1.
+  alphas: jnp.ndarray  # α_t = ᾱ_t / ᾱ_{t-1}, shape [T+1], α_0 == 1.
+
+  @property
+  def num_steps(self) -> int:
+    return self.alphas_cumprod.shape[0] - 1
+
+
+def make_schedule(num_steps: int, s: float = 0.008,
+                  max_beta: float = 0.999) -> Schedule:
+  """Cosine schedule of Nichol & Dhariwal with ``1 - α_t`` clipped at ``max_beta``.
+
+  Computed in float64 numpy once, then stored as float32 tables.
+  """
+  if num_steps < 1:
+    raise ValueError(f'diffusion.num_steps must be >= 1, got {num_steps}')
+  u = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+  f = np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+  abar = f / f[0]
+  alphas = np.ones_like(abar)
+  alphas[1:] = abar[1:] / abar[:-1]
+  alphas[1:] = 1.0 - np.minimum(1.0 - alphas[1:], max_beta)
+  abar = np.cumprod(alphas)  # Recomputed after clipping; alphas[0] == 1.
+  return Schedule(alphas_cumprod=jnp.asarray(abar, jnp.float32),
+                  alphas=jnp.asarray(alphas, jnp.float32))
+
+
+def _per_example(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
+  """Reshapes a scalar or per-example ``[B]`` array to broadcast against ``like``.
+
+  ``like`` has shape ``[B, ..., K]``; the result has shape ``[B, 1, ..., 1]``.
+  """
+  values = jnp.asarray(values)
+  if values.ndim == 0:
+    return values
+  if values.ndim != 1 or values.shape[0] != like.shape[0]:
+    raise ValueError(f'time array of shape {values.shape} does not match the '
+                     f'leading axis of an array of shape {like.shape}')
+  return values.reshape(values.shape + (1,) * (like.ndim - 1))
+
+
+def _abar(t, schedule: Schedule, like: jnp.ndarray) -> jnp.ndarray:
+  return _per_example(schedule.alphas_cumprod[jnp.asarray(t)], like)
+
+
+def q_probs(x0_probs: jnp.ndarray, t, schedule: Schedule) -> jnp.ndarray:
+  """Forward marginal ``q(x_t | x0) = ᾱ_t·x0 + (1 − ᾱ_t)/K``."""
+  k = x0_probs.shape[-1]
+  abar = _abar(t, schedule, x0_probs)
+  return abar * x0_probs + (1.0 - abar) / k
+
+
+def _jump_abar(t, s, schedule: Schedule, like: jnp.ndarray):
+  """``ā_{t|s} = ᾱ_t/ᾱ_s`` and ``ᾱ_s``, both broadcast against ``like``."""
+  abar_t = _abar(t, schedule, like)
+  abar_s = _abar(s, schedule, like)
+  return abar_t / abar_s, abar_s
+
+
+def posterior_probs(xt_onehot: jnp.ndarray, x0_probs: jnp.ndarray, t, s,
+                    schedule: Schedule) -> jnp.ndarray:
+  """Exact jump posterior ``q(x_s | x_t, x0)`` for ``0 <= s < t``.
+
+  ``∝ (ā_{t|s}·x_t + (1 − ā_{t|s})/K) ⊙ (ᾱ_s·x0 + (1 − ᾱ_s)/K)``,
+  normalised over the class axis.
+  """
+  k = xt_onehot.shape[-1]
+  a_ts, abar_s = _jump_abar(t, s, schedule, xt_onehot)
+  fact_t = a_ts * xt_onehot + (1.0 - a_ts) / k
+  fact_0 = abar_s * x0_probs + (1.0 - abar_s) / k
+  unnorm = fact_t * fact_0
+  return unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)
+
+
+def model_posterior_probs(xt_onehot: jnp.ndarray, p_hat: jnp.ndarray, t, s,
+                          schedule: Schedule) -> jnp.ndarray:
+  """CCDM mixture ``Σ_c p̂_c · q(x_s | x_t, x0 = e_c)`` in O(K) per pixel.
+
+  With ``v = ā_{t|s}·x_t + (1 − ā_{t|s})/K`` and ``w_c = ᾱ_s·e_c + (1 − ᾱ_s)/K``
+  the normaliser of ``v ⊙ w_c`` is ``Z_c = ᾱ_s·v_c + (1 − ᾱ_s)/K·Σv``, so
+  ``p_j = v_j·(ᾱ_s·p̂_j/Z_j + (1 − ᾱ_s)/K·Σ_c p̂_c/Z_c)``.
+  """
+  k = xt_onehot.shape[-1]
+  a_ts, abar_s = _jump_abar(t, s, schedule, xt_onehot)
+  v = a_ts * xt_onehot + (1.0 - a_ts) / k
+  z = abar_s * v + (1.0 - abar_s) / k * jnp.sum(v, axis=-1, keepdims=True)
+  ratio = p_hat / z
+  return v * (abar_s * ratio +
+              (1.0 - abar_s) / k * jnp.sum(ratio, axis=-1, keepdims=True))
+
+
+def categorical_kl(q: jnp.ndarray, p: jnp.ndarray) -> jnp.ndarray:
+  """``KL(q ‖ p)`` over the last axis, logs clamped at ``LOG_EPS``."""
+  q = q.astype(jnp.float32)
+  p = p.astype(jnp.float32)
+  return jnp.sum(q * (jnp.log(jnp.maximum(q, LOG_EPS)) -
+                      jnp.log(jnp.maximum(p, LOG_EPS))), axis=-1)
+
+
+def kl_loss(x0_onehot: jnp.ndarray, xt_onehot: jnp.ndarray,
+            p_hat: jnp.ndarray, t, schedule: Schedule) -> jnp.ndarray:
+  """Per-example loss ``L_t = Σ_pixels KL(q(x_{t-1}|x_t,x0) ‖ p_θ(x_{t-1}|x_t))``.
+
+  Inputs ``[B, H, W, K]``; returns ``[B]``. Always computed in float32 (the
+  network may run in bfloat16). At ``t = 1`` this equals ``−Σ log p̂(x0)``.
+  """
+  x0_onehot = x0_onehot.astype(jnp.float32)
+  xt_onehot = xt_onehot.astype(jnp.float32)
+  p_hat = p_hat.astype(jnp.float32)
+  t = jnp.asarray(t)
+  s = t - 1
+  q = posterior_probs(xt_onehot, x0_onehot, t, s, schedule)
+  p = model_posterior_probs(xt_onehot, p_hat, t, s, schedule)
+  kl = categorical_kl(q, p)
+  return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
+
+
+def sample_categorical(key: jax.Array, probs: jnp.ndarray) -> jnp.ndarray:
+  """Draws class indices from probabilities (class axis last)."""
+  logits = jnp.log(jnp.maximum(probs.astype(jnp.float32), LOG_EPS))
+  return jax.random.categorical(key, logits, axis=-1)
+
+
+def time_sequence(num_train_steps: int, num_sample_steps: int) -> np.ndarray:
+  """Evenly strided decreasing times ``T = t_0 > … > t_S = 0`` (length S+1)."""
+  if not 1 <= num_sample_steps <= num_train_steps:
+    raise ValueError(f'eval.num_steps must be in [1, {num_train_steps}], got '
+                     f'{num_sample_steps}')
+  times = np.round(np.linspace(num_train_steps, 0, num_sample_steps + 1))
+  times = times.astype(np.int32)
+  assert np.all(np.diff(times) < 0), times
+  return times
+
+
+# A denoiser maps (x_t one-hot [B,H,W,K], image [B,H,W,C], t [B]) -> p̂ [B,H,W,K].
+Denoiser = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
+           schedule: Schedule, num_classes: int,
+           times: Optional[Sequence[int]] = None) -> dict:
+  """Ancestral sampling with exact jump posteriors along ``times``.
+
+  ``times`` is a strictly decreasing sequence from ``T`` to ``0`` (default:
+  the full chain). Runs as one ``lax.scan``; call it under ``jit``.
+
+  Returns ``labels`` (argmax of the last ``p̂``), ``probs`` (the last ``p̂``)
+  and ``sample`` (the class drawn at the last step, ``x_0 ~ p̂``).
+  """
+  if times is None:
+    times = time_sequence(schedule.num_steps, schedule.num_steps)
+  times = np.asarray(times, np.int32)
+  if times[0] != schedule.num_steps or times[-1] != 0 or np.any(
+      np.diff(times) >= 0):
+    raise ValueError('times must decrease strictly from T '
+                     f'({schedule.num_steps}) to 0, got {times.tolist()}')
+  b, h, w = image.shape[:3]
+  key_init, key_steps = jax.random.split(key)
+  x_t = jax.random.randint(key_init, (b, h, w), 0, num_classes)
+  pairs = jnp.stack([times[:-1], times[1:]], axis=1)
+  step_keys = jax.random.split(key_steps, len(times) - 1)
+
+  def step(carry, inputs):
+    x_t, _ = carry
+    (t_s, step_key) = inputs
+    t, s = t_s[0], t_s[1]
+    xt_onehot = jax.nn.one_hot(x_t, num_classes, dtype=jnp.float32)
+    p_hat = denoise_fn(xt_onehot, image, jnp.full((b,), t, jnp.int32))
+    p_hat = p_hat.astype(jnp.float32)
+    probs = model_posterior_probs(xt_onehot, p_hat, t, s, schedule)
+    x_s = sample_categorical(step_key, probs)
+    return (x_s, p_hat), None
+
+  p0 = jnp.full((b, h, w, num_classes), 1.0 / num_classes, jnp.float32)
+  (x_0, p_hat), _ = jax.lax.scan(step, (x_t, p0), (pairs, step_keys))
+  return {'labels': jnp.argmax(p_hat, axis=-1), 'probs': p_hat, 'sample': x_0}
+
+
+def ensemble(labels: jnp.ndarray, num_classes: int) -> dict:
+  """Combines ``N`` hard samples ``[N, B, H, W]`` into soft map, prediction, entropy."""
+  soft = jnp.mean(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+                  axis=0)
+  entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, LOG_EPS)), axis=-1)
+  return {'soft': soft, 'prediction': jnp.argmax(soft, axis=-1),
+          'entropy': entropy}

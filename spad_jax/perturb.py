@@ -1,0 +1,115 @@
+"""SPAD training-time perturbations of the conditioning image (DESIGN.md §2).
+
+Mask builders (``scd_mask``, ``boundary_band``) are plain numpy/OpenCV so the
+same code serves tf.data (through ``tf.numpy_function``) and the
+TensorFlow-free loader. The schedules (``pas_sigma``, ``num_targets``) accept
+Python numbers (host side) and traced JAX values (inside the train step).
+``perturb_image`` is the jnp merge applied in the train step.
+"""
+
+from typing import Optional
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_traced(*values) -> bool:
+  return any(isinstance(v, jax.Array) for v in values)
+
+
+def pas_sigma(epoch, sigma0: float, lam: float):
+  """Progress-aware noise std ``σ(e) = σ0 / (1 + λ·e)``."""
+  if _is_traced(epoch, sigma0, lam):
+    return sigma0 / (1.0 + lam * jnp.asarray(epoch, jnp.float32))
+  return float(sigma0) / (1.0 + float(lam) * float(epoch))
+
+
+def num_targets(epoch, k0: float, gamma: float, n_available):
+  """``k(e) = min(#targets, max(1, round(K0 / (1 + γ·e))))``; 0 with no targets.
+
+  Rounding is half-to-even (numpy and jnp agree).
+  """
+  if _is_traced(epoch, k0, gamma, n_available):
+    k = jnp.maximum(1, jnp.round(k0 / (1.0 + gamma * jnp.asarray(
+        epoch, jnp.float32))).astype(jnp.int32))
+    return jnp.minimum(jnp.asarray(n_available, jnp.int32), k)
+  k = max(1, int(np.round(float(k0) / (1.0 + float(gamma) * float(epoch)))))
+  return min(int(n_available), k)
+
+
+def target_masks(label: np.ndarray, num_classes: int,
+                 components: bool = False) -> list:
+  """Boolean masks of the ScD targets in ``label`` ``[H, W]``.
+
+  A target is a foreground class present in the label or, with
+  ``components=True``, each 8-connected component of one.
+  """
+  targets = []
+  for c in range(1, num_classes):
+    cls = label == c
+    if not cls.any():
+      continue
+    if not components:
+      targets.append(cls)
+      continue
+    n, comp = cv2.connectedComponents(cls.astype(np.uint8), connectivity=8)
+    targets.extend(comp == i for i in range(1, n))
+  return targets
+
+
+def scd_mask(label: np.ndarray, num_classes: int, k: int, anchor_ratio: float,
+             rng: np.random.Generator, components: bool = False,
+             targets: Optional[list] = None) -> np.ndarray:
+  """Semantic-concentrated mask ``M_s`` (uint8 0/1, shape of ``label``).
+
+  Chooses ``min(k, #targets)`` targets at random; inside each, every pixel is
+  kept as an anchor with probability ``anchor_ratio``; the mask covers the
+  non-anchor pixels of the chosen targets.
+  """
+  if targets is None:
+    targets = target_masks(label, num_classes, components)
+  mask = np.zeros(label.shape, np.uint8)
+  k = min(int(k), len(targets))
+  if k <= 0:
+    return mask
+  chosen = rng.choice(len(targets), size=k, replace=False)
+  keep = rng.random(label.shape) < anchor_ratio  # One draw for all targets.
+  for i in np.sort(chosen):
+    mask[targets[i] & ~keep] = 1
+  return mask
+
+
+def spread_labels(label: np.ndarray, num_classes: int) -> np.ndarray:
+  """Maps class indices to grey values spread evenly over 0..255."""
+  step = 255 // max(1, num_classes - 1)
+  return (label.astype(np.int32) * step).clip(0, 255).astype(np.uint8)
+
+
+def boundary_band(label: np.ndarray, num_classes: int, width: int,
+                  low: float = 100.0, high: float = 200.0) -> np.ndarray:
+  """Boundary-centralized mask ``M_b`` (uint8 0/1).
+
+  Canny with the given thresholds on the label map spread over 0..255, then
+  dilation with a ``width``×``width`` square so the band is ``width`` pixels
+  across, centred on the detected edges.
+  """
+  edges = cv2.Canny(spread_labels(label, num_classes), low, high)
+  if width > 1:
+    edges = cv2.dilate(edges, np.ones((width, width), np.uint8))
+  return (edges > 0).astype(np.uint8)
+
+
+def perturb_image(image: jnp.ndarray, mask: jnp.ndarray, sigma,
+                  key: jax.Array) -> jnp.ndarray:
+  """``Ĩ = I + σ·ε ⊙ M`` with one ``ε ~ N(0, 1)`` draw per pixel and channel.
+
+  ``image`` is ``[..., H, W, C]``, ``mask`` ``[..., H, W]`` (the union
+  ``M_s ∪ M_b``); ``sigma`` a scalar or broadcastable to ``[...]``.
+  """
+  eps = jax.random.normal(key, image.shape, jnp.float32)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  sigma = sigma.reshape(sigma.shape + (1,) * (image.ndim - sigma.ndim))
+  m = mask.astype(jnp.float32)[..., None]
+  return (image.astype(jnp.float32) + sigma * eps * m).astype(image.dtype)

@@ -1,0 +1,66 @@
+"""Config files load, overrides reach the config, bad values stop early."""
+
+import importlib
+import os
+
+import pytest
+
+from spad_jax import config_validation
+
+
+@pytest.mark.parametrize('name', ['default', 'demo', 'amdsd', 'cxrs',
+                                  'duke_dme'])
+def test_configs_load_and_validate(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_validation.validate(config)
+
+
+def test_default_holds_design_defaults():
+  c = importlib.import_module('configs.default').get_config()
+  assert (c.spad.sigma0, c.spad.pas_lambda, c.spad.k0, c.spad.k_gamma,
+          c.spad.anchor_ratio, c.spad.band_width) == (0.5, 0.05, 3, 0.01,
+                                                      0.3, 5)
+  assert (c.spad.canny_low, c.spad.canny_high) == (100, 200)
+  assert c.diffusion.num_steps == 250 and c.diffusion.cosine_s == 0.008
+  assert (c.train.learning_rate, c.train.weight_decay, c.train.batch_size,
+          c.train.ema_decay) == (1e-4, 1e-4, 8, 0.9999)
+  assert tuple(c.model.channel_mult) == (1, 1, 2, 3, 4)
+  assert c.model.base_channels == 32 and c.model.norm_groups == 32
+  amd = importlib.import_module('configs.amdsd').get_config()
+  cxr = importlib.import_module('configs.cxrs').get_config()
+  assert (amd.data.num_classes, amd.train.num_epochs) == (6, 200)
+  assert (cxr.data.num_classes, cxr.train.num_epochs) == (32, 100)
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('spad.sigma0', -0.1, 'config.spad.sigma0'),
+    ('spad.anchor_ratio', 1.5, 'config.spad.anchor_ratio'),
+    ('spad.anchor_ratio', -0.1, 'config.spad.anchor_ratio'),
+    ('spad.k0', -1, 'config.spad.k0'),
+    ('data.name', 'mnist', 'config.data.name'),
+    ('eval.num_steps', 1000, 'config.eval.num_steps'),
+])
+def test_invalid_values_are_named(key, value, needle):
+  config = importlib.import_module('configs.demo').get_config()
+  section, field = key.split('.')
+  config[section][field] = value
+  with pytest.raises(config_validation.ConfigError, match=needle):
+    config_validation.validate(config)
+
+
+def test_command_line_override_and_early_stop(main_runner, tmp_path):
+  workdir = tmp_path / 'w'
+  result = main_runner(['--config=configs/demo.py', f'--workdir={workdir}',
+                        '--config.spad.sigma0=-1',
+                        '--config.spad.anchor_ratio=2'])
+  assert result.returncode == 2
+  assert 'config.spad.sigma0 = -1' in result.stderr
+  assert 'config.spad.anchor_ratio = 2' in result.stderr
+  assert not workdir.exists()  # Stopped before any work.
+
+
+def test_predict_mode_says_not_yet(main_runner, tmp_path):
+  result = main_runner(['--config=configs/demo.py',
+                        f'--workdir={tmp_path}', '--mode=predict'])
+  assert result.returncode == 2
+  assert 'predict is not implemented yet' in result.stderr

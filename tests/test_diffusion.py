@@ -1,0 +1,147 @@
+"""Categorical diffusion maths against an independent float64 reference.
+
+The reference builds explicit K×K one-step transition matrices
+``Q_t = α_t·I + (1 − α_t)/K·11ᵀ`` and applies Bayes' rule; it shares no code
+with spad_jax.diffusion.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spad_jax import diffusion
+
+
+def reference_alphas(T, s=0.008, max_beta=0.999):
+  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+  alphas = [1.0]
+  for t in range(1, T + 1):
+    beta = 1 - (f(t / T) / f(0)) / (f((t - 1) / T) / f(0))
+    alphas.append(1 - min(beta, max_beta))
+  return np.array(alphas)
+
+
+def one_step(alpha, k):
+  return alpha * np.eye(k) + (1 - alpha) / k * np.ones((k, k))
+
+
+def marginal_matrix(alphas, t, k, start=0):
+  """Product of one-step matrices from time ``start`` to ``t``."""
+  m = np.eye(k)
+  for i in range(start + 1, t + 1):
+    m = m @ one_step(alphas[i], k)
+  return m
+
+
+def reference_posterior(xt, x0, t, s, alphas, k):
+  """q(x_s | x_t, x0) ∝ q(x_t | x_s) q(x_s | x0) with explicit matrices."""
+  to_s = x0 @ marginal_matrix(alphas, s, k)  # q(x_s | x0), row vector.
+  jump = marginal_matrix(alphas, t, k, start=s)  # [x_s, x_t].
+  unnorm = jump[:, xt] * to_s
+  return unnorm / unnorm.sum()
+
+
+@pytest.fixture(scope='module')
+def schedule():
+  return diffusion.make_schedule(50)
+
+
+def test_schedule_matches_reference(schedule):
+  ref = np.cumprod(reference_alphas(50))
+  np.testing.assert_allclose(schedule.alphas_cumprod, ref, rtol=1e-6,
+                             atol=1e-7)
+  assert float(schedule.alphas_cumprod[0]) == 1.0
+  assert np.all(np.diff(np.asarray(schedule.alphas_cumprod)) < 0)
+
+
+@pytest.mark.parametrize('k', [2, 3, 6])
+def test_marginals_equal_composed_one_step_matrices(schedule, k):
+  alphas = reference_alphas(50)
+  rng = np.random.default_rng(k)
+  for t in [1, 7, 25, 50]:
+    x0 = np.eye(k)[rng.integers(k)]
+    expected = x0 @ marginal_matrix(alphas, t, k)
+    got = diffusion.q_probs(jnp.asarray(x0, jnp.float32), t, schedule)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('k', [2, 3, 6, 31])
+def test_jump_posterior_equals_bayes(schedule, k):
+  alphas = reference_alphas(50)
+  rng = np.random.default_rng(100 + k)
+  for _ in range(6):
+    t = int(rng.integers(1, 51))
+    s = int(rng.integers(0, t))
+    xt, c0 = rng.integers(k), rng.integers(k)
+    x0 = np.eye(k)[c0]
+    expected = reference_posterior(xt, x0, t, s, alphas, k)
+    got = diffusion.posterior_probs(jnp.eye(k)[xt], jnp.asarray(x0), t, s,
+                                    schedule)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('k', [2, 6])
+def test_mixture_equals_explicit_sum(schedule, k):
+  rng = np.random.default_rng(k)
+  p_hat = rng.dirichlet(np.ones(k), size=5).astype(np.float32)
+  xt = rng.integers(k, size=5)
+  t = rng.integers(2, 51, size=5)
+  s = np.array([rng.integers(0, ti) for ti in t])
+  xt_oh = jnp.eye(k)[xt]
+  got = diffusion.model_posterior_probs(xt_oh, jnp.asarray(p_hat), t, s,
+                                        schedule)
+  explicit = sum(p_hat[:, c:c + 1] * diffusion.posterior_probs(
+      xt_oh, jnp.broadcast_to(jnp.eye(k)[c], (5, k)), t, s, schedule)
+                 for c in range(k))
+  np.testing.assert_allclose(got, explicit, atol=1e-6)
+  np.testing.assert_allclose(np.sum(got, -1), 1.0, atol=1e-6)
+
+
+def test_kl_at_t1_is_cross_entropy_and_zero_at_truth(schedule):
+  k = 4
+  rng = np.random.default_rng(0)
+  labels = rng.integers(k, size=(2, 5, 5))
+  x0 = jax.nn.one_hot(labels, k)
+  p_hat = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 5, 5, k)),
+                                     jnp.float32))
+  t = jnp.ones((2,), jnp.int32)
+  loss = diffusion.kl_loss(x0, x0, p_hat, t, schedule)
+  ce = -jnp.sum(jnp.log(jnp.sum(p_hat * x0, -1)), axis=(1, 2))
+  np.testing.assert_allclose(loss, ce, rtol=1e-5)
+  for tt in [1, 10, 50]:
+    xt = jax.nn.one_hot(rng.integers(k, size=(2, 5, 5)), k)
+    zero = diffusion.kl_loss(x0, xt, x0, jnp.full((2,), tt), schedule)
+    np.testing.assert_allclose(zero, 0.0, atol=1e-4)
+
+
+def test_loss_gradient_finite_with_exact_zeros(schedule):
+  k = 3
+  x0 = jax.nn.one_hot(jnp.array([[[0, 1], [2, 0]]]), k)
+  p_hat = jnp.array([[[[1., 0, 0], [0, 1, 0]], [[0, 0, 1], [0, 1, 0]]]])
+  for t in [1, 5]:
+    g = jax.grad(lambda p: diffusion.kl_loss(x0, x0, p, jnp.array([t]),
+                                             schedule).sum())(p_hat)
+    assert np.all(np.isfinite(g))
+
+
+def test_sampler_recovers_x0_with_oracle_model(schedule):
+  k = 4
+  labels = jnp.asarray(np.random.default_rng(1).integers(k, size=(2, 6, 6)))
+  oracle = lambda xt, image, t: jax.nn.one_hot(labels, k)
+  image = jnp.zeros((2, 6, 6, 1))
+  for steps in [1, 3, 50]:
+    times = diffusion.time_sequence(50, steps)
+    out = jax.jit(lambda key: diffusion.sample(oracle, image, key, schedule,
+                                               k, times))(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out['labels'], labels)
+    np.testing.assert_array_equal(out['sample'], labels)
+
+
+def test_time_sequence():
+  np.testing.assert_array_equal(diffusion.time_sequence(250, 1), [250, 0])
+  seq = diffusion.time_sequence(250, 10)
+  assert seq[0] == 250 and seq[-1] == 0 and len(seq) == 11
+  assert len(diffusion.time_sequence(250, 250)) == 251
+  with pytest.raises(ValueError, match='eval.num_steps'):
+    diffusion.time_sequence(250, 0)

@@ -1,0 +1,73 @@
+"""ScD/BcD masks and the PaS schedule (the basics; property tests extend these)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spad_jax import perturb
+
+
+def test_pas_sigma_python_and_traced():
+  assert perturb.pas_sigma(0, 0.5, 0.05) == 0.5
+  assert perturb.pas_sigma(10, 0.5, 0.05) == pytest.approx(0.5 / 1.5)
+  traced = jax.jit(lambda e: perturb.pas_sigma(e, 0.5, 0.05))(jnp.int32(10))
+  assert float(traced) == pytest.approx(0.5 / 1.5)
+
+
+def test_num_targets():
+  assert perturb.num_targets(0, 3, 0.01, 5) == 3
+  assert perturb.num_targets(0, 3, 0.01, 2) == 2
+  assert perturb.num_targets(0, 3, 0.01, 0) == 0
+  assert perturb.num_targets(1000, 3, 0.01, 5) == 1  # max(1, round(3/11)).
+  assert perturb.num_targets(100, 3, 0.01, 5) == 2  # round(1.5) half-to-even.
+  traced = jax.jit(lambda e: perturb.num_targets(e, 3, 0.01, 5))(
+      jnp.int32(100))
+  assert int(traced) == 2
+
+
+def _label():
+  label = np.zeros((40, 40), np.uint8)
+  label[5:20, 5:20] = 1
+  label[25:35, 10:30] = 2
+  label[8:14, 28:36] = 3
+  return label
+
+
+def test_scd_mask_inside_chosen_targets_with_anchor_fraction():
+  label = _label()
+  rng = np.random.default_rng(0)
+  mask = perturb.scd_mask(label, 4, 2, 0.3, rng)
+  chosen = [c for c in (1, 2, 3) if mask[label == c].any()]
+  assert len(chosen) == 2
+  assert not mask[label == 0].any()
+  target = np.isin(label, chosen)
+  kept = 1 - mask[target].mean()
+  n = target.sum()
+  assert abs(kept - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)  # Binomial tolerance.
+  assert not perturb.scd_mask(np.zeros_like(label), 4, 3, 0.3, rng).any()
+
+
+def test_boundary_band_along_transitions_only():
+  label = _label()
+  band = perturb.boundary_band(label, 4, 3)
+  # Every pixel whose 4-neighbourhood changes class is covered.
+  edge = np.zeros_like(label, bool)
+  edge[:-1] |= label[:-1] != label[1:]
+  edge[1:] |= label[:-1] != label[1:]
+  edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+  edge[:, 1:] |= label[:, :-1] != label[:, 1:]
+  assert band[edge].all()
+  # Nothing farther than the band from an edge.
+  from scipy import ndimage
+  dist = ndimage.distance_transform_cdt(~edge, metric='chessboard')
+  assert dist[band.astype(bool)].max() <= 2
+  assert not perturb.boundary_band(np.zeros_like(label), 4, 3).any()
+
+
+def test_perturb_image_changes_only_inside_mask():
+  image = jnp.zeros((2, 8, 8, 1))
+  mask = jnp.zeros((2, 8, 8), jnp.uint8).at[:, 2:5, 2:5].set(1)
+  out = perturb.perturb_image(image, mask, 0.5, jax.random.PRNGKey(0))
+  changed = np.asarray(out[..., 0] != 0)
+  np.testing.assert_array_equal(changed, np.asarray(mask, bool))
