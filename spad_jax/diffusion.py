@@ -30,7 +30,8 @@ def make_schedule(num_steps: int, s: float = 0.008,
                   max_beta: float = 0.999) -> Schedule:
   """Cosine schedule of Nichol & Dhariwal with ``1 - α_t`` clipped at ``max_beta``.
 
-  Computed in float64 numpy once, then stored as float32 tables.
+  Computed in float64 numpy once, then stored as float32 tables (float64
+  when ``jax_enable_x64`` is on, for reference checks).
   """
   if num_steps < 1:
     raise ValueError(f'diffusion.num_steps must be >= 1, got {num_steps}')
@@ -41,8 +42,9 @@ def make_schedule(num_steps: int, s: float = 0.008,
   alphas[1:] = abar[1:] / abar[:-1]
   alphas[1:] = 1.0 - np.minimum(1.0 - alphas[1:], max_beta)
   abar = np.cumprod(alphas)  # Recomputed after clipping; alphas[0] == 1.
-  return Schedule(alphas_cumprod=jnp.asarray(abar, jnp.float32),
-                  alphas=jnp.asarray(alphas, jnp.float32))
+  dtype = jnp.result_type(float)  # float32, or float64 under x64.
+  return Schedule(alphas_cumprod=jnp.asarray(abar, dtype),
+                  alphas=jnp.asarray(alphas, dtype))
 
 
 def _per_example(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
@@ -109,10 +111,16 @@ def model_posterior_probs(xt_onehot: jnp.ndarray, p_hat: jnp.ndarray, t, s,
               (1.0 - abar_s) / k * jnp.sum(ratio, axis=-1, keepdims=True))
 
 
+def _at_least_f32(x: jnp.ndarray) -> jnp.ndarray:
+  """bfloat16/float16 to float32; float32/float64 unchanged."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def categorical_kl(q: jnp.ndarray, p: jnp.ndarray) -> jnp.ndarray:
   """``KL(q ‖ p)`` over the last axis, logs clamped at ``LOG_EPS``."""
-  q = q.astype(jnp.float32)
-  p = p.astype(jnp.float32)
+  q = _at_least_f32(q)
+  p = _at_least_f32(p)
   return jnp.sum(q * (jnp.log(jnp.maximum(q, LOG_EPS)) -
                       jnp.log(jnp.maximum(p, LOG_EPS))), axis=-1)
 
@@ -121,12 +129,12 @@ def kl_loss(x0_onehot: jnp.ndarray, xt_onehot: jnp.ndarray,
             p_hat: jnp.ndarray, t, schedule: Schedule) -> jnp.ndarray:
   """Per-example loss ``L_t = Σ_pixels KL(q(x_{t-1}|x_t,x0) ‖ p_θ(x_{t-1}|x_t))``.
 
-  Inputs ``[B, H, W, K]``; returns ``[B]``. Always computed in float32 (the
+  Inputs ``[B, H, W, K]``; returns ``[B]``. Computed in at least float32 (the
   network may run in bfloat16). At ``t = 1`` this equals ``−Σ log p̂(x0)``.
   """
-  x0_onehot = x0_onehot.astype(jnp.float32)
-  xt_onehot = xt_onehot.astype(jnp.float32)
-  p_hat = p_hat.astype(jnp.float32)
+  x0_onehot = _at_least_f32(x0_onehot)
+  xt_onehot = _at_least_f32(xt_onehot)
+  p_hat = _at_least_f32(p_hat)
   t = jnp.asarray(t)
   s = t - 1
   q = posterior_probs(xt_onehot, x0_onehot, t, s, schedule)

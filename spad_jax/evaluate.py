@@ -90,7 +90,8 @@ def grid_png(images, labels, preds, entropies, num_classes: int,
   return grid
 
 
-def _load_state(config, workdir, setup):
+def load_state(config, workdir, setup):
+  """The latest checkpoint of ``workdir`` (unreplicated TrainState)."""
   from spad_jax import train  # pylint: disable=g-import-not-at-top
   mgr = train.checkpoint_manager(workdir, config.train.checkpoints_to_keep)
   if mgr.latest_step() is None:
@@ -103,53 +104,75 @@ def _load_state(config, workdir, setup):
   return state
 
 
+def sample_split(config, ema_params, setup, source, num_shown: int = 0,
+                 warmup: bool = False) -> Dict[str, Any]:
+  """Samples every case of ``source``; returns confusion counts and timing.
+
+  ``warmup`` runs the first batch once untimed, so ``seconds`` excludes
+  compilation (benchmarks); ``num_shown`` keeps that many cases for a grid.
+  """
+  k = config.data.num_classes
+  predict = make_predict_fn(config, setup.model, setup.schedule)
+  params = _replicate(ema_params)
+  eval_key = setup.keys()[2]
+  batches = pipeline.eval_batches(source, config.eval.batch_size,
+                                  jax.local_device_count(),
+                                  jax.process_index(), jax.process_count())
+  if warmup:
+    first = next(pipeline.eval_batches(source, config.eval.batch_size,
+                                       jax.local_device_count()))
+    jax.block_until_ready(predict(params, first['image'], eval_key,
+                                  np.int32(0)))
+  conf = np.zeros((k, k), np.int64)
+  shown = {'images': [], 'labels': [], 'preds': [], 'entropy': []}
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  start = time.time()
+  done = 0
+  for i, batch in enumerate(batches):
+    out = jax.device_get(predict(params, batch['image'], eval_key,
+                                 np.int32(i)))
+    valid = batch['valid'].reshape(-1)
+    pred = flat(out['prediction'])[valid]
+    label = flat(batch['label'])[valid]
+    conf += metrics.confusion_counts(pred, label, k)
+    done += int(valid.sum())
+    if len(shown['images']) < num_shown:
+      take = slice(0, num_shown - len(shown['images']))
+      for name, arr in (('images', flat(batch['image'])[valid]),
+                        ('labels', label), ('preds', pred),
+                        ('entropy', flat(out['entropy'])[valid])):
+        shown[name].extend(list(arr[take]))
+    elapsed = time.time() - start
+    logging.info('  sampled %d/%d cases (%.2f img/s)', done,
+                 len(source) // max(jax.process_count(), 1), done / elapsed)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
+  return {'confusion': conf, 'shown': shown, 'seconds': time.time() - start}
+
+
+def _replicate(tree):
+  from spad_jax import train  # pylint: disable=g-import-not-at-top
+  return train.replicate(tree)
+
+
 def evaluate(config, workdir: str, state=None, setup=None) -> Dict[str, Any]:
   """Samples ``config.eval.split`` and writes metrics.json and eval_grid.png."""
   from spad_jax import train  # pylint: disable=g-import-not-at-top
   setup = setup or train.Setup.from_config(config)
   if state is None:
-    state = _load_state(config, workdir, setup)
+    state = load_state(config, workdir, setup)
   split = config.eval.split
   source = sources.load_split(config, split)
   k = config.data.num_classes
-  predict = make_predict_fn(config, setup.model, setup.schedule)
-  params = train.replicate(state.ema_params)
-  eval_key = setup.keys()[2]
   logging.info('Evaluating %d %s cases: %d sampling steps, %d sample(s) each.',
                len(source), split, config.eval.num_steps,
                config.eval.num_samples)
-
-  conf = np.zeros((k, k), np.int64)
-  shown = {'images': [], 'labels': [], 'preds': [], 'entropy': []}
-  n_grid = config.eval.num_grid_cases
-  start = time.time()
-  done = 0
-  for i, batch in enumerate(pipeline.eval_batches(
-      source, config.eval.batch_size, jax.local_device_count(),
-      jax.process_index(), jax.process_count())):
-    out = jax.device_get(predict(params, batch['image'], eval_key,
-                                 np.int32(i)))
-    valid = batch['valid'].reshape(-1)
-    pred = out['prediction'].reshape((-1,) + out['prediction'].shape[2:])[valid]
-    label = batch['label'].reshape((-1,) + batch['label'].shape[2:])[valid]
-    conf += metrics.confusion_counts(pred, label, k)
-    done += int(valid.sum())
-    if len(shown['images']) < n_grid:
-      take = slice(0, n_grid - len(shown['images']))
-      img = batch['image'].reshape((-1,) + batch['image'].shape[2:])[valid]
-      ent = out['entropy'].reshape((-1,) + out['entropy'].shape[2:])[valid]
-      for name, arr in (('images', img), ('labels', label), ('preds', pred),
-                        ('entropy', ent)):
-        shown[name].extend(list(arr[take]))
-    elapsed = time.time() - start
-    logging.info('  evaluated %d/%d cases (%.2f img/s)', done,
-                 len(source) // max(jax.process_count(), 1), done / elapsed)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
-  seconds = time.time() - start
-
-  result = metrics.summarize_confusion(conf, list(source.class_names))
+  run = sample_split(config, state.ema_params, setup, source,
+                     num_shown=config.eval.num_grid_cases)
+  seconds, shown = run['seconds'], run['shown']
+  result = metrics.summarize_confusion(run['confusion'],
+                                       list(source.class_names))
   result.update({
       'split': split, 'num_cases': len(source),
       'checkpoint_step': int(jax.device_get(state.step)),

@@ -23,11 +23,13 @@ class Records:
       return
     self._jsonl = open(os.path.join(workdir, 'train_log.jsonl'), 'a')
     try:
+      import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
       tf = tf_cpu.import_tensorflow()
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tb'))
     except ImportError:
-      logging.warning('TensorFlow is not installed: no TensorBoard records, '
+      logging.warning('TensorFlow or TensorBoard is not installed: no TensorBoard '
+                      'records, '
                       'train_log.jsonl only.')
 
   def scalars(self, step: int, values: Dict[str, float]) -> None:

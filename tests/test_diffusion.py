@@ -5,12 +5,22 @@ The reference builds explicit K×K one-step transition matrices
 with spad_jax.diffusion.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from spad_jax import diffusion
+from spad_jax.models import unet
+
+# float32 inputs: 1e-6. Rerun under JAX_ENABLE_X64=1 (test_float64_reference
+# below does): 1e-10.
+X64 = bool(jax.config.jax_enable_x64)
+TOL = 1e-10 if X64 else 1e-6
 
 
 def reference_alphas(T, s=0.008, max_beta=0.999):
@@ -49,8 +59,8 @@ def schedule():
 
 def test_schedule_matches_reference(schedule):
   ref = np.cumprod(reference_alphas(50))
-  np.testing.assert_allclose(schedule.alphas_cumprod, ref, rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(schedule.alphas_cumprod, ref, rtol=TOL,
+                             atol=TOL)
   assert float(schedule.alphas_cumprod[0]) == 1.0
   assert np.all(np.diff(np.asarray(schedule.alphas_cumprod)) < 0)
 
@@ -62,8 +72,8 @@ def test_marginals_equal_composed_one_step_matrices(schedule, k):
   for t in [1, 7, 25, 50]:
     x0 = np.eye(k)[rng.integers(k)]
     expected = x0 @ marginal_matrix(alphas, t, k)
-    got = diffusion.q_probs(jnp.asarray(x0, jnp.float32), t, schedule)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    got = diffusion.q_probs(jnp.asarray(x0), t, schedule)
+    np.testing.assert_allclose(got, expected, atol=TOL)
 
 
 @pytest.mark.parametrize('k', [2, 3, 6, 31])
@@ -78,13 +88,13 @@ def test_jump_posterior_equals_bayes(schedule, k):
     expected = reference_posterior(xt, x0, t, s, alphas, k)
     got = diffusion.posterior_probs(jnp.eye(k)[xt], jnp.asarray(x0), t, s,
                                     schedule)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got, expected, atol=TOL)
 
 
 @pytest.mark.parametrize('k', [2, 6])
 def test_mixture_equals_explicit_sum(schedule, k):
   rng = np.random.default_rng(k)
-  p_hat = rng.dirichlet(np.ones(k), size=5).astype(np.float32)
+  p_hat = rng.dirichlet(np.ones(k), size=5)
   xt = rng.integers(k, size=5)
   t = rng.integers(2, 51, size=5)
   s = np.array([rng.integers(0, ti) for ti in t])
@@ -94,8 +104,8 @@ def test_mixture_equals_explicit_sum(schedule, k):
   explicit = sum(p_hat[:, c:c + 1] * diffusion.posterior_probs(
       xt_oh, jnp.broadcast_to(jnp.eye(k)[c], (5, k)), t, s, schedule)
                  for c in range(k))
-  np.testing.assert_allclose(got, explicit, atol=1e-6)
-  np.testing.assert_allclose(np.sum(got, -1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(got, explicit, atol=TOL)
+  np.testing.assert_allclose(np.sum(got, -1), 1.0, atol=TOL)
 
 
 def test_kl_at_t1_is_cross_entropy_and_zero_at_truth(schedule):
@@ -103,16 +113,15 @@ def test_kl_at_t1_is_cross_entropy_and_zero_at_truth(schedule):
   rng = np.random.default_rng(0)
   labels = rng.integers(k, size=(2, 5, 5))
   x0 = jax.nn.one_hot(labels, k)
-  p_hat = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 5, 5, k)),
-                                     jnp.float32))
+  p_hat = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 5, 5, k))))
   t = jnp.ones((2,), jnp.int32)
   loss = diffusion.kl_loss(x0, x0, p_hat, t, schedule)
   ce = -jnp.sum(jnp.log(jnp.sum(p_hat * x0, -1)), axis=(1, 2))
-  np.testing.assert_allclose(loss, ce, rtol=1e-5)
+  np.testing.assert_allclose(loss, ce, rtol=10 * TOL)
   for tt in [1, 10, 50]:
     xt = jax.nn.one_hot(rng.integers(k, size=(2, 5, 5)), k)
     zero = diffusion.kl_loss(x0, xt, x0, jnp.full((2,), tt), schedule)
-    np.testing.assert_allclose(zero, 0.0, atol=1e-4)
+    np.testing.assert_allclose(zero, 0.0, atol=100 * TOL)  # Sum of 25 px.
 
 
 def test_loss_gradient_finite_with_exact_zeros(schedule):
@@ -145,3 +154,80 @@ def test_time_sequence():
   assert len(diffusion.time_sequence(250, 250)) == 251
   with pytest.raises(ValueError, match='eval.num_steps'):
     diffusion.time_sequence(250, 0)
+
+
+def test_float64_reference():
+  """The reference checks above, rerun with x64 at 1e-10."""
+  if X64:
+    pytest.skip('already running under x64')
+  env = dict(os.environ, JAX_ENABLE_X64='1', JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+       os.path.abspath(__file__), '-k', 'not float64 and not sampler and '
+       'not bfloat16'], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert ' passed' in result.stdout
+
+
+@pytest.mark.parametrize('t,s', [(50, 0), (50, 20), (30, 29), (10, 3)])
+def test_jump_posterior_sampling_is_consistent(schedule, t, s):
+  """x_t ~ q(x_t|x0), x_s ~ q(x_s|x_t,x0) gives x_s ~ q(x_s|x0) for any jump."""
+  k, n = 3, 60000
+  x0 = jnp.broadcast_to(jnp.eye(k)[1], (n, k))
+  key_t, key_s = jax.random.split(jax.random.PRNGKey(t * 100 + s))
+  xt = diffusion.sample_categorical(key_t, diffusion.q_probs(x0, t, schedule))
+  post = diffusion.posterior_probs(jax.nn.one_hot(xt, k), x0, t, s, schedule)
+  xs = diffusion.sample_categorical(key_s, post)
+  counts = np.bincount(np.asarray(xs), minlength=k)
+  expected = n * np.asarray(diffusion.q_probs(x0[0], s, schedule))
+  chi2 = np.sum((counts - expected) ** 2 / expected)
+  assert chi2 < 13.8, (counts, expected)  # df = 2, p = 0.001.
+
+
+def test_sampler_final_sample_follows_fixed_p_hat(schedule):
+  """With a model returning a fixed p̂, the last draw of many chains ~ p̂."""
+  k = 3
+  p_fixed = jnp.array([0.5, 0.3, 0.2])
+  model = lambda xt, image, t: jnp.broadcast_to(p_fixed, xt.shape)
+  image = jnp.zeros((16, 32, 32, 1))  # 16 chains x 1024 pixels.
+  for steps in (1, 7, 50):
+    out = jax.jit(lambda key: diffusion.sample(
+        model, image, key, schedule, k,
+        diffusion.time_sequence(50, steps)))(jax.random.PRNGKey(steps))
+    counts = np.bincount(np.asarray(out['sample']).ravel(), minlength=k)
+    expected = counts.sum() * np.asarray(p_fixed)
+    chi2 = np.sum((counts - expected) ** 2 / expected)
+    assert chi2 < 13.8, (steps, counts, expected)
+    assert np.all(np.asarray(out['labels']) == 0)  # argmax p̂.
+    np.testing.assert_allclose(out['probs'][0, 0, 0], p_fixed, atol=1e-6)
+
+
+def test_ensemble_soft_map_and_entropy():
+  labels = jnp.array([[[[0, 1]]], [[[0, 2]]]])  # N=2 samples, B=1, 1x2 image.
+  out = diffusion.ensemble(labels, 3)
+  np.testing.assert_allclose(out['soft'][0, 0, 0], [1, 0, 0])
+  np.testing.assert_allclose(out['soft'][0, 0, 1], [0, 0.5, 0.5])
+  np.testing.assert_allclose(out['entropy'][0, 0], [0, np.log(2)], atol=1e-6)
+  assert out['prediction'][0, 0, 0] == 0
+
+
+def test_bfloat16_network_float32_loss(schedule):
+  model = unet.UNet(num_classes=3, base_channels=8, channel_mult=(1, 2),
+                    attention_resolutions=(4,), dtype=jnp.bfloat16)
+  x0 = jax.nn.one_hot(jnp.zeros((2, 8, 8), jnp.int32), 3)
+  image = jnp.ones((2, 8, 8, 1))
+  t = jnp.array([1, 30])
+  params = model.init(jax.random.PRNGKey(0), x0, image, t)['params']
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+
+  def loss(params):
+    logits = model.apply({'params': params}, x0, image, t)
+    assert logits.dtype == jnp.float32
+    p_hat = jax.nn.softmax(logits.astype(jnp.bfloat16))
+    out = diffusion.kl_loss(x0, x0, p_hat, t, schedule)
+    assert out.dtype == jnp.float32
+    return out.mean()
+
+  value, grads = jax.value_and_grad(loss)(params)
+  assert np.isfinite(value)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
