@@ -28,9 +28,8 @@ class Records:
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tb'))
     except ImportError:
-      logging.warning('TensorFlow or TensorBoard is not installed: no TensorBoard '
-                      'records, '
-                      'train_log.jsonl only.')
+      logging.warning('TensorFlow or TensorBoard is not installed: no '
+                      'TensorBoard records, train_log.jsonl only.')
 
   def scalars(self, step: int, values: Dict[str, float]) -> None:
     if not self.enabled:
