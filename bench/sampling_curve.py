@@ -47,10 +47,7 @@ def run(config, workdir, steps, samples, max_cases=0):
   state = evaluate.load_state(config, workdir, setup)
   source = sources.load_split(config, config.eval.split)
   if max_cases:
-    source = source._replace(images=source.images[:max_cases],
-                             labels=source.labels[:max_cases],
-                             ids=source.ids[:max_cases],
-                             original_sizes=source.original_sizes[:max_cases])
+    source = source.head(max_cases)
   rows = []
   t_max = config.diffusion.num_steps
   for s in steps:

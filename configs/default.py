@@ -60,9 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.spad.k_gamma = 0.01
   config.spad.anchor_ratio = 0.3
   config.spad.components = False  # Targets = classes (False) or components.
+  config.spad.anchor_patch = 0  # >1: anchors are square patches of this size.
   config.spad.canny_low = 100.0
   config.spad.canny_high = 200.0
   config.spad.band_width = 5
+  # Canny per class (binary maps) instead of on the spread label map; needed
+  # when adjacent classes' grey step is below the thresholds (many classes).
+  config.spad.bcd_per_class = False
 
   # Optimisation.
   config.train = ml_collections.ConfigDict()

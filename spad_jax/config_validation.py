@@ -53,9 +53,17 @@ def validate(config) -> None:
   check(s.k0 >= 0, 'spad.k0', 'initial target count K0 must be >= 0')
   check(s.k_gamma >= 0, 'spad.k_gamma', 'target-count decay must be >= 0')
   check(0 <= s.anchor_ratio <= 1, 'spad.anchor_ratio', 'must be in [0, 1]')
+  check(s.anchor_patch >= 0, 'spad.anchor_patch', 'must be >= 0 (0: pixels)')
   check(s.band_width >= 1, 'spad.band_width', 'must be >= 1 pixel')
   check(0 <= s.canny_low <= s.canny_high, 'spad.canny_low',
         'need 0 <= canny_low <= canny_high')
+  if s.bcd and not s.bcd_per_class and d.num_classes >= 2:
+    from spad_jax import perturb  # pylint: disable=g-import-not-at-top
+    check(perturb.spread_sees_all_transitions(d.num_classes, s.canny_low,
+                                              s.canny_high),
+          'spad.bcd_per_class', f'Canny({s.canny_low}, {s.canny_high}) on '
+          f'{d.num_classes} classes spread over 0..255 misses transitions '
+          'between adjacent classes; set --config.spad.bcd_per_class=True')
 
   check(t.batch_size >= 1, 'train.batch_size', 'must be >= 1')
   check(t.num_epochs >= 1, 'train.num_epochs', 'must be >= 1')

@@ -59,14 +59,29 @@ def target_masks(label: np.ndarray, num_classes: int,
   return targets
 
 
+def anchor_keep(shape, anchor_ratio: float, rng: np.random.Generator,
+                patch: int = 0) -> np.ndarray:
+  """Boolean anchor field: each pixel (``patch <= 1``) or each cell of a
+  randomly offset ``patch``×``patch`` grid is kept with ``anchor_ratio``."""
+  if patch <= 1:
+    return rng.random(shape) < anchor_ratio
+  h, w = shape
+  cells = rng.random((h // patch + 2, w // patch + 2)) < anchor_ratio
+  oy, ox = rng.integers(patch, size=2)
+  keep = np.repeat(np.repeat(cells, patch, axis=0), patch, axis=1)
+  return keep[oy:oy + h, ox:ox + w]
+
+
 def scd_mask(label: np.ndarray, num_classes: int, k: int, anchor_ratio: float,
              rng: np.random.Generator, components: bool = False,
-             targets: Optional[list] = None) -> np.ndarray:
+             targets: Optional[list] = None,
+             anchor_patch: int = 0) -> np.ndarray:
   """Semantic-concentrated mask ``M_s`` (uint8 0/1, shape of ``label``).
 
-  Chooses ``min(k, #targets)`` targets at random; inside each, every pixel is
-  kept as an anchor with probability ``anchor_ratio``; the mask covers the
-  non-anchor pixels of the chosen targets.
+  Chooses ``min(k, #targets)`` targets at random; inside each, every pixel
+  (or square patch of ``anchor_patch`` pixels) is kept as an anchor with
+  probability ``anchor_ratio``; the mask covers the non-anchor pixels of the
+  chosen targets.
   """
   if targets is None:
     targets = target_masks(label, num_classes, components)
@@ -75,7 +90,7 @@ def scd_mask(label: np.ndarray, num_classes: int, k: int, anchor_ratio: float,
   if k <= 0:
     return mask
   chosen = rng.choice(len(targets), size=k, replace=False)
-  keep = rng.random(label.shape) < anchor_ratio  # One draw for all targets.
+  keep = anchor_keep(label.shape, anchor_ratio, rng, anchor_patch)
   for i in np.sort(chosen):
     mask[targets[i] & ~keep] = 1
   return mask
@@ -88,17 +103,39 @@ def spread_labels(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def boundary_band(label: np.ndarray, num_classes: int, width: int,
-                  low: float = 100.0, high: float = 200.0) -> np.ndarray:
+                  low: float = 100.0, high: float = 200.0,
+                  per_class: bool = False) -> np.ndarray:
   """Boundary-centralized mask ``M_b`` (uint8 0/1).
 
   Canny with the given thresholds on the label map spread over 0..255, then
   dilation with a ``width``×``width`` square so the band is ``width`` pixels
   across, centred on the detected edges.
+
+  With many classes the grey step between adjacent classes gets too small
+  for high thresholds (for 100/200: K >= 16 finds no edge at all), so
+  ``per_class=True`` runs Canny on each present class's binary map (full
+  contrast) and unites the edges: every class transition is then found.
+  ``spread_sees_all_transitions`` tells whether the plain mode suffices.
   """
-  edges = cv2.Canny(spread_labels(label, num_classes), low, high)
+  if per_class:
+    edges = np.zeros(label.shape, np.uint8)
+    for c in np.unique(label):
+      edges |= cv2.Canny(np.where(label == c, 255, 0).astype(np.uint8), low,
+                         high)
+  else:
+    edges = cv2.Canny(spread_labels(label, num_classes), low, high)
   if width > 1:
     edges = cv2.dilate(edges, np.ones((width, width), np.uint8))
   return (edges > 0).astype(np.uint8)
+
+
+def spread_sees_all_transitions(num_classes: int, low: float,
+                                high: float) -> bool:
+  """Whether Canny on the spread label map detects a step between two
+  adjacent classes (the smallest grey step) with these thresholds."""
+  strip = np.zeros((16, 16), np.uint8)
+  strip[:, 8:] = 1
+  return bool(cv2.Canny(spread_labels(strip, num_classes), low, high).any())
 
 
 def perturb_image(image: jnp.ndarray, mask: jnp.ndarray, sigma,

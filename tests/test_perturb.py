@@ -71,3 +71,44 @@ def test_perturb_image_changes_only_inside_mask():
   out = perturb.perturb_image(image, mask, 0.5, jax.random.PRNGKey(0))
   changed = np.asarray(out[..., 0] != 0)
   np.testing.assert_array_equal(changed, np.asarray(mask, bool))
+
+
+@pytest.mark.parametrize('k', [4, 16, 32])
+def test_per_class_band_finds_every_transition(k):
+  label = np.zeros((40, 40), np.uint8)
+  label[10:30, 10:20] = 1
+  label[10:30, 20:30] = 2
+  band = perturb.boundary_band(label, k, 1, per_class=True)
+  assert band[20, 9:11].any() and band[20, 19:21].any()
+  assert band[20, 29:31].any()
+  assert not band[0:5].any() and not band[20, 13:17].any()
+  spread = perturb.boundary_band(label, k, 1)
+  assert spread[20, 19:21].any() == perturb.spread_sees_all_transitions(
+      k, 100, 200)
+  assert perturb.spread_sees_all_transitions(4, 100, 200)
+  assert not perturb.spread_sees_all_transitions(32, 100, 200)
+
+
+def test_config_refuses_blind_spread_canny():
+  from configs import cxrs
+  from spad_jax import config_validation
+  config = cxrs.get_config()
+  config_validation.validate(config)
+  config.spad.bcd_per_class = False
+  with pytest.raises(config_validation.ConfigError,
+                     match='spad.bcd_per_class'):
+    config_validation.validate(config)
+
+
+def test_anchor_patches_keep_square_blocks_at_the_ratio():
+  rng = np.random.default_rng(3)
+  keep = perturb.anchor_keep((200, 200), 0.3, rng, patch=4)
+  assert abs(keep.mean() - 0.3) < 0.05  # 2,500 cells: binomial sd ~0.009.
+  # Every kept pixel's 4x4 cell (grid offset unknown) is uniform: the field
+  # changes value only along one grid of lines spaced 4 apart.
+  rows = np.nonzero((keep[1:] != keep[:-1]).any(axis=1))[0]
+  cols = np.nonzero((keep[:, 1:] != keep[:, :-1]).any(axis=0))[0]
+  assert len(set(rows % 4)) == 1 and len(set(cols % 4)) == 1
+  label = _label()
+  mask = perturb.scd_mask(label, 4, 3, 0.3, rng, anchor_patch=3)
+  assert not mask[label == 0].any() and mask.any()

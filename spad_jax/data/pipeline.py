@@ -69,10 +69,12 @@ class TrainExamples:
       targets = perturb.target_masks(label, self.num_classes, spad.components)
       k = perturb.num_targets(epoch, spad.k0, spad.k_gamma, len(targets))
       scd = perturb.scd_mask(label, self.num_classes, k, spad.anchor_ratio,
-                             rng, targets=targets)
+                             rng, targets=targets,
+                             anchor_patch=spad.anchor_patch)
     if spad.bcd:
       bcd = perturb.boundary_band(label, self.num_classes, spad.band_width,
-                                  spad.canny_low, spad.canny_high)
+                                  spad.canny_low, spad.canny_high,
+                                  spad.bcd_per_class)
     return {'image': self.source.images[idx].astype(np.float32),
             'label': label.astype(np.int32), 'scd': scd, 'bcd': bcd}
 

@@ -4,8 +4,9 @@ Both loaders (tf.data and numpy) read from a ``Source``; data sets here are
 small enough (thousands of 2-D slices) to hold at training resolution.
 """
 
+import dataclasses
 import os
-from typing import List, NamedTuple, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -17,7 +18,8 @@ FOLDER_DATASETS = ('folder', 'amdsd', 'cxrs', 'duke_dme')
 DATASETS = ('synthetic',) + FOLDER_DATASETS
 
 
-class Source(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Source:
   images: np.ndarray  # float16 [N, H, W, C] in [-1, 1] (float16 halves memory).
   labels: np.ndarray  # uint8 [N, H, W].
   ids: List[str]
@@ -26,6 +28,12 @@ class Source(NamedTuple):
 
   def __len__(self):
     return len(self.ids)
+
+  def head(self, n: int) -> 'Source':
+    """The first ``n`` cases."""
+    return dataclasses.replace(self, images=self.images[:n],
+                               labels=self.labels[:n], ids=self.ids[:n],
+                               original_sizes=self.original_sizes[:n])
 
 
 def _to_model_range(images01: np.ndarray) -> np.ndarray:
