@@ -22,9 +22,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
-                  'train (then evaluate), evaluate a trained workdir, or '
-                  'predict on new images.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict',
+                                    'visualize'],
+                  'train (then evaluate), evaluate a trained workdir, '
+                  'predict on new images, or visualize the SPAD masks of a '
+                  'few training cases (writes <workdir>/spad_masks.png).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
                   'with auto-detection (TPU pods, Slurm).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
@@ -86,6 +88,10 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
+    if FLAGS.mode == 'visualize':
+      from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+      print(visualize.visualize(config, FLAGS.workdir))
+      return 0
     if FLAGS.mode == 'train':
       result = train.train_and_evaluate(config, FLAGS.workdir)
     else:

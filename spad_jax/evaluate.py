@@ -89,18 +89,18 @@ def grid_png(images, labels, preds, entropies, num_classes: int,
   titles = ['image', 'label', 'prediction']
   if entropies is not None:
     titles.append('uncertainty')
-  grid = np.concatenate([_header(titles, grid.shape[1] // len(titles)), grid],
-                        axis=0)
+  grid = np.concatenate(
+      [title_strip(titles, grid.shape[1] // len(titles)), grid], axis=0)
   cv2.imwrite(path, grid[..., ::-1])
   return grid
 
 
-def _header(titles, tile_width: int) -> np.ndarray:
-  """A white strip naming the grid's columns."""
-  strip = np.full((24, tile_width * len(titles), 3), 255, np.uint8)
-  font_scale = min(0.5, tile_width / 220)
+def title_strip(titles, tile_width: int, height: int = 24) -> np.ndarray:
+  """A white strip with one title per ``tile_width`` columns."""
+  strip = np.full((height, tile_width * len(titles), 3), 255, np.uint8)
+  font_scale = min(0.45, tile_width / 220)
   for i, title in enumerate(titles):
-    cv2.putText(strip, title, (i * tile_width + 4, 17),
+    cv2.putText(strip, title, (i * tile_width + 4, height - 7),
                 cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
                 cv2.LINE_AA)
   return strip

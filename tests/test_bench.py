@@ -32,3 +32,17 @@ def test_sampling_curve_bench(main_runner, tmp_path):
   assert os.path.getsize(os.path.join(out, 'sampling_curve.png')) > 1000
   assert '| steps | samples |' in open(os.path.join(out,
                                                    'sampling_curve.md')).read()
+
+
+def test_pipeline_throughput_bench(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  result = subprocess.run(
+      [sys.executable, 'bench/pipeline_throughput.py',
+       '--config=tests/tiny_config.py', '--steps=3', '--loaders=tf,numpy',
+       f'--out={tmp_path}'], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.load(open(tmp_path / 'pipeline_throughput.json'))['rows']
+  assert [(r['loader'], r['masks']) for r in rows] == [
+      ('tf', False), ('tf', True), ('numpy', False), ('numpy', True)]
+  assert all(r['images_per_sec'] > 0 for r in rows)

@@ -112,3 +112,69 @@ def test_anchor_patches_keep_square_blocks_at_the_ratio():
   label = _label()
   mask = perturb.scd_mask(label, 4, 3, 0.3, rng, anchor_patch=3)
   assert not mask[label == 0].any() and mask.any()
+
+
+def _duke_labels(n=12):
+  import glob
+  import os
+  import cv2
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))), '..', 'shared', 'data', 'duke_dme_fluid', 'labels')
+  paths = sorted(glob.glob(os.path.join(root, '*.png')))
+  if not paths:
+    pytest.skip('shared Duke DME data absent')
+  labels = [cv2.imread(p, cv2.IMREAD_UNCHANGED) for p in paths]
+  with_fluid = [l for l in labels if l.any()]
+  return with_fluid[:n] + [l for l in labels if not l.any()][:2]
+
+
+def _random_labels(n=8):
+  rng = np.random.default_rng(7)
+  out = []
+  for _ in range(n):
+    import cv2
+    noise = cv2.GaussianBlur(rng.random((64, 64)), (0, 0), 4)
+    out.append(np.digitize(noise, np.quantile(noise, [0.4, 0.7, 0.9]))
+               .astype(np.uint8))
+  return out
+
+
+@pytest.mark.parametrize('source', ['duke', 'random'])
+def test_mask_properties_on_real_and_random_labels(source):
+  from scipy import ndimage
+  labels = _duke_labels() if source == 'duke' else _random_labels()
+  k_classes = 2 if source == 'duke' else 4
+  rng = np.random.default_rng(11)
+  kept, total, covered, edges = 0, 0, 0, 0
+  for label in labels:
+    targets = perturb.target_masks(label, k_classes, components=True)
+    k = perturb.num_targets(5, 3, 0.01, len(targets))
+    mask = perturb.scd_mask(label, k_classes, k, 0.3, rng, targets=targets)
+    if not label.any():
+      assert not mask.any()
+      assert not perturb.boundary_band(label, k_classes, 5).any()
+      continue
+    hit = [t for t in targets if (mask.astype(bool) & t).any()]
+    assert len(hit) <= k  # At most k(e) targets perturbed...
+    union = np.any(hit, axis=0) if hit else np.zeros_like(label, bool)
+    assert not mask[~union].any()  # ...and nothing outside them.
+    kept += int((union & ~mask.astype(bool)).sum())
+    total += int(union.sum())
+    band = perturb.boundary_band(label, k_classes, 5).astype(bool)
+    edge = np.zeros(label.shape, bool)
+    edge[:-1] |= label[:-1] != label[1:]
+    edge[1:] |= label[:-1] != label[1:]
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    edge[:, 1:] |= label[:, :-1] != label[:, 1:]
+    # Canny's non-maximum suppression drops a few transition pixels (1-px
+    # holes, some junctions and border points): measured >= 98 % covered
+    # per image, >= 99 % overall. Full coverage is open (issue 5 note).
+    assert band[edge].mean() >= 0.98
+    covered += int(band[edge].sum())
+    edges += int(edge.sum())
+    dist = ndimage.distance_transform_cdt(~edge, metric='chessboard')
+    assert dist[band].max() <= 5 // 2 + 1  # The band stays near an edge.
+  assert covered / edges >= 0.99
+  # Anchor fraction over all chosen-target pixels: binomial tolerance.
+  assert total > 0
+  assert abs(kept / total - 0.3) < 4 * np.sqrt(0.21 / total) + 0.01

@@ -80,3 +80,13 @@ def test_evaluate_mode_writes_metrics(main_runner, tmp_path):
   assert metrics['num_cases'] == 8
   assert os.path.getsize(os.path.join(workdir, 'eval_grid.png')) > 0
   assert 'mDice' in result.stdout
+
+
+def test_visualize_mode_writes_mask_grid(main_runner, tmp_path):
+  workdir = tmp_path / 'viz'
+  result = main_runner([TINY, f'--workdir={workdir}', '--mode=visualize'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  import cv2
+  grid = cv2.imread(str(workdir / 'spad_masks.png'))
+  assert grid is not None and grid.shape[1] == 5 * 160  # 5 columns, 16² x10.
+  assert not (workdir / 'checkpoints').exists()  # Nothing trained.

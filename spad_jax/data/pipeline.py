@@ -59,7 +59,10 @@ class TrainExamples:
 
   def example(self, step: int, slot: int) -> Batch:
     """Image, label and the SPAD mask planes of one example."""
-    epoch, idx = self.example_index(step, slot)
+    return self.example_at(*self.example_index(step, slot))
+
+  def example_at(self, epoch: int, idx: int) -> Batch:
+    """Case ``idx`` as seen in ``epoch``: masks from ``(seed, epoch, idx)``."""
     label = self.source.labels[idx]
     spad = self.spad
     scd = np.zeros(label.shape, np.uint8)
