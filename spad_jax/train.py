@@ -6,15 +6,13 @@ step gives the same numbers on 1 or many devices for the same global batch.
 """
 
 import dataclasses
-import functools
 import json
 import os
 import subprocess
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict
 
 from absl import logging
-import flax
 from flax import jax_utils
 from flax import struct
 import jax

@@ -1,7 +1,6 @@
 """Config files load, overrides reach the config, bad values stop early."""
 
 import importlib
-import os
 
 import pytest
 

@@ -139,12 +139,15 @@ def test_sampler_recovers_x0_with_oracle_model(schedule):
   labels = jnp.asarray(np.random.default_rng(1).integers(k, size=(2, 6, 6)))
   oracle = lambda xt, image, t: jax.nn.one_hot(labels, k)
   image = jnp.zeros((2, 6, 6, 1))
-  for steps in [1, 3, 50]:
-    times = diffusion.time_sequence(50, steps)
+  uneven = np.array([50, 49, 31, 7, 2, 0])
+  for times in [diffusion.time_sequence(50, n) for n in (1, 3, 50)] + [uneven]:
     out = jax.jit(lambda key: diffusion.sample(oracle, image, key, schedule,
                                                k, times))(jax.random.PRNGKey(0))
     np.testing.assert_array_equal(out['labels'], labels)
     np.testing.assert_array_equal(out['sample'], labels)
+  with pytest.raises(ValueError, match='decrease strictly'):
+    diffusion.sample(oracle, image, jax.random.PRNGKey(0), schedule, k,
+                     [50, 20, 20, 0])
 
 
 def test_time_sequence():

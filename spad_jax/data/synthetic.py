@@ -73,7 +73,7 @@ def generate_case(seed: int, split: str, index: int,
   image[y >= bounds[-1][None]] = _SCLERA
   label = np.zeros((h, w), np.uint8)
 
-  isos_top, rpe_top = bounds[5], bounds[7]  # Per column.
+  rpe_top = bounds[7]  # Per column.
   inl_top, onl_bottom = bounds[2], bounds[5]
 
   # Class 3, drawn first so fluid can overlap it: a fuzzy bright blob.
