@@ -1,0 +1,47 @@
+"""Runs one pmapped train step of the tiny config; saves the new params.
+
+Used by test_step_equivalence with different emulated device counts:
+  python tests/one_step.py OUT.npz
+"""
+
+import os
+import sys
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from spad_jax import train
+from spad_jax.data import pipeline
+from spad_jax.data import sources
+import tiny_config  # pylint: disable=g-bad-import-order
+
+
+def main(out_path):
+  config = tiny_config.get_config()
+  setup = train.Setup.from_config(config)
+  init_key, train_key, _ = setup.keys()
+  source = sources.load_split(config, 'train')
+  examples = pipeline.TrainExamples(
+      source, config, local_device_count=jax.local_device_count())
+  state = train.create_train_state(config, setup.model, init_key, 10)
+  step = train.p_train_step(config, setup.model, setup.schedule,
+                            examples.steps_per_epoch)
+  batch = next(pipeline.numpy_train_batches(examples, 0, 1))
+  init = jax.device_get(state.params)
+  state, metrics = step(train.replicate(state), batch,
+                        train.replicate(train_key))
+  params = jax.device_get(jax.tree.map(lambda x: x[0], state.params))
+  max_update = max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(params), jax.tree.leaves(init)))
+  flat = {jax.tree_util.keystr(k): v for k, v in
+          jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat['loss'] = np.asarray(jax.device_get(metrics['loss'][0]))
+  flat['max_update'] = np.asarray(max_update)
+  np.savez(out_path, **flat)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1])
