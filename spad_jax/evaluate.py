@@ -63,7 +63,7 @@ def palette(num_classes: int) -> np.ndarray:
   return np.asarray(colours, np.uint8)
 
 
-def _gray_rgb(image: np.ndarray) -> np.ndarray:
+def gray_rgb(image: np.ndarray) -> np.ndarray:
   """Model-range image [-1, 1] ``[H, W, C]`` to uint8 RGB."""
   img = np.clip((image + 1.0) * 127.5, 0, 255).astype(np.uint8)
   return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
@@ -75,7 +75,7 @@ def grid_png(images, labels, preds, entropies, num_classes: int,
   pal = palette(num_classes)
   rows = []
   for i in range(len(images)):
-    row = [_gray_rgb(images[i]), pal[labels[i]], pal[preds[i]]]
+    row = [gray_rgb(images[i]), pal[labels[i]], pal[preds[i]]]
     if entropies is not None:
       e = entropies[i] / max(np.log(num_classes), 1e-9)
       heat = cv2.applyColorMap((np.clip(e, 0, 1) * 255).astype(np.uint8),

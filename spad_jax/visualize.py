@@ -16,15 +16,11 @@ import numpy as np
 from spad_jax import perturb
 from spad_jax.data import pipeline
 from spad_jax.data import sources
+from spad_jax.evaluate import gray_rgb
 from spad_jax.evaluate import palette
 from spad_jax.evaluate import title_strip
 
 TITLES = ('image', 'label', 'ScD mask', 'BcD band', 'perturbed')
-
-
-def _gray(image: np.ndarray) -> np.ndarray:
-  img = np.clip((image[..., 0] + 1.0) * 127.5, 0, 255).astype(np.uint8)
-  return np.repeat(img[..., None], 3, axis=-1)
 
 
 def _mask_rgb(mask: np.ndarray, colour) -> np.ndarray:
@@ -60,10 +56,10 @@ def visualize(config, workdir: str, num_cases: int = 3) -> str:
           ex['image'].shape)
       perturbed = ex['image'] + sigma * eps * union[..., None]
       rows.append(np.concatenate([
-          _gray(ex['image']), pal[ex['label']],
+          gray_rgb(ex['image']), pal[ex['label']],
           _mask_rgb(ex['scd'], (255, 160, 0)), _mask_rgb(ex['bcd'],
                                                          (0, 200, 255)),
-          _gray(perturbed)], axis=1))
+          gray_rgb(perturbed)], axis=1))
       notes.append(f'{source.ids[idx]}  epoch {epoch}  sigma {sigma:.3f}  '
                    f'ScD {int(ex["scd"].sum())} px  BcD {int(ex["bcd"].sum())}'
                    ' px')
