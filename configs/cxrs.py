@@ -1,7 +1,14 @@
 """CXRS: chest X-rays, 31 structures (+ background), 879/125/250 split, 100 epochs.
 
 Point ``--config.data.root`` at the data set in the folder format of DESIGN §3;
-overlapping structures must be flattened to one label map beforehand.
+overlapping structures must be flattened to one label map beforehand
+(``scripts/convert_to_folder.py --class_dirs`` does it with a stated priority
+order; see docs/DATA.md). The data set is in-house: its structure names are
+not published, so ``data.class_names`` is left for the user to set.
+
+The fractions below give exactly 879/125/250 of 1,254 cases split by case
+(no ``patient`` entries); an explicit ``"split"`` per case in dataset.json
+reproduces a given partition instead.
 """
 
 from configs import default

@@ -18,6 +18,7 @@ def get_config():
   config.data.root = os.path.normpath(_DEFAULT_ROOT)
   config.data.image_size = 256
   config.data.num_classes = 2
+  config.data.class_names = ('background', 'fluid')
   config.data.val_fraction = 0.1
   config.data.test_fraction = 0.2
   config.model.channel_mult = (1, 1, 2, 3, 4)

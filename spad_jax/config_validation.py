@@ -1,6 +1,8 @@
 """Checks a config before any work starts; every problem names its key."""
 
 from spad_jax.data.sources import DATASETS
+from spad_jax.data.sources import FOLDER_DATASETS
+from spad_jax.data.sources import READERS
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,23 @@ def validate(config) -> None:
         'val_fraction + test_fraction must leave training cases')
   check(d.loader in ('tf', 'numpy'), 'data.loader', "must be 'tf' or 'numpy'")
   check(d.num_workers >= 1, 'data.num_workers', 'must be >= 1')
+  check(d.reader in READERS, 'data.reader', f'must be one of {list(READERS)}')
+  check(d.reader == 'numpy' or d.name in FOLDER_DATASETS, 'data.reader',
+        "'tfds' reads folder data sets; the synthetic set is generated")
+  check(d.num_folds == 0 or d.num_folds >= 2, 'data.num_folds',
+        'must be 0 (no folds) or >= 2')
+  check(d.num_folds == 0 or 0 <= d.fold < d.num_folds, 'data.fold',
+        f'must be in [0, data.num_folds = {d.num_folds})')
+  check(not d.class_names or len(d.class_names) == d.num_classes,
+        'data.class_names', f'must be empty or name all data.num_classes = '
+        f'{d.num_classes} classes (background first)')
+  a = d.augment
+  check(0 <= a.rotate_deg <= 180, 'data.augment.rotate_deg',
+        'must be in [0, 180]')
+  for key in ('scale', 'gain', 'gamma'):
+    check(0 <= a[key] < 1, f'data.augment.{key}', 'must be in [0, 1)')
+  check(0 <= a.translate <= 0.5, 'data.augment.translate', 'must be in [0, 0.5]')
+  check(0 <= a.bias <= 1, 'data.augment.bias', 'must be in [0, 1]')
 
   levels = len(m.channel_mult)
   check(levels >= 1, 'model.channel_mult', 'needs at least one level')
@@ -57,13 +76,15 @@ def validate(config) -> None:
   check(s.band_width >= 1, 'spad.band_width', 'must be >= 1 pixel')
   check(0 <= s.canny_low <= s.canny_high, 'spad.canny_low',
         'need 0 <= canny_low <= canny_high')
-  if s.bcd and not s.bcd_per_class and d.num_classes >= 2:
+  if (s.bcd and not s.bcd_complete and not s.bcd_per_class and
+      d.num_classes >= 2):
     from spad_jax import perturb  # pylint: disable=g-import-not-at-top
     check(perturb.spread_sees_all_transitions(d.num_classes, s.canny_low,
                                               s.canny_high),
           'spad.bcd_per_class', f'Canny({s.canny_low}, {s.canny_high}) on '
           f'{d.num_classes} classes spread over 0..255 misses transitions '
-          'between adjacent classes; set --config.spad.bcd_per_class=True')
+          'between adjacent classes; set --config.spad.bcd_per_class=True '
+          '(or spad.bcd_complete=True)')
 
   check(t.batch_size >= 1, 'train.batch_size', 'must be >= 1')
   check(t.num_epochs >= 1, 'train.num_epochs', 'must be >= 1')
@@ -78,6 +99,12 @@ def validate(config) -> None:
   check(t.checkpoint_every_steps >= 1, 'train.checkpoint_every_steps',
         'must be >= 1')
   check(t.checkpoints_to_keep >= 1, 'train.checkpoints_to_keep', 'must be >= 1')
+  check(t.eval_every_epochs >= 0, 'train.eval_every_epochs',
+        'must be >= 0 (0: no validation)')
+  check(t.max_steps_per_run >= 0, 'train.max_steps_per_run',
+        'must be >= 0 (0: no limit)')
+  check(config.eval.checkpoint in ('auto', 'best', 'latest'),
+        'eval.checkpoint', "must be 'auto', 'best' or 'latest'")
   check(t.max_nonfinite_steps >= 1, 'train.max_nonfinite_steps', 'must be >= 1')
 
   check(1 <= e.num_steps <= config.diffusion.num_steps, 'eval.num_steps',
@@ -88,6 +115,24 @@ def validate(config) -> None:
         "must be 'train', 'val' or 'test'")
   if errors:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+
+
+def validate_data(config, training: bool = True) -> None:
+  """Reads and checks the data set of ``config`` (every split, every file).
+
+  For main.py to call right after ``validate``, before the workdir is
+  touched: a bad data set then stops the run with nothing written. Raises
+  ``ConfigError`` carrying the data error (file and problem).
+  """
+  from spad_jax.data import folder  # pylint: disable=g-import-not-at-top
+  from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if not training:  # Evaluation needs no val split for validation.
+    config = config.copy_and_resolve_references()
+    config.train.eval_every_epochs = 0
+  try:
+    sources.check_data(config)
+  except folder.DataError as e:
+    raise ConfigError(f'invalid data set: {e}') from e
 
 
 def _get(config, dotted: str):
