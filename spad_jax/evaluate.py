@@ -1,14 +1,28 @@
 """Evaluation: sample the split with the EMA parameters, score, write files.
 
-Writes ``<workdir>/metrics.json`` (per-class IoU/Dice accumulated over the
-split, mIoU/mDice over foreground classes, sampling settings, timing) and
-``<workdir>/eval_grid.png`` (image / label / prediction [/ uncertainty]).
+Writes into the workdir:
+
+- ``metrics.json``: per-class IoU/Dice accumulated over the split, mIoU/mDice
+  over foreground classes, the mean per-case Dice/IoU/HD95/ASSD
+  (``per_case_mean``), GED and per-pixel variances when cases have several
+  annotations (``multi_annotation``), sampling settings, checkpoint step,
+  timing;
+- ``per_case.csv``: one row per case and foreground class present in its
+  label or prediction (DESIGN §4), with missed/spurious flags;
+- ``eval_grid.png`` (image / label / prediction [/ uncertainty]) and
+  ``overlays/best_<rank>_<case>.png``, ``overlays/worst_<rank>_<case>.png``
+  for the cases of highest and lowest mean foreground Dice.
+
+Per-case distances are measured on the maps at ``data.image_size`` in the
+units of the original image: its pixels, or ``eval.spacing`` per pixel.
 """
 
+import csv
+import glob
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import cv2
@@ -24,11 +38,14 @@ from spad_jax.data import sources
 AXIS = 'batch'
 
 
-def make_predict_fn(config, model, schedule):
+def make_predict_fn(config, model, schedule, return_samples: bool = False):
   """pmapped ``(params, images, key, batch_index) -> ensemble``.
 
   ``params`` and ``images`` are per device; ``key`` and ``batch_index`` are
   shared. Runs ``eval.num_samples`` chains per image in one batched call.
+  The ensemble has ``soft``, ``prediction`` and ``entropy``; with
+  ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
+  label map, for GED and variances).
   """
   num_classes = config.data.num_classes
   n = config.eval.num_samples
@@ -47,7 +64,10 @@ def make_predict_fn(config, model, schedule):
     tiled = jnp.tile(images, (n, 1, 1, 1))  # n chains of the same images.
     out = diffusion.sample(denoise, tiled, key, schedule, num_classes, times)
     labels = out['labels'].reshape((n, b) + out['labels'].shape[1:])
-    return diffusion.ensemble(labels, num_classes)
+    result = diffusion.ensemble(labels, num_classes)
+    if return_samples:
+      result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
+    return result
 
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, None))
 
@@ -69,6 +89,22 @@ def gray_rgb(image: np.ndarray) -> np.ndarray:
   return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
 
 
+def uncertainty_rgb(entropy: np.ndarray, num_classes: int) -> np.ndarray:
+  """Entropy (nats) over its maximum ``log K`` in the inferno colour map, RGB."""
+  e = entropy / max(np.log(num_classes), 1e-9)
+  return cv2.applyColorMap((np.clip(e, 0, 1) * 255).astype(np.uint8),
+                           cv2.COLORMAP_INFERNO)[..., ::-1]
+
+
+def overlay_rgb(image_rgb: np.ndarray, label: np.ndarray, num_classes: int,
+                alpha: float = 0.5) -> np.ndarray:
+  """Class colours blended over a uint8 RGB image; background left as is."""
+  colours = palette(num_classes)[label].astype(np.float32)
+  blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colours
+  out = np.where((label > 0)[..., None], blend, image_rgb)
+  return np.round(out).astype(np.uint8)
+
+
 def grid_png(images, labels, preds, entropies, num_classes: int,
              path: str, scale: int = 1) -> np.ndarray:
   """Rows of image / label / prediction [/ entropy]; returns the RGB grid."""
@@ -77,10 +113,7 @@ def grid_png(images, labels, preds, entropies, num_classes: int,
   for i in range(len(images)):
     row = [gray_rgb(images[i]), pal[labels[i]], pal[preds[i]]]
     if entropies is not None:
-      e = entropies[i] / max(np.log(num_classes), 1e-9)
-      heat = cv2.applyColorMap((np.clip(e, 0, 1) * 255).astype(np.uint8),
-                               cv2.COLORMAP_INFERNO)[..., ::-1]
-      row.append(heat)
+      row.append(uncertainty_rgb(entropies[i], num_classes))
     rows.append(np.concatenate(row, axis=1))
   grid = np.concatenate(rows, axis=0)
   if scale > 1:
@@ -107,28 +140,41 @@ def title_strip(titles, tile_width: int, height: int = 24) -> np.ndarray:
 
 
 def load_state(config, workdir, setup):
-  """The latest checkpoint of ``workdir`` (unreplicated TrainState)."""
+  """The checkpoint ``eval.checkpoint`` picks (best by val mDice or latest)
+  of ``workdir``, as an unreplicated TrainState."""
   from spad_jax import train  # pylint: disable=g-import-not-at-top
-  mgr = train.checkpoint_manager(workdir, config.train.checkpoints_to_keep)
+  kind = train.resolve_checkpoint(config, workdir)
+  mgr = train.checkpoint_manager(workdir, config.train.checkpoints_to_keep,
+                                 kind=kind)
   if mgr.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {mgr.directory}; train first '
                             '(--mode=train)')
-  init_key = setup.keys()[0]
-  state = train.create_train_state(config, setup.model, init_key, 1)
-  state = train.restore_checkpoint(mgr, state)
+  logging.info('Loading the %s checkpoint: step %d of %s.', kind,
+               mgr.latest_step(), mgr.directory)
+  state = train.restore_checkpoint(
+      mgr, train.abstract_train_state(config, setup.model))
   mgr.close()
   return state
 
 
 def sample_split(config, ema_params, setup, source, num_shown: int = 0,
-                 warmup: bool = False) -> Dict[str, Any]:
+                 warmup: bool = False,
+                 on_case: Optional[Callable[[int, Dict[str, np.ndarray]],
+                                            None]] = None,
+                 return_samples: bool = False,
+                 predict=None) -> Dict[str, Any]:
   """Samples every case of ``source``; returns confusion counts and timing.
 
   ``warmup`` runs the first batch once untimed, so ``seconds`` excludes
   compilation (benchmarks); ``num_shown`` keeps that many cases for a grid.
+  ``on_case(index, outputs)`` is called for every case this process sampled
+  with its ``prediction``, ``entropy``, ``soft`` (and ``samples`` with
+  ``return_samples``); its time is reported as ``scoring_seconds``.
   """
   k = config.data.num_classes
-  predict = make_predict_fn(config, setup.model, setup.schedule)
+  # Pass ``predict`` to reuse one compiled sampler across calls.
+  predict = predict or make_predict_fn(config, setup.model, setup.schedule,
+                                       return_samples=return_samples)
   params = _replicate(ema_params)
   eval_key = setup.keys()[2]
   batches = pipeline.eval_batches(source, config.eval.batch_size,
@@ -143,7 +189,7 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   shown = {'images': [], 'labels': [], 'preds': [], 'entropy': []}
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   start = time.time()
-  done = 0
+  done, scoring = 0, 0.0
   for i, batch in enumerate(batches):
     out = jax.device_get(predict(params, batch['image'], eval_key,
                                  np.int32(i)))
@@ -158,13 +204,21 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
                         ('labels', label), ('preds', pred),
                         ('entropy', flat(out['entropy'])[valid])):
         shown[name].extend(list(arr[take]))
+    if on_case is not None:
+      begin = time.time()
+      index = flat(batch['index'])
+      for pos in np.flatnonzero(valid):  # Views, no copies of the batch.
+        on_case(int(index[pos]), {name: flat(arr)[pos]
+                                  for name, arr in out.items()})
+      scoring += time.time() - begin
     elapsed = time.time() - start
     logging.info('  sampled %d/%d cases (%.2f img/s)', done,
                  len(source) // max(jax.process_count(), 1), done / elapsed)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
-  return {'confusion': conf, 'shown': shown, 'seconds': time.time() - start}
+  return {'confusion': conf, 'shown': shown, 'seconds': time.time() - start,
+          'scoring_seconds': scoring}
 
 
 def _replicate(tree):
@@ -172,42 +226,237 @@ def _replicate(tree):
   return train.replicate(tree)
 
 
-def evaluate(config, workdir: str, state=None, setup=None) -> Dict[str, Any]:
-  """Samples ``config.eval.split`` and writes metrics.json and eval_grid.png."""
+def case_spacing(original_size, image_size: int,
+                 spacing: Sequence[float] = ()) -> Tuple[float, float]:
+  """Size (row, column) of one model-resolution pixel in original pixels, or
+  in the units of ``spacing`` (per original pixel) when given."""
+  if len(spacing) not in (0, 2) or any(v <= 0 for v in spacing):
+    raise ValueError(f'config.eval.spacing = {tuple(spacing)!r}: give () or '
+                     '(row, column) pixel sizes > 0')
+  base = tuple(spacing) if len(spacing) else (1.0, 1.0)
+  return (original_size[0] / image_size * base[0],
+          original_size[1] / image_size * base[1])
+
+
+# Per-case columns of ``multi_annotation`` (cases with several annotations).
+MULTI_FIELDS = ('GED', 'cross', 'sample_diversity', 'annotation_diversity',
+                'sample_variance', 'annotation_variance',
+                'variance_correlation', 'num_annotations')
+
+
+def multi_annotation_row(samples: np.ndarray, annotations: np.ndarray,
+                         num_classes: int) -> np.ndarray:
+  """``MULTI_FIELDS`` of one case: GED terms, mean per-pixel variances of the
+  samples and of the annotations, and their correlation over pixels (does the
+  model vary where the raters disagree? NaN where either is constant)."""
+  ged = metrics.generalized_energy_distance(samples, annotations, num_classes)
+  var_s = metrics.pixel_variance(samples, num_classes).ravel()
+  var_a = metrics.pixel_variance(annotations, num_classes).ravel()
+  corr = (np.corrcoef(var_s, var_a)[0, 1] if var_s.std() > 0 and
+          var_a.std() > 0 else np.nan)
+  return np.array([ged[f] for f in MULTI_FIELDS[:4]] +
+                  [var_s.mean(), var_a.mean(), corr, len(annotations)])
+
+
+class Extremes:
+  """The ``k`` highest- and lowest-scoring cases seen, with their outputs."""
+
+  def __init__(self, k: int):
+    self.k = k
+    self.entries = []  # (score, index, payload), at most 2k kept.
+
+  def add(self, score: float, index: int, payload) -> None:
+    if np.isnan(score):  # No foreground anywhere: nothing to rank.
+      return
+    ranked = sorted(self.entries + [(score, index, payload)],
+                    key=lambda e: (e[0], e[1]))
+    self.entries = (ranked if len(ranked) <= 2 * self.k else
+                    ranked[:self.k] + ranked[-self.k:])
+
+  def best(self) -> List:
+    return sorted(self.entries, key=lambda e: (-e[0], e[1]))[:self.k]
+
+  def worst(self) -> List:
+    return sorted(self.entries, key=lambda e: (e[0], e[1]))[:self.k]
+
+
+def case_panel(image, label, pred, entropy, num_classes: int, original_size,
+               title: str, long_side: int = 384) -> np.ndarray:
+  """image / label overlay / prediction overlay [/ uncertainty] of one case,
+  shown at the original aspect ratio with the long side ``long_side``."""
+  h, w = original_size
+  size = (max(1, round(long_side * w / max(h, w))),
+          max(1, round(long_side * h / max(h, w))))
+  near = lambda x: cv2.resize(x.astype(np.uint8), size,
+                              interpolation=cv2.INTER_NEAREST)
+  rgb = cv2.resize(gray_rgb(np.asarray(image, np.float32)), size,
+                   interpolation=cv2.INTER_LINEAR)
+  tiles = [rgb, overlay_rgb(rgb, near(label), num_classes),
+           overlay_rgb(rgb, near(pred), num_classes)]
+  titles = [title, 'label', 'prediction']
+  if entropy is not None:
+    tiles.append(uncertainty_rgb(cv2.resize(
+        entropy.astype(np.float32), size, interpolation=cv2.INTER_LINEAR),
+        num_classes))
+    titles.append('uncertainty')
+  panel = np.concatenate(tiles, axis=1)
+  return np.concatenate([title_strip(titles, size[0]), panel], axis=0)
+
+
+def write_overlays(directory: str, extremes: Extremes, source,
+                   num_classes: int, with_entropy: bool) -> List[str]:
+  """``best_<rank>_<case>.png`` and ``worst_<rank>_<case>.png``; replaces the
+  previous evaluation's ones. (With several processes, ``extremes`` holds
+  only this process's cases.)"""
+  os.makedirs(directory, exist_ok=True)
+  for old in glob.glob(os.path.join(directory, 'best_*.png')) + glob.glob(
+      os.path.join(directory, 'worst_*.png')):
+    os.remove(old)
+  paths = []
+  for kind, entries in (('best', extremes.best()),
+                        ('worst', extremes.worst())):
+    for rank, (score, index, out) in enumerate(entries, 1):
+      panel = case_panel(source.images[index], source.labels[index],
+                         out['prediction'],
+                         out['entropy'] if with_entropy else None,
+                         num_classes, source.original_sizes[index],
+                         f'{source.ids[index]} mean Dice {score:.3f}')
+      path = os.path.join(directory, f'{kind}_{rank}_{source.ids[index]}.png')
+      cv2.imwrite(path, panel[..., ::-1])
+      paths.append(path)
+  return paths
+
+
+def write_per_case_csv(path: str, ids: Sequence[str], tables: np.ndarray,
+                       class_names: Sequence[str]) -> int:
+  """One row per (case, scored foreground class); returns the row count."""
+  rows = 0
+  with open(path + '.tmp', 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(('case', 'class') + metrics.CASE_FIELDS)
+    for case_id, table in zip(ids, tables):
+      for c, row in enumerate(table):
+        if np.isnan(row[0]):  # Absent from label and prediction: skipped.
+          continue
+        values = [f'{v:.6g}' for v in row[:4]] + [int(v) for v in row[4:]]
+        writer.writerow([case_id, class_names[c + 1]] + values)
+        rows += 1
+  os.replace(path + '.tmp', path)
+  return rows
+
+
+def _merge_processes(local: np.ndarray) -> np.ndarray:
+  """Rows filled by one process each (NaN elsewhere), merged over processes."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  merged = None
+  for part in np.asarray(multihost_utils.process_allgather(local)):
+    merged = part if merged is None else np.where(np.isnan(merged), part,
+                                                  merged)
+  return merged
+
+
+def _multi_summary(rows: np.ndarray, ids: Sequence[str]) -> Dict[str, Any]:
+  has = ~np.isnan(rows[:, 0])
+  out = {'num_cases': int(has.sum())}
+  for i, f in enumerate(MULTI_FIELDS):
+    vals = rows[has, i][~np.isnan(rows[has, i])]
+    out[f] = float(vals.mean()) if len(vals) else None
+  out['per_case'] = {ids[n]: {f: None if np.isnan(rows[n, i]) else
+                              float(rows[n, i])
+                              for i, f in enumerate(MULTI_FIELDS)}
+                     for n in np.flatnonzero(has)}
+  return out
+
+
+def evaluate(config, workdir: str, state=None, setup=None,
+             num_extremes: int = 3) -> Dict[str, Any]:
+  """Samples ``config.eval.split``; writes metrics.json, per_case.csv,
+  eval_grid.png and the overlays of the ``num_extremes`` best/worst cases."""
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax.data import annotations  # pylint: disable=g-import-not-at-top
+  case_spacing((1, 1), 1, config.eval.spacing)  # Fail before sampling.
   setup = setup or train.Setup.from_config(config)
   if state is None:
     state = load_state(config, workdir, setup)
   split = config.eval.split
   source = sources.load_split(config, split)
   k = config.data.num_classes
-  logging.info('Evaluating %d %s cases: %d sampling steps, %d sample(s) each.',
-               len(source), split, config.eval.num_steps,
-               config.eval.num_samples)
+  n_samples = config.eval.num_samples
+  sets = annotations.for_source(config, source)
+  if sets and n_samples < 2:
+    logging.warning('%d %s cases have several annotations; GED and sample '
+                    'variances need eval.num_samples > 1.', len(sets), split)
+    sets = {}
+  logging.info('Evaluating %d %s cases: %d sampling steps, %d sample(s) each%s.',
+               len(source), split, config.eval.num_steps, n_samples,
+               f'; {len(sets)} with several annotations' if sets else '')
+  tables = np.full((len(source), k - 1, len(metrics.CASE_FIELDS)), np.nan)
+  multi = np.full((len(source), len(MULTI_FIELDS)), np.nan)
+  extremes = Extremes(num_extremes)
+
+  def on_case(index, out):
+    spacing = case_spacing(source.original_sizes[index],
+                           config.data.image_size, config.eval.spacing)
+    tables[index] = metrics.case_metrics(out['prediction'],
+                                         source.labels[index], k, spacing)
+    extremes.add(metrics.case_score(tables[index]), index,
+                 {'prediction': out['prediction'].copy(),  # Not the batch.
+                  'entropy': out['entropy'].copy()})
+    if source.ids[index] in sets:
+      multi[index] = multi_annotation_row(out['samples'],
+                                          sets[source.ids[index]], k)
+
   run = sample_split(config, state.ema_params, setup, source,
-                     num_shown=config.eval.num_grid_cases)
+                     num_shown=config.eval.num_grid_cases, on_case=on_case,
+                     return_samples=bool(sets))
   seconds, shown = run['seconds'], run['shown']
+  tables, multi = _merge_processes(tables), _merge_processes(multi)
   result = metrics.summarize_confusion(run['confusion'],
                                        list(source.class_names))
+  sampling_seconds = seconds - run['scoring_seconds']
   result.update({
       'split': split, 'num_cases': len(source),
       'checkpoint_step': int(jax.device_get(state.step)),
+      'checkpoint': train.resolve_checkpoint(config, workdir),
       'params': 'ema',
       'sampling': {'num_steps': config.eval.num_steps,
-                   'num_samples': config.eval.num_samples,
+                   'num_samples': n_samples,
                    'diffusion_steps': config.diffusion.num_steps},
-      'seconds': seconds, 'seconds_per_image': seconds / max(len(source), 1),
+      'per_case_mean': metrics.summarize_cases(tables,
+                                               list(source.class_names)),
+      'distance_unit': ('eval.spacing units' if len(config.eval.spacing) else
+                        'pixels of the original image'),
+      'seconds': seconds, 'sampling_seconds': sampling_seconds,
+      'scoring_seconds': run['scoring_seconds'],
+      'seconds_per_image': sampling_seconds / max(len(source), 1),
   })
+  if sets:
+    result['multi_annotation'] = _multi_summary(multi, source.ids)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'metrics.json'), result)
+    write_per_case_csv(os.path.join(workdir, 'per_case.csv'), source.ids,
+                       tables, source.class_names)
     grid_png(shown['images'], shown['labels'], shown['preds'],
-             shown['entropy'] if config.eval.num_samples > 1 else None, k,
+             shown['entropy'] if n_samples > 1 else None, k,
              os.path.join(workdir, 'eval_grid.png'),
              scale=max(1, 256 // config.data.image_size))
-  logging.info('%s: mIoU %s  mDice %s  (%.1f s, checkpoint step %d)', split,
-               _pct(result['mIoU']), _pct(result['mDice']), seconds,
-               result['checkpoint_step'])
+    write_overlays(os.path.join(workdir, 'overlays'), extremes, source, k,
+                   with_entropy=n_samples > 1)
+  pcm = result['per_case_mean']
+  logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
+               '(%.1f s, checkpoint step %d)', split, _pct(result['mIoU']),
+               _pct(result['mDice']), _pct(pcm['Dice']), _fmt(pcm['HD95']),
+               _fmt(pcm['ASSD']), seconds, result['checkpoint_step'])
+  if sets:
+    logging.info('%s: GED %s over %d cases with several annotations.', split,
+                 _fmt(result['multi_annotation']['GED']), len(sets))
   return result
+
+
+def _fmt(x: Optional[float]) -> str:
+  return 'n/a' if x is None else f'{x:.3f}'
 
 
 def _pct(x: Optional[float]) -> str:

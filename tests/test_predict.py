@@ -1,0 +1,263 @@
+"""--mode=predict on a folder of images and --mode=evaluate's per-case files."""
+
+import csv
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_main
+from spad_jax.data import synthetic
+
+TINY = '--config=tests/tiny_config.py'
+CLASSES = synthetic.CLASS_NAMES
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny workdir trained for one epoch (4 steps)."""
+  workdir = str(tmp_path_factory.mktemp('predict') / 'run')
+  result = run_main([TINY, f'--workdir={workdir}',
+                     '--config.train.num_epochs=1'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def synthetic_case(index, hw, seed=99):
+  """A synthetic B-scan and label resized to ``hw`` (not the model size)."""
+  image, label = synthetic.generate_case(seed, 'test', index, 32)
+  wh = (hw[1], hw[0])
+  return (cv2.resize(image, wh, interpolation=cv2.INTER_LINEAR),
+          cv2.resize(label, wh, interpolation=cv2.INTER_NEAREST))
+
+
+def write_images(folder, sizes):
+  os.makedirs(folder, exist_ok=True)
+  names = []
+  for i, hw in enumerate(sizes):
+    image = synthetic_case(i, hw)[0]
+    if i % 2:  # Some RGB inputs; the model reads gray (data.channels = 1).
+      image = np.repeat(image[..., None], 3, axis=-1)
+    name = f'scan_{i}.png'
+    cv2.imwrite(os.path.join(folder, name), image)
+    names.append(name)
+  return names
+
+
+def test_predict_folder_cli(trained, tmp_path):
+  inputs, outputs = tmp_path / 'in', tmp_path / 'out'
+  sizes = [(20, 28), (33, 17), (16, 16)]
+  names = write_images(inputs, sizes)
+  (inputs / 'corrupt.png').write_bytes(b'not a png at all')
+  (inputs / 'notes.txt').write_text('not an image; ignored')
+  args = [TINY, f'--workdir={trained}', '--mode=predict', f'--input={inputs}',
+          f'--output={outputs}', '--config.eval.num_samples=2',
+          '--config.eval.batch_size=2', '--save_npy']
+  first = run_main(args)
+  assert first.returncode == 1, first.stderr[-3000:]  # corrupt.png.
+  assert 'corrupt.png' in first.stderr and 'unreadable' in first.stderr
+  assert 'wrote 3' in first.stdout
+  for name, (h, w) in zip(names, sizes):
+    stem = name[:-4]
+    label = cv2.imread(str(outputs / f'{stem}_label.png'), cv2.IMREAD_UNCHANGED)
+    assert label.shape == (h, w) and label.dtype == np.uint8
+    assert label.max() < len(CLASSES)
+    for kind in ('overlay', 'uncertainty'):
+      assert cv2.imread(str(outputs / f'{stem}_{kind}.png')).shape == (h, w, 3)
+    entropy = np.load(outputs / f'{stem}_entropy.npy')
+    assert entropy.shape == (h, w) and entropy.dtype == np.float32
+    # Two samples: the ensemble's entropy is at most log 2.
+    assert entropy.min() >= 0 and entropy.max() <= np.log(2) + 1e-6
+  assert not (outputs / 'corrupt_label.png').exists()
+  assert not (outputs / 'notes_label.png').exists()
+  log = [json.loads(line) for line in open(outputs / 'predict_log.jsonl')]
+  assert log[-1]['written'] == 3 and log[-1]['skipped'] == 0
+  assert [f['path'] for f in log[-1]['failed']] == [str(inputs / 'corrupt.png')]
+  assert log[-1]['sampling']['num_samples'] == 2
+  assert log[-1]['checkpoint_step'] == 4
+
+  # Again without --overwrite: nothing is rewritten (--overwrite is tested
+  # in process below, where the compilation is reused).
+  os.remove(inputs / 'corrupt.png')
+  stamps = {p: os.stat(outputs / p).st_mtime_ns for p in os.listdir(outputs)
+            if p.endswith(('.png', '.npy'))}
+  assert len(stamps) == 4 * len(names)
+  again = run_main(args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'wrote 0' in again.stdout and 'skipped 3' in again.stdout
+  assert all(os.stat(outputs / p).st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_predict_needs_input_and_output(tmp_path):
+  result = run_main([TINY, f'--workdir={tmp_path}', '--mode=predict',
+                     f'--input={tmp_path}'])
+  assert result.returncode == 2
+  assert '--output' in result.stderr
+
+
+def make_folder_dataset(root, sizes):
+  """Test cases at original sizes ``sizes`` with a second rater for all and
+  a third for the first case (``annotations/<rater>/<case>.png``)."""
+  for sub in ('images', 'labels', 'annotations/rater_b', 'annotations/rater_c'):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+  cases = []
+  for i, hw in enumerate(sizes):
+    image, label = synthetic_case(i, hw, seed=7)
+    case = f'case{i}'
+    cv2.imwrite(os.path.join(root, 'images', case + '.png'), image)
+    cv2.imwrite(os.path.join(root, 'labels', case + '.png'), label)
+    cv2.imwrite(os.path.join(root, 'annotations/rater_b', case + '.png'),
+                np.roll(label, 2, axis=1))
+    if i == 0:
+      cv2.imwrite(os.path.join(root, 'annotations/rater_c', case + '.png'),
+                  np.roll(label, -1, axis=0))
+    cases.append({'id': case, 'split': 'test' if i < 4 else 'train'})
+  with open(os.path.join(root, 'dataset.json'), 'w') as f:
+    json.dump({'name': 'tiny', 'labels': {n: c for c, n in enumerate(CLASSES)},
+               'cases': cases}, f)
+
+
+def test_evaluate_writes_per_case_ged_and_overlays(trained, tmp_path):
+  root = str(tmp_path / 'data')
+  sizes = [(24, 40)] * 6  # Test cases 0-3 (model size 16).
+  make_folder_dataset(root, sizes)
+  result = run_main([TINY, f'--workdir={trained}', '--mode=evaluate',
+                     '--config.data.name=folder', f'--config.data.root={root}',
+                     '--config.eval.num_samples=3',
+                     '--config.eval.spacing=(0.5, 2.0)'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.load(open(os.path.join(trained, 'metrics.json')))
+  with open(os.path.join(trained, 'per_case.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ['case', 'class', 'Dice', 'IoU', 'HD95', 'ASSD',
+                           'missed', 'spurious']
+  # Labels as the model saw them (nearest-neighbour to 16²).
+  labels = {f'case{i}': cv2.resize(synthetic_case(i, sizes[i], seed=7)[1],
+                                   (16, 16), interpolation=cv2.INTER_NEAREST)
+            for i in range(4)}
+  expected = {(c, CLASSES[k]) for c, lab in labels.items()
+              for k in np.unique(lab) if k > 0}
+  got = {(r['case'], r['class']) for r in rows}
+  assert expected and expected <= got  # Every class of every label is scored.
+  diagonal = np.hypot(24 * 0.5, 40 * 2.0)
+  for r in rows:
+    in_label = CLASSES.index(r['class']) in labels[r['case']]
+    assert int(r['spurious']) == (not in_label)
+    assert float(r['HD95']) <= diagonal + 1e-3
+    if r['missed'] == '1' or r['spurious'] == '1':
+      assert float(r['Dice']) == 0 and float(r['IoU']) == 0
+      assert float(r['HD95']) == pytest.approx(diagonal, rel=1e-5)
+      assert float(r['ASSD']) == pytest.approx(diagonal, rel=1e-5)
+    else:
+      assert 0 < float(r['Dice']) <= 1
+  # The summary's per-case means are those of the CSV.
+  summary = metrics['per_case_mean']
+  class_means = []
+  for name in CLASSES[1:]:
+    dices = [float(r['Dice']) for r in rows if r['class'] == name]
+    entry = summary['per_class'][name]
+    assert entry['cases'] == len(dices)
+    assert entry['missed'] == sum(r['missed'] == '1' for r in rows
+                                  if r['class'] == name)
+    if dices:
+      assert entry['Dice'] == pytest.approx(np.mean(dices), abs=1e-5)
+      class_means.append(entry['Dice'])
+  assert summary['Dice'] == pytest.approx(np.mean(class_means))
+  assert metrics['distance_unit'] == 'eval.spacing units'
+  assert metrics['num_cases'] == 4
+  # Several annotations: GED over the 4 test cases, 3 raters for case0.
+  multi = metrics['multi_annotation']
+  assert multi['num_cases'] == 4
+  assert multi['per_case']['case0']['num_annotations'] == 3
+  assert multi['per_case']['case1']['num_annotations'] == 2
+  for entry in multi['per_case'].values():
+    assert entry['GED'] == pytest.approx(
+        2 * entry['cross'] - entry['sample_diversity'] -
+        entry['annotation_diversity'])
+    assert entry['annotation_diversity'] > 0  # The raters differ.
+  # Overlays of the best and worst cases, at the original aspect ratio.
+  overlays = sorted(os.listdir(os.path.join(trained, 'overlays')))
+  scored = {r['case'] for r in rows}
+  k = min(3, len(scored))
+  assert [o.split('_')[0] for o in overlays] == ['best'] * k + ['worst'] * k
+  panel = cv2.imread(os.path.join(trained, 'overlays', overlays[0]))
+  assert panel.shape == (24 + round(384 * 24 / 40), 4 * 384, 3)
+
+
+def test_to_original_upsamples_like_nearest_at_twice_the_size():
+  from spad_jax import predict
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 4, (8, 8))
+  soft = np.eye(4, dtype=np.float32)[label]
+  out, entropy = predict.to_original(soft, np.zeros((8, 8)), (16, 16))
+  np.testing.assert_array_equal(out, np.kron(label, np.ones((2, 2), int)))
+  assert entropy.shape == (16, 16) and not entropy.any()
+  # Non-square original sizes come back as (height, width).
+  assert predict.to_original(soft, np.zeros((8, 8)), (5, 13))[0].shape == (5, 13)
+
+
+def test_one_compilation_for_all_image_sizes(tmp_path):
+  """In process: mixed sizes and a padded last batch reuse one compiled
+  sampler; the same image gets the same outputs again (explicit keys)."""
+  import jax
+  from spad_jax import evaluate
+  from spad_jax import predict
+  from spad_jax import train
+  import tiny_config
+  config = tiny_config.get_config()
+  config.eval.num_samples, config.eval.batch_size = 2, 2
+  setup = train.Setup.from_config(config)
+  params = train.create_train_state(config, setup.model, setup.keys()[0],
+                                    1).ema_params
+  fn = evaluate.make_predict_fn(config, setup.model, setup.schedule)
+  sizes = [(20, 28), (33, 17), (16, 16), (40, 9), (64, 48)]
+  names = write_images(tmp_path / 'in', sizes)
+  paths = [str(tmp_path / 'in' / n) for n in names]
+  (tmp_path / 'in' / 'empty.png').write_bytes(b'')
+  compiles = []
+  listener = lambda name, *a, **k: compiles.append(name) if name.endswith(
+      'backend_compile_duration') else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    first = predict.predict_paths(config, setup, params, paths[:2],
+                                  str(tmp_path / 'a'), predict_fn=fn)
+    assert first.written == paths[:2] and not first.failed
+    assert compiles  # The listener sees the sampler's compilation...
+    compiles.clear()
+    summary = predict.predict_paths(
+        config, setup, params, paths + [str(tmp_path / 'in' / 'empty.png')],
+        str(tmp_path / 'b'), predict_fn=fn)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []  # ...and none for 3 batches of 5 sizes.
+  assert summary.written == paths
+  assert [p for p, _ in summary.failed] == [str(tmp_path / 'in' / 'empty.png')]
+  assert 'empty.png' in summary.failed[0][1]
+  for name, (h, w) in zip(names, sizes):
+    label = cv2.imread(str(tmp_path / 'b' / (name[:-4] + '_label.png')),
+                       cv2.IMREAD_UNCHANGED)
+    assert label.shape == (h, w)
+  read = lambda d, name: cv2.imread(str(tmp_path / d / name),
+                                    cv2.IMREAD_UNCHANGED)
+  np.testing.assert_array_equal(read('a', 'scan_0_label.png'),
+                                read('b', 'scan_0_label.png'))
+
+  # Existing outputs are kept unless overwrite; rewritten ones are identical.
+  outputs = sorted(os.listdir(tmp_path / 'b'))
+  stamps = {p: os.stat(tmp_path / 'b' / p).st_mtime_ns for p in outputs}
+  before = {p: read('b', p) for p in outputs if p.endswith('.png')}
+  kept = predict.predict_paths(config, setup, params, paths,
+                               str(tmp_path / 'b'), predict_fn=fn)
+  assert kept.skipped == paths and not kept.written
+  assert all(os.stat(tmp_path / 'b' / p).st_mtime_ns == stamps[p]
+             for p in outputs)
+  redone = predict.predict_paths(config, setup, params, paths,
+                                 str(tmp_path / 'b'), overwrite=True,
+                                 predict_fn=fn)
+  assert redone.written == paths and not redone.skipped
+  assert sorted(os.listdir(tmp_path / 'b')) == outputs  # No temporary files.
+  for p, image in before.items():
+    assert os.stat(tmp_path / 'b' / p).st_mtime_ns != stamps[p]
+    np.testing.assert_array_equal(read('b', p), image)
