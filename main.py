@@ -4,6 +4,8 @@ r"""spad_jax entry point.
   python main.py --config=configs/amdsd.py --workdir=runs/amdsd \
       --config.data.root=/data/amdsd --config.train.batch_size=16
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
+  python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \
+      --input=scans/ --output=predictions/ --config.eval.num_samples=8
 
 A second run in the same workdir resumes from its latest checkpoint.
 Multi-host: pass --coordinator_address/--num_processes/--process_id on every
@@ -27,6 +29,15 @@ flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict',
                   'train (then evaluate), evaluate a trained workdir, '
                   'predict on new images, or visualize the SPAD masks of a '
                   'few training cases (writes <workdir>/spad_masks.png).')
+flags.DEFINE_string('input', None, '--mode=predict: folder of images (png, '
+                    'jpg, bmp, tif; no labels needed).')
+flags.DEFINE_string('output', None, '--mode=predict: folder for <stem>_label.'
+                    'png, <stem>_overlay.png, <stem>_uncertainty.png.')
+flags.DEFINE_bool('overwrite', False, '--mode=predict: replace existing '
+                  'outputs (by default an input whose outputs exist is '
+                  'skipped).')
+flags.DEFINE_bool('save_npy', False, '--mode=predict: also write the '
+                  'per-pixel entropy as <stem>_entropy.npy (float32, nats).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
                   'with auto-detection (TPU pods, Slurm).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
@@ -63,18 +74,21 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
-  # Validate before importing JAX/TF or touching the workdir.
+  # Validate (config, then data) before JAX starts or the workdir is made.
   from spad_jax import config_validation  # pylint: disable=g-import-not-at-top
   try:
     config_validation.validate(config)
+    if FLAGS.mode in ('train', 'evaluate', 'visualize'):
+      # Every file read and checked before the workdir is touched.
+      config_validation.validate_data(config,
+                                      training=FLAGS.mode != 'evaluate')
   except config_validation.ConfigError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2
-  if FLAGS.mode == 'predict':
-    print('error: --mode=predict is not implemented yet (tracked in issue 8: '
-          'predict on a folder with ensembles and uncertainty maps). Use '
-          '--mode=evaluate for a labelled split.', file=sys.stderr)
+  if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
+    print('error: --mode=predict needs --input=<folder of images> and '
+          '--output=<folder>', file=sys.stderr)
     return 2
 
   _init_distributed()
@@ -92,6 +106,8 @@ def main(argv):
       from spad_jax import visualize  # pylint: disable=g-import-not-at-top
       print(visualize.visualize(config, FLAGS.workdir))
       return 0
+    if FLAGS.mode == 'predict':
+      return _predict(config)
     if FLAGS.mode == 'train':
       result = train.train_and_evaluate(config, FLAGS.workdir)
     else:
@@ -103,12 +119,36 @@ def main(argv):
     logging.exception('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 1
+  if result is None:  # Stopped early (max_steps_per_run or SIGTERM).
+    return 0
   if jax.process_index() == 0:
     fmt = lambda x: 'n/a' if x is None else f'{x:.4f}'
     print(f'{config.eval.split}: mIoU {fmt(result["mIoU"])}  '
           f'mDice {fmt(result["mDice"])}  (foreground classes; '
           f'{os.path.join(FLAGS.workdir, "metrics.json")})')
   return 0
+
+
+def _predict(config) -> int:
+  """Runs --mode=predict; 1 when some input could not be read."""
+  from spad_jax import predict  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(FLAGS.workdir):
+    raise FileNotFoundError(f'--workdir {FLAGS.workdir} does not exist')
+  summary = predict.predict_folder(config, FLAGS.workdir, FLAGS.input,
+                                   FLAGS.output, FLAGS.overwrite,
+                                   FLAGS.save_npy)
+  skipped = (f', skipped {len(summary.skipped)} whose outputs exist '
+             '(--overwrite replaces them)' if summary.skipped else '')
+  rate = ('' if summary.images_per_sec is None else
+          f', then {summary.images_per_sec:.2f} img/s')
+  print(f'predict: wrote {len(summary.written)} in {summary.seconds:.1f} s '
+        f'(first batch {summary.first_batch_seconds:.1f} s with compilation'
+        f'{rate}){skipped}, {len(summary.failed)} unreadable; outputs in '
+        f'{FLAGS.output}')
+  for path, error in summary.failed:
+    print(f'error: {error}' if path in error else f'error: {path}: {error}',
+          file=sys.stderr)
+  return 1 if summary.failed else 0
 
 
 if __name__ == '__main__':

@@ -22,6 +22,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.split_seed = 0  # Patient-level split of folder data sets.
   config.data.val_fraction = 0.1
   config.data.test_fraction = 0.2
+  # k-fold cross-validation over patients: with num_folds >= 2, fold `fold`
+  # is the test set (test_fraction is then unused). 0: a single split.
+  config.data.num_folds = 0
+  config.data.fold = 0
+  # Expected class names in label order (checked against dataset.json);
+  # () accepts whatever dataset.json declares (its count must still match).
+  config.data.class_names = ()
+  # How folder data sets are read: 'numpy' (OpenCV, TensorFlow-free) or
+  # 'tfds' (a TFDS builder prepared once under `tfds_dir`; same arrays).
+  config.data.reader = 'numpy'
+  config.data.tfds_dir = ''  # '' = TFDS's default (~/tensorflow_datasets).
+  # Training augmentations, applied to image and label before the SPAD masks
+  # are built (spad_jax/data/augment.py). All off by default.
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.flip = False  # Left-right, probability 1/2.
+  config.data.augment.rotate_deg = 0.0  # Max |angle| in degrees.
+  config.data.augment.scale = 0.0  # Zoom in [1 - scale, 1 + scale].
+  config.data.augment.translate = 0.0  # Max shift, fraction of the size.
+  config.data.augment.gain = 0.0  # Intensity gain in [1 - gain, 1 + gain].
+  config.data.augment.bias = 0.0  # Offset in [-bias, bias] (on [0, 1]).
+  config.data.augment.gamma = 0.0  # Gamma in [1 - gamma, 1 + gamma].
   # Synthetic OCT-like generator (spad_jax/data/synthetic.py).
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.seed = 1234
@@ -67,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Canny per class (binary maps) instead of on the spread label map; needed
   # when adjacent classes' grey step is below the thresholds (many classes).
   config.spad.bcd_per_class = False
+  # Add the label's transition pixels to Canny's edges, which miss ~1-2 %
+  # of them (junctions, 1-px holes, border): the band then covers every
+  # class transition. False: Canny's edges alone.
+  config.spad.bcd_complete = True
 
   # Optimisation.
   config.train = ml_collections.ConfigDict()
@@ -83,6 +108,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.checkpoints_to_keep = 3
   config.train.max_nonfinite_steps = 20  # Consecutive skipped updates that stop the run.
+  # Validate on the val split every this many epochs (0: never): val mIoU/
+  # mDice go to the logs and the best-by-val-mDice checkpoint is kept apart.
+  config.train.eval_every_epochs = 10
+  # Stop (after a checkpoint) once this run has trained that many steps; the
+  # next run resumes. 0: train to the end. For time-limited jobs; SIGTERM
+  # (preemption) does the same at the next step.
+  config.train.max_steps_per_run = 0
 
   # Evaluation / sampling.
   config.eval = ml_collections.ConfigDict()
@@ -91,4 +123,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 8  # Global.
   config.eval.split = 'test'
   config.eval.num_grid_cases = 6  # Cases shown in the PNG grid.
+  # Physical size (row, column), e.g. mm, of one pixel of the original images
+  # for HD95/ASSD; () reports distances in original-image pixels.
+  config.eval.spacing = ()
+  # Which checkpoint evaluate/predict load: 'best' (best val mDice), 'latest',
+  # or 'auto' (best when the run validated, else latest; the choice is
+  # logged and written to metrics.json).
+  config.eval.checkpoint = 'auto'
   return config

@@ -33,6 +33,7 @@ def get_config():
   config.train.ema_decay = 0.999
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500
+  config.train.eval_every_epochs = 5  # ~3 s each on the 32 val cases.
 
   config.eval.num_steps = 10
   config.eval.batch_size = 32

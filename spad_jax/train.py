@@ -8,9 +8,11 @@ step gives the same numbers on 1 or many devices for the same global batch.
 import dataclasses
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 from flax import jax_utils
@@ -95,6 +97,14 @@ def create_train_state(config, model: unet.UNet, key: jax.Array,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=params, opt_state=tx.init(params),
                     nonfinite_streak=jnp.zeros((), jnp.int32), tx=tx)
+
+
+def abstract_train_state(config, model: unet.UNet) -> TrainState:
+  """The TrainState's structure with shapes only: a restore target that
+  costs no compilation or initialisation (loading for evaluate/predict)."""
+  return jax.eval_shape(
+      lambda key: create_train_state(config, model, key, 1),
+      jax.random.PRNGKey(0))
 
 
 def ema_decay_at(step, decay: float):
@@ -201,35 +211,78 @@ def replicate(tree):
   return jax_utils.replicate(tree, axis_name=AXIS)
 
 
+def unreplicate(tree):
+  """This process's first device's copy of a replicated tree.
+
+  ``x[0]`` on a pmapped array is a global gather every process must join;
+  a copy on a local device is not (measured: ``x[0]`` deadlocked a
+  2-process run in the checkpoint save).
+  """
+  return jax.tree.map(
+      lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
+
+
 # ----------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
-                                            'checkpoints'), options=options)
+def checkpoint_manager(workdir: str, keep: int,
+                       kind: str = 'latest') -> ocp.CheckpointManager:
+  """The last ``keep`` checkpoints (``checkpoints/``) or, with
+  ``kind='best'``, the one best by validation mDice (``best_checkpoint/``).
+
+  Orbax writes each step to a temporary folder and renames it when complete,
+  so a process killed mid-write leaves the previous checkpoints intact.
+  """
+  folder = {'latest': 'checkpoints', 'best': 'best_checkpoint'}[kind]
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep if kind == 'latest' else 1, create=True,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), folder),
+                               options=options)
+
+
+def checkpoint_metadata(mgr: ocp.CheckpointManager, step: int) -> Dict:
+  """What ``save_checkpoint`` stored with ``step`` (config, epoch, ...)."""
+  return dict(mgr.metadata(step).custom_metadata or {})
+
+
+def resolve_checkpoint(config, workdir: str) -> str:
+  """'best' or 'latest' for ``eval.checkpoint`` (see configs/default.py)."""
+  choice = config.eval.checkpoint
+  has_best = os.path.isdir(os.path.join(workdir, 'best_checkpoint')) and any(
+      d.isdigit() for d in os.listdir(os.path.join(workdir,
+                                                   'best_checkpoint')))
+  if choice == 'best' and not has_best:
+    raise FileNotFoundError(
+        f'eval.checkpoint=best but {workdir}/best_checkpoint holds none (the '
+        'run never validated: train.eval_every_epochs); use '
+        '--config.eval.checkpoint=latest')
+  if choice == 'auto':
+    return 'best' if has_best else 'latest'
+  return choice
 
 
 def save_checkpoint(mgr: ocp.CheckpointManager, state: TrainState,
                     metadata: Dict[str, Any]) -> None:
-  """Saves the replicated state (device 0's copy, fetched to host)."""
-  items = jax.device_get(jax.tree.map(lambda x: x[0],
-                                      state.checkpoint_items()))
+  """Saves the replicated state (device 0's copy, fetched to host).
+
+  Every process calls this (orbax coordinates them). ``metadata`` (config,
+  epoch, git revision, ...) goes inside the checkpoint, committed with it:
+  ``<step>/_CHECKPOINT_METADATA``, JSON, key ``custom_metadata``.
+  """
+  items = jax.device_get(unreplicate(state.checkpoint_items()))
   step = int(items['step'])
-  mgr.save(step, args=ocp.args.StandardSave(items), force=True)
-  if jax.process_index() == 0:
-    meta_path = os.path.join(mgr.directory, f'metadata_{step}.json')
-    with open(meta_path, 'w') as f:
-      json.dump(dict(metadata, step=step), f, indent=1)
+  mgr.save(step, args=ocp.args.StandardSave(items), force=True,
+           custom_metadata=dict(metadata, step=step))
 
 
 def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState,
                        step=None) -> TrainState:
-  """Restores onto the structure of an unreplicated ``state``."""
+  """Restores onto the structure of an unreplicated ``state`` (arrays or
+  ``jax.ShapeDtypeStruct`` leaves, see ``abstract_train_state``)."""
   step = mgr.latest_step() if step is None else step
   target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                        jax.device_get(state.checkpoint_items()))
+                        state.checkpoint_items())
   items = mgr.restore(step, args=ocp.args.StandardRestore(target))
   return state.replace_items(items)
 
@@ -267,7 +320,9 @@ class Setup:
 
 
 def write_config(config, workdir: str) -> None:
-  """Stores the config; a resumed run with changes keeps both files."""
+  """Stores the config (process 0); a resumed run with changes keeps both."""
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, 'config.json')
   new = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
@@ -280,9 +335,9 @@ def write_config(config, workdir: str) -> None:
     path = os.path.join(workdir, f'config.{stamp}.json')
     logging.warning('Config differs from the one this workdir was started '
                     'with, in %s; saving it as %s', ', '.join(changed), path)
-  if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(new, f, indent=1, sort_keys=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(new, f, indent=1, sort_keys=True)
+  os.replace(path + '.tmp', path)
 
 
 def _flat_diff(a, b, prefix=''):
@@ -295,16 +350,21 @@ def _flat_diff(a, b, prefix=''):
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Dict[str, Any]:
-  """Trains (resuming from ``workdir`` if it holds checkpoints), then evaluates."""
-  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+def train(config: ml_collections.ConfigDict, workdir: str):
+  """Trains, resuming from ``workdir`` if it holds checkpoints.
+
+  Returns ``(state, setup, complete)``: the unreplicated final state and
+  whether training reached its last step (False after
+  ``train.max_steps_per_run`` or SIGTERM; run again to resume).
+  """
   os.makedirs(workdir, exist_ok=True)
   setup = Setup.from_config(config)
   init_key, train_key, _ = setup.keys()
   local_devices = jax.local_device_count()
 
   source = sources.load_split(config, 'train')
+  val_source = (sources.load_split(config, 'val')
+                if config.train.eval_every_epochs else None)
   examples = pipeline.TrainExamples(source, config, jax.process_index(),
                                     jax.process_count(), local_devices)
   steps_per_epoch = examples.steps_per_epoch
@@ -319,6 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('UNet parameters: %.2f M', num_params / 1e6)
   mgr = checkpoint_manager(workdir, config.train.checkpoints_to_keep)
+  best_mgr = checkpoint_manager(workdir, 1, kind='best')
   if mgr.latest_step() is not None:
     state = restore_checkpoint(mgr, state)
     logging.info('Resuming from checkpoint at step %d.', int(state.step))
@@ -327,68 +388,185 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   metadata = {'config': json.loads(config.to_json_best_effort()),
               'git_revision': git_revision(),
               'steps_per_epoch': steps_per_epoch}
-
-  if start_step < total_steps:
-    state = _train_loop(config, workdir, setup, state, examples, mgr,
-                        train_key, start_step, total_steps, metadata)
+  complete = start_step >= total_steps
+  if not complete:
+    state, complete = _train_loop(config, workdir, setup, state, examples,
+                                  val_source, mgr, best_mgr, train_key,
+                                  start_step, total_steps, metadata)
   else:
-    logging.info('Training already complete (step %d of %d); evaluating.',
-                 start_step, total_steps)
-  mgr.wait_until_finished()
-  mgr.close()
+    logging.info('Training already complete (step %d of %d).', start_step,
+                 total_steps)
+  for m in (mgr, best_mgr):
+    m.wait_until_finished()
+    m.close()
+  return state, setup, complete
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Optional[Dict[str, Any]]:
+  """Trains, then evaluates ``eval.split``; None when stopped early."""
+  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+  state, setup, complete = train(config, workdir)
+  if not complete:
+    logging.info('Stopped at step %d before the end; run the same command '
+                 'again to resume.', int(state.step))
+    return None
+  # The final state is the latest checkpoint; evaluate() loads the best one
+  # itself when eval.checkpoint resolves to 'best'.
+  if resolve_checkpoint(config, workdir) == 'best':
+    state = None
   return evaluate.evaluate(config, workdir, state=state, setup=setup)
 
 
-def _train_loop(config, workdir, setup, state, examples, mgr, train_key,
-                start_step, total_steps, metadata) -> TrainState:
+class _StopSignal:
+  """Turns SIGTERM (preemption, ``scancel``) into a request to save and stop
+  at the next step; restores the previous handler on exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint and stopping at the next '
+                    'step.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _best_val_mdice(best_mgr) -> float:
+  step = best_mgr.latest_step()
+  if step is None:
+    return -np.inf
+  value = checkpoint_metadata(best_mgr, step).get('val', {}).get('mDice')
+  return -np.inf if value is None else float(value)
+
+
+def validate(config, workdir, setup, state, val_source, step: int,
+             rec: records.Records, predict) -> Dict[str, Any]:
+  """Samples the val split with the EMA parameters; logs mIoU/mDice and a
+  grid (``val_grid.png`` and TensorBoard)."""
+  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spad_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  ema = unreplicate(state.ema_params)
+  run = evaluate.sample_split(config, ema, setup, val_source,
+                              num_shown=config.eval.num_grid_cases,
+                              predict=predict)
+  result = metrics_lib.summarize_confusion(run['confusion'],
+                                           list(val_source.class_names))
+  summary = {'val_mIoU': result['mIoU'], 'val_mDice': result['mDice'],
+             'val_seconds': run['seconds']}
+  rec.scalars(step, {k: (np.nan if v is None else v)
+                     for k, v in summary.items()})
+  if jax.process_index() == 0:
+    shown = run['shown']
+    grid = evaluate.grid_png(shown['images'], shown['labels'], shown['preds'],
+                             None, config.data.num_classes,
+                             os.path.join(workdir, 'val_grid.png'),
+                             scale=max(1, 128 // config.data.image_size))
+    rec.image(step, 'val/image_label_prediction', grid)
+  logging.info('[%d] validation: mIoU %s  mDice %s  (%d cases, %.1f s)', step,
+               _fmt(result['mIoU']), _fmt(result['mDice']), len(val_source),
+               run['seconds'])
+  return result
+
+
+def _fmt(x) -> str:
+  return 'n/a' if x is None else f'{x:.4f}'
+
+
+def _train_loop(config, workdir, setup, state, examples, val_source, mgr,
+                best_mgr, train_key, start_step, total_steps, metadata):
+  """Returns ``(unreplicated state, complete)``."""
   t = config.train
-  step_fn = p_train_step(config, setup.model, setup.schedule,
-                         examples.steps_per_epoch)
+  spe = examples.steps_per_epoch
+  step_fn = p_train_step(config, setup.model, setup.schedule, spe)
+  predict = None
+  if val_source is not None:
+    from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+    predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
+  eval_every = t.eval_every_epochs * spe
+  best = _best_val_mdice(best_mgr)
+  stop_at = total_steps
+  if t.max_steps_per_run:
+    stop_at = min(total_steps, start_step + t.max_steps_per_run)
   state = replicate(state)
   train_keys = replicate(train_key)
-  batches = pipeline.train_batches(examples, start_step, total_steps, config)
+  batches = pipeline.train_batches(examples, start_step, stop_at, config)
   batches = jax_utils.prefetch_to_device(batches, config.data.prefetch,
                                          axis_name=AXIS)
   rec = records.Records(workdir, enabled=jax.process_index() == 0)
-  progress = records.Progress(start_step, total_steps, t.batch_size)
+  progress = records.Progress(start_step, stop_at, t.batch_size)
   lr_fn = learning_rate_schedule(config, total_steps)
   pending, skipped_total = [], 0
   step = start_step
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = step_fn(state, next(batches), train_keys)
-      pending.append(metrics)
-      last = step == total_steps
-      if step % t.log_every_steps == 0 or last:
-        # The only host sync besides checkpoints: fetch the logged metrics.
-        fetched = jax.device_get([jax.tree.map(lambda x: x[0], m)
-                                  for m in pending])
-        pending = []
-        skipped = sum(int(m['skipped']) for m in fetched)
-        skipped_total += skipped
-        streak = int(jax.device_get(state.nonfinite_streak[0]))
-        summary = {k: float(np.mean([m[k] for m in fetched]))
-                   for k in fetched[0] if k != 'skipped'}
-        summary.update(progress.update(step))
-        summary.update({'lr': float(lr_fn(step - 1)),
-                        'skipped_updates': skipped_total})
-        rec.scalars(step, summary)
-        logging.info(
-            '[%d/%d] epoch %d  loss %.4g (%.4g/px)  sigma %.3f  k %d  lr %.2e'
-            '  %.2f steps/s  %.1f img/s  ETA %s%s', step, total_steps,
-            summary['epoch'], summary['loss'], summary['loss_per_pixel'],
-            summary['sigma'], summary['k_targets'], summary['lr'],
-            summary['steps_per_sec'], summary['images_per_sec'],
-            records.format_eta(summary['eta_sec']),
-            f'  skipped {skipped} non-finite' if skipped else '')
-        if streak >= t.max_nonfinite_steps:
-          raise FloatingPointError(
-              f'{streak} consecutive non-finite losses/gradients at step '
-              f'{step}; stopping. The last good checkpoint (step '
-              f'{mgr.latest_step()}) is intact in {mgr.directory}.')
-      if step % t.checkpoint_every_steps == 0 or last:
-        save_checkpoint(mgr, state, dict(metadata,
-                                         epoch=step // examples.steps_per_epoch))
-  finally:
-    rec.close()
-  return jax.tree.map(lambda x: x[0], state)
+  with _StopSignal() as stop:
+    try:
+      for step in range(start_step + 1, stop_at + 1):
+        state, metrics = step_fn(state, next(batches), train_keys)
+        pending.append(metrics)
+        requested = stop.requested
+        if jax.process_count() > 1:
+          # All processes must stop at the same step (collectives); asking
+          # the others costs a sync, so only at log steps.
+          requested = (step % t.log_every_steps == 0 and
+                       _any_process(requested))
+        stopping = step == stop_at or requested
+        if step % t.log_every_steps == 0 or stopping:
+          # The only host sync besides checkpoints: fetch the logged metrics.
+          fetched = jax.device_get([unreplicate(m) for m in pending])
+          pending = []
+          skipped = sum(int(m['skipped']) for m in fetched)
+          skipped_total += skipped
+          streak = int(jax.device_get(unreplicate(state.nonfinite_streak)))
+          summary = {k: float(np.mean([m[k] for m in fetched]))
+                     for k in fetched[0] if k != 'skipped'}
+          summary.update(progress.update(step))
+          summary.update({'lr': float(lr_fn(step - 1)),
+                          'skipped_updates': skipped_total})
+          rec.scalars(step, summary)
+          logging.info(
+              '[%d/%d] epoch %d  loss %.4g (%.4g/px)  sigma %.3f  k %d  lr '
+              '%.2e  %.2f steps/s  %.1f img/s  ETA %s%s', step, total_steps,
+              summary['epoch'], summary['loss'], summary['loss_per_pixel'],
+              summary['sigma'], summary['k_targets'], summary['lr'],
+              summary['steps_per_sec'], summary['images_per_sec'],
+              records.format_eta(summary['eta_sec']),
+              f'  skipped {skipped} non-finite' if skipped else '')
+          if streak >= t.max_nonfinite_steps:
+            raise FloatingPointError(
+                f'{streak} consecutive non-finite losses/gradients at step '
+                f'{step}; stopping. The last good checkpoint (step '
+                f'{mgr.latest_step()}) is intact in {mgr.directory}.')
+        meta = dict(metadata, epoch=step // spe)
+        if step % t.checkpoint_every_steps == 0 or stopping:
+          save_checkpoint(mgr, state, meta)
+        if eval_every and (step % eval_every == 0 or step == total_steps):
+          result = validate(config, workdir, setup, state, val_source, step,
+                            rec, predict)
+          value = result['mDice']
+          if value is not None and value > best:
+            best = value
+            save_checkpoint(best_mgr, state, dict(meta, val=result))
+            logging.info('New best val mDice %.4f at step %d (%s).', value,
+                         step, best_mgr.directory)
+          # Validation time is not training time.
+          progress.update(step)
+        if stopping:
+          break
+    finally:
+      rec.close()
+  return unreplicate(state), step >= total_steps
+
+
+def _any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -57,9 +57,3 @@ def test_command_line_override_and_early_stop(main_runner, tmp_path):
   assert 'config.spad.anchor_ratio = 2' in result.stderr
   assert not workdir.exists()  # Stopped before any work.
 
-
-def test_predict_mode_says_not_yet(main_runner, tmp_path):
-  result = main_runner(['--config=configs/demo.py',
-                        f'--workdir={tmp_path}', '--mode=predict'])
-  assert result.returncode == 2
-  assert 'predict is not implemented yet' in result.stderr

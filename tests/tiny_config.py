@@ -22,6 +22,7 @@ def get_config():
   config.train.warmup_steps = 0
   config.train.log_every_steps = 2
   config.train.checkpoint_every_steps = 4
+  config.train.eval_every_epochs = 0  # Tests that validate turn it on.
   config.eval.num_steps = 4
   config.eval.batch_size = 8
   config.eval.num_grid_cases = 2
