@@ -19,6 +19,7 @@ units of the original image: its pixels, or ``eval.spacing`` per pixel.
 
 import csv
 import glob
+import itertools
 import json
 import os
 import time
@@ -180,11 +181,11 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   batches = pipeline.eval_batches(source, config.eval.batch_size,
                                   jax.local_device_count(),
                                   jax.process_index(), jax.process_count())
-  if warmup:
-    first = next(pipeline.eval_batches(source, config.eval.batch_size,
-                                       jax.local_device_count()))
+  if warmup:  # Compile on the first batch, then sample it again, timed.
+    first = next(batches)
     jax.block_until_ready(predict(params, first['image'], eval_key,
                                   np.int32(0)))
+    batches = itertools.chain([first], batches)
   conf = np.zeros((k, k), np.int64)
   shown = {'images': [], 'labels': [], 'preds': [], 'entropy': []}
   flat = lambda x: x.reshape((-1,) + x.shape[2:])

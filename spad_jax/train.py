@@ -115,10 +115,11 @@ def ema_decay_at(step, decay: float):
 
 
 def sigma_at(epoch, spad_cfg):
-  """σ(e) (PaS) or the constant σ0 when PaS is off."""
+  """σ(e) (PaS) or the constant σ0 when PaS is off; a Python float for a
+  Python epoch (host side), traced inside the train step."""
   if spad_cfg.pas:
     return perturb.pas_sigma(epoch, spad_cfg.sigma0, spad_cfg.pas_lambda)
-  return jnp.asarray(spad_cfg.sigma0, jnp.float32)
+  return float(spad_cfg.sigma0)
 
 
 def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
@@ -186,7 +187,7 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     pixels = x0.shape[1] * x0.shape[2]
     metrics = {
         'loss': loss, 'loss_per_pixel': loss / pixels,
-        'grad_norm': grad_norm, 'sigma': sigma,
+        'grad_norm': grad_norm, 'sigma': jnp.asarray(sigma, jnp.float32),
         'k_targets': perturb.num_targets(epoch, spad_cfg.k0, spad_cfg.k_gamma,
                                          num_classes - 1),
         'epoch': epoch, 'skipped': 1 - finite.astype(jnp.int32),

@@ -13,7 +13,7 @@ from absl import logging
 import cv2
 import numpy as np
 
-from spad_jax import perturb
+from spad_jax import train
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 from spad_jax.evaluate import gray_rgb
@@ -27,11 +27,6 @@ def _mask_rgb(mask: np.ndarray, colour) -> np.ndarray:
   out = np.zeros(mask.shape + (3,), np.uint8)
   out[mask.astype(bool)] = colour
   return out
-
-
-def sigma_for(epoch: int, spad) -> float:
-  return (perturb.pas_sigma(epoch, spad.sigma0, spad.pas_lambda)
-          if spad.pas else float(spad.sigma0))
 
 
 def visualize(config, workdir: str, num_cases: int = 3) -> str:
@@ -50,7 +45,7 @@ def visualize(config, workdir: str, num_cases: int = 3) -> str:
   for idx in cases:
     for epoch in epochs:
       ex = examples.example_at(epoch, idx)
-      sigma = sigma_for(epoch, config.spad)
+      sigma = train.sigma_at(epoch, config.spad)
       union = np.maximum(ex['scd'], ex['bcd'])
       eps = np.random.default_rng([config.seed, epoch, idx, 1]).standard_normal(
           ex['image'].shape)
