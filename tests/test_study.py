@@ -1,0 +1,142 @@
+"""The ablation study (spad_jax/study.py) end to end at tiny size on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from spad_jax import study
+import tiny_config
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    return json.load(f)
+
+
+def _pm(values, scale, digits=2):
+  v = np.asarray(values, np.float64) * scale
+  return f'{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}'
+
+
+def test_plan_runs_arms_seeds_and_reuse(tmp_path):
+  base = tiny_config.get_config()
+  runs = study.plan_runs(base, str(tmp_path), ['baseline', 'full'], [0, 1],
+                         sweeps=['lambda', 'anchor'],
+                         sweep_values={'lambda': [0.05, 0.2],
+                                       'anchor': [0.3]},
+                         sweep_seeds=[0])
+  arm_runs = [r for r in runs if r.group == 'arm']
+  assert [(r.name, r.seed) for r in arm_runs] == [
+      ('baseline', 0), ('full', 0), ('baseline', 1), ('full', 1)]
+  baseline = arm_runs[0].config
+  assert not baseline.spad.scd and not baseline.spad.bcd
+  assert arm_runs[3].config.seed == 1 and arm_runs[3].config.spad.pas
+  # Only the seed differs between seeds; the split stays.
+  assert arm_runs[0].config.data.split_seed == arm_runs[2].config.data.split_seed
+  sweep = {(r.group, r.name): r for r in runs if r.group != 'arm'}
+  # The config's own λ and anchor ratio at the same budget = the full run.
+  assert sweep[('sweep_lambda', '0.05')].same_as == arm_runs[1].workdir
+  assert sweep[('sweep_anchor', '0.3')].same_as == arm_runs[1].workdir
+  assert sweep[('sweep_lambda', '0.2')].same_as is None
+  assert sweep[('sweep_lambda', '0.2')].config.spad.pas_lambda == 0.2
+  # A shorter sweep budget makes them runs of their own.
+  runs = study.plan_runs(base, str(tmp_path), ['full'], [0],
+                         sweeps=['lambda'], sweep_values={'lambda': [0.05]},
+                         sweep_epochs=1)
+  assert runs[1].same_as is None and runs[1].config.train.num_epochs == 1
+  with pytest.raises(ValueError, match='unknown arm'):
+    study.plan_runs(base, str(tmp_path), ['nope'], [0])
+
+
+def test_folds_and_paired_difference(tmp_path):
+  base = tiny_config.get_config()
+  runs = study.plan_runs(base, str(tmp_path), ['full'], [0], folds=3)
+  assert [r.config.data.fold for r in runs] == [0, 1, 2]
+  assert all(r.config.data.num_folds == 3 for r in runs)
+  assert runs[2].workdir.endswith(os.path.join('full', 'seed0', 'fold2'))
+  diff = study.paired_difference({0: 0.5, 1: 0.7, 2: 0.6},
+                                 {0: 0.4, 1: 0.5, 2: 0.6})
+  assert diff['diffs'] == pytest.approx([0.1, 0.2, 0.0])
+  assert diff['mean'] == pytest.approx(0.1)
+  half = 4.302652729911275 * 0.1 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n).
+  assert diff['ci_low'] == pytest.approx(0.1 - half)
+  assert diff['ci_high'] == pytest.approx(0.1 + half)
+
+
+def test_workdir_with_another_config_stops(tmp_path):
+  base = tiny_config.get_config()
+  run = study.plan_runs(base, str(tmp_path), ['full'], [0])[0]
+  os.makedirs(run.workdir)
+  other = base.copy_and_resolve_references()
+  other.train.num_epochs = 99
+  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+    f.write(other.to_json_best_effort())
+  with pytest.raises(ValueError, match='train.num_epochs'):
+    study.check_workdir(run)
+
+
+def test_study_end_to_end(tmp_path):
+  """2 arms x 2 seeds + one value per sweep (one reuses the full run)."""
+  out = str(tmp_path / 'study')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  args = [sys.executable, '-m', 'spad_jax.study',
+          '--config=tests/tiny_config.py', f'--out={out}', '--seeds=0,1',
+          '--arms=baseline,full', '--sweeps=lambda,anchor', '--lambdas=0.05',
+          '--anchors=0.6', '--qualitative_cases=2',
+          '--config.train.num_epochs=1']
+  result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  for name in ('results.json', 'results.md', 'curves.png', 'schedule.png',
+               'sweep_lambda.png', 'sweep_anchor.png', 'qualitative.png'):
+    assert os.path.getsize(os.path.join(out, name)) > 500, name
+  results = json.load(open(os.path.join(out, 'results.json')))
+  table = open(os.path.join(out, 'results.md')).read()
+  runs = results['runs']
+  assert len(runs) == 6 and all(r['done'] for r in runs)
+  # 5 distinct runs: λ = 0.05 is the config's own value, the full run.
+  assert len({r['workdir'] for r in runs}) == 5
+  lam = [r for r in runs if r['group'] == 'sweep_lambda'][0]
+  assert lam['same_as'] == os.path.join(out, 'full', 'seed0')
+  for arm, label in (('baseline', 'baseline CCDM'), ('full', 'full SPAD')):
+    ms = [_metrics(os.path.join(out, arm, f'seed{s}')) for s in (0, 1)]
+    row = next(line for line in table.splitlines()
+               if line.startswith(f'| {label} |'))
+    assert _pm([m['mIoU'] for m in ms], 100) in row
+    assert _pm([m['mDice'] for m in ms], 100) in row
+    assert _pm([m['per_case_mean']['HD95'] for m in ms], 1, 1) in row
+    summary = results['arms'][arm]['mDice']
+    assert summary['values'] == pytest.approx([m['mDice'] for m in ms])
+    assert ms[0]['checkpoint_step'] == 4  # 32 cases / batch 8, 1 epoch.
+  diff = results['arms']['full']['vs_baseline']['mDice']
+  base = [_metrics(os.path.join(out, 'baseline', f'seed{s}'))['mDice']
+          for s in (0, 1)]
+  full = [_metrics(os.path.join(out, 'full', f'seed{s}'))['mDice']
+          for s in (0, 1)]
+  assert diff['diffs'] == pytest.approx([f - b for f, b in zip(full, base)])
+  anchor = results['sweeps']['anchor']['rows'][0]
+  assert anchor['value'] == 0.6 and anchor['mDice']['n'] == 1
+  assert os.path.exists(os.path.join(out, 'sweep_anchor', '0.6', 'seed0',
+                                     'metrics.json'))
+  assert len(results['meta']['qualitative_cases']) == 2
+  with open(os.path.join(out, 'full', 'seed0', 'config.json')) as f:
+    assert json.load(f)['seed'] == 0
+  with open(os.path.join(out, 'full', 'seed1', 'config.json')) as f:
+    assert json.load(f)['seed'] == 1
+
+  # The same command again trains nothing and rebuilds the same table.
+  stamp = os.path.getmtime(os.path.join(out, 'full', 'seed1', 'metrics.json'))
+  again = subprocess.run(args + ['--qualitative_cases=0'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert '5 already done, 0 to train' in again.stderr
+  assert os.path.getmtime(os.path.join(out, 'full', 'seed1',
+                                       'metrics.json')) == stamp
+  rows = lambda text: [l for l in text.splitlines() if l.startswith('|')]
+  assert rows(open(os.path.join(out, 'results.md')).read()) == rows(table)
