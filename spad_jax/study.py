@@ -83,8 +83,9 @@ SWEEPS = {
 }
 
 # Rows of the qualitative figure (paper's Fig. 5): arm, row label.
-QUALITATIVE_ROWS = (('full', 'full SPAD'), ('bcd_pas', 'w/o ScD'),
-                    ('scd_pas', 'w/o BcD'), ('baseline', 'baseline'))
+QUALITATIVE_ROWS = (('full', 'full SPAD'), ('bcd_pas', 'w/o ScD\n(BcD+PaS)'),
+                    ('scd_pas', 'w/o BcD\n(ScD+PaS)'),
+                    ('baseline', 'baseline\n(CCDM)'))
 
 METRICS = ('mIoU', 'mDice', 'HD95')
 
@@ -118,6 +119,10 @@ flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent compilation '
 
 
 # ------------------------------------------------------------------ the runs
+
+
+class StudyError(ValueError):
+  """A study that cannot go on as asked (e.g. a workdir of another budget)."""
 
 
 @dataclasses.dataclass
@@ -215,7 +220,7 @@ def check_workdir(run: Run) -> None:
   new = json.loads(run.config.to_json_best_effort())
   if old != new:
     changed = sorted(train._flat_diff(old, new))  # pylint: disable=protected-access
-    raise ValueError(
+    raise StudyError(
         f'{run.workdir} was started with a different config (differs in '
         f'{", ".join(changed)}); a study keeps one budget per folder: use '
         'another --out, or delete that workdir.')
@@ -679,9 +684,20 @@ def plot_schedule(path: str, config, runs: Sequence[Run], title: str) -> None:
 
 
 def plot_sweep(path: str, sweep: Dict[str, Any], title: str,
-               log_x: bool = False) -> None:
+               log_x: bool = False, baseline: Optional[float] = None,
+               spread: Optional[Sequence[float]] = None) -> None:
+  """Test mDice vs the swept value; ``baseline``: the baseline arm's mDice
+  on the sweep seeds (a line), ``spread``: the full arm's min and max over
+  the study's seeds (a band: the seed noise at this budget)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  if spread is not None:
+    ax.axhspan(100 * spread[0], 100 * spread[1], color='tab:purple',
+               alpha=0.12, label='full SPAD (config values), min–max over '
+               'seeds')
+  if baseline is not None:
+    ax.axhline(100 * baseline, color='gray', ls='--',
+               label='baseline CCDM, sweep seed(s)')
   xs, means, stds = [], [], []
   for row in sweep['rows']:
     d = row['mDice']
@@ -695,7 +711,8 @@ def plot_sweep(path: str, sweep: Dict[str, Any], title: str,
   if xs:
     ax.errorbar(xs, means, yerr=stds, fmt='o-', capsize=3,
                 label='mean ± std over seeds' if any(stds) else 'one seed')
-    ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   if log_x:
     ax.set_xscale('symlog', linthresh=0.01)
   ax.set_xlabel(f'{sweep["label"]} ({sweep["key"]})')
@@ -708,10 +725,18 @@ def plot_sweep(path: str, sweep: Dict[str, Any], title: str,
 
 
 def pick_cases(source, n: int) -> List[int]:
-  """The ``n`` test cases with the most foreground (ties by order)."""
+  """``n`` cases spread evenly over the upper half of the cases with
+  foreground ranked by its area (largest first): large and mid-sized
+  lesions, not only the largest one's neighbours."""
   area = [int((lab > 0).sum()) for lab in source.labels]
-  order = sorted(range(len(area)), key=lambda i: (-area[i], i))
-  return sorted(order[:n])
+  order = sorted((i for i in range(len(area)) if area[i]),
+                 key=lambda i: (-area[i], i))
+  if len(order) < n:  # Too few with foreground: fill up with the others.
+    order += [i for i in range(len(area)) if not area[i]]
+    return sorted(order[:n])
+  top = order[:max(n, (len(order) + 1) // 2)]
+  picks = np.unique(np.round(np.linspace(0, len(top) - 1, n)).astype(int))
+  return sorted(top[i] for i in picks)
 
 
 def qualitative(path: str, runs: Sequence[Run], num_cases: int,
@@ -799,12 +824,12 @@ def qualitative(path: str, runs: Sequence[Run], num_cases: int,
   fig.suptitle(f'{title} — seed {seed}' + ('' if fold is None else
                                            f', fold {fold}'), fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fig.savefig(path, dpi=80)
   plt.close(fig)
   return list(sub.ids)
 
 
-def report(out: str, runs: Sequence[Run], base, arms: Sequence[str],
+def report(out: str, runs: Sequence[Run], arms: Sequence[str],
            seeds: Sequence[int], sweeps: Sequence[str],
            sweep_values: Dict[str, Sequence[float]], meta_extra: Dict,
            qualitative_cases: int = 4) -> Dict[str, Any]:
@@ -830,10 +855,21 @@ def report(out: str, runs: Sequence[Run], base, arms: Sequence[str],
   plot_curves(os.path.join(out, 'curves.png'), runs, arms, title)
   plot_schedule(os.path.join(out, 'schedule.png'), first.config, runs,
                 f'SPAD schedules over {first.config.train.num_epochs} epochs')
+  sweep_seeds = meta_extra.get('sweep_seeds', [])
+  base_runs = [r for r in records if r['group'] == 'arm' and
+               r['name'] == 'baseline' and r['seed'] in sweep_seeds]
+  base_values = list(_seed_values(base_runs, 'mDice').values())
+  full_values = results['arms'].get('full', {}).get('mDice', {}).get(
+      'values') or []
+  same_budget = meta_extra.get('sweep_epochs') == budget['num_epochs']
   for sweep, s in results['sweeps'].items():
     plot_sweep(os.path.join(out, f'sweep_{sweep}.png'), s,
                f'{title}, sweep epochs {meta_extra.get("sweep_epochs")}',
-               log_x=sweep == 'lambda')
+               log_x=sweep == 'lambda',
+               baseline=(float(np.mean(base_values)) if base_values and
+                         same_budget else None),
+               spread=((min(full_values), max(full_values)) if
+                       len(full_values) > 1 and same_budget else None))
   try:
     shown = qualitative(os.path.join(out, 'qualitative.png'), runs,
                         qualitative_cases, title)
@@ -900,7 +936,7 @@ def main(argv):
   if not FLAGS.report_only:
     try:
       complete = execute(runs)
-    except ValueError as e:  # A workdir with another config.
+    except StudyError as e:  # A workdir with another config.
       print(f'error: {e}', file=sys.stderr)
       return 2
   meta = {'command': ' '.join(['python -m spad_jax.study'] + sys.argv[1:]),
@@ -910,7 +946,7 @@ def main(argv):
           'sweep_seeds': sweep_seeds,
           'sweep_epochs': FLAGS.sweep_epochs or base.train.num_epochs,
           'complete': complete}
-  results = report(FLAGS.out, runs, base, FLAGS.arms, seeds, FLAGS.sweeps,
+  results = report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                    sweep_values, meta, FLAGS.qualitative_cases)
   print(markdown(results))
   print(f'Wrote {FLAGS.out}/results.json, results.md, curves.png, '

@@ -76,7 +76,7 @@ def test_workdir_with_another_config_stops(tmp_path):
   other.train.num_epochs = 99
   with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
     f.write(other.to_json_best_effort())
-  with pytest.raises(ValueError, match='train.num_epochs'):
+  with pytest.raises(study.StudyError, match='train.num_epochs'):
     study.check_workdir(run)
 
 
