@@ -20,6 +20,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from spad_jax import records
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                 lock_config=True)
@@ -61,18 +63,10 @@ def _init_distributed():
     jax.distributed.initialize()
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of orbax/tensorstore (dozens of lines per checkpoint)."""
-
-  def filter(self, record):
-    noisy = f'{os.sep}orbax{os.sep}' in record.pathname
-    return record.levelno >= logging.logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(records.QuietLibraries())
   config = FLAGS.config
   # Validate (config, then data) before JAX starts or the workdir is made.
   from spad_jax import config_validation  # pylint: disable=g-import-not-at-top

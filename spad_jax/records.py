@@ -12,6 +12,15 @@ from absl import logging
 from spad_jax import tf_cpu
 
 
+class QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax/tensorstore (dozens of lines per checkpoint);
+  add it to absl's handler."""
+
+  def filter(self, record):
+    noisy = f'{os.sep}orbax{os.sep}' in record.pathname
+    return record.levelno >= logging.logging.WARNING or not noisy
+
+
 class Records:
   """Writes scalars to ``<workdir>/train_log.jsonl`` and TensorBoard."""
 

@@ -59,6 +59,8 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from spad_jax import records
+
 # name: (label, overrides, paper's AMD-SD (mIoU %, mDice %), Table 3).
 ARMS = {
     'baseline': ('baseline CCDM', {'spad.scd': False, 'spad.bcd': False},
@@ -890,20 +892,12 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per checkpoint)."""
-
-  def filter(self, record):
-    noisy = f'{os.sep}orbax{os.sep}' in record.pathname
-    return record.levelno >= logging.logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.out:
     raise app.UsageError('--out is required')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(records.QuietLibraries())
   from spad_jax import config_validation  # pylint: disable=g-import-not-at-top
   base = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds]
