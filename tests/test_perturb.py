@@ -204,3 +204,36 @@ def test_completion_covers_what_canny_drops():
   # Completion adds only transition pixels to Canny's one-sided line.
   assert np.array_equal(band.astype(bool),
                         canny.astype(bool) | perturb.transition_pixels(label))
+
+
+def test_anchor_ratio_extremes_and_index_targets():
+  label = _label()
+  rng = np.random.default_rng(0)
+  every = perturb.scd_mask(label, 4, 3, 0.0, rng)  # No anchors: whole targets.
+  np.testing.assert_array_equal(every, (label > 0).astype(np.uint8))
+  assert not perturb.scd_mask(label, 4, 3, 1.0, rng).any()  # All anchors.
+  # Targets as flat indices (the pipeline's cached form) or boolean masks
+  # draw the same mask from the same generator state.
+  by_index = perturb.scd_mask(label, 4, 2, 0.3, np.random.default_rng(5),
+                              targets=perturb.target_pixels(label, 4))
+  by_mask = perturb.scd_mask(label, 4, 2, 0.3, np.random.default_rng(5),
+                             targets=perturb.target_masks(label, 4))
+  np.testing.assert_array_equal(by_index, by_mask)
+  assert by_index.any()
+
+
+def test_mask_rng_is_keyed_philox_in_every_thread():
+  import concurrent.futures
+  from spad_jax.data import pipeline
+
+  def draw(args):
+    seed, epoch, idx = args
+    return pipeline.mask_rng(seed, epoch, idx).random(4)
+
+  keys = [(0, e, i) for e in range(3) for i in range(5)]
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    threaded = list(pool.map(draw, keys * 3))
+  for (seed, epoch, idx), got in zip(keys * 3, threaded):
+    fresh = np.random.Generator(np.random.Philox(
+        key=[seed, (epoch << 32) | idx])).random(4)
+    np.testing.assert_array_equal(got, fresh)
