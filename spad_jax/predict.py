@@ -39,7 +39,17 @@ from spad_jax import records
 from spad_jax import train
 from spad_jax.data import folder
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.nii',
+                    '.nii.gz')
+
+
+def split_name(path: str) -> Tuple[str, str]:
+  """(stem, extension) of a file name; ``.nii.gz`` counts as one."""
+  name = os.path.basename(path)
+  if name.lower().endswith('.nii.gz'):
+    return name[:-7], name[-7:].lower()
+  stem, ext = os.path.splitext(name)
+  return stem, ext.lower()
 OUTPUTS = ('label', 'overlay', 'uncertainty')
 
 
@@ -65,14 +75,14 @@ def list_inputs(input_dir: str) -> Tuple[List[str], List[str]]:
     path = os.path.join(input_dir, name)
     if name.startswith('.') or not os.path.isfile(path):
       continue
-    (images if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    (images if split_name(name)[1] in IMAGE_EXTENSIONS
      else other).append(path)
   return images, other
 
 
 def output_paths(output_dir: str, input_path: str,
                  save_npy: bool) -> Dict[str, str]:
-  stem = os.path.splitext(os.path.basename(input_path))[0]
+  stem = split_name(input_path)[0]
   out = {k: os.path.join(output_dir, f'{stem}_{k}.png') for k in OUTPUTS}
   if save_npy:
     out['entropy'] = os.path.join(output_dir, f'{stem}_entropy.npy')
@@ -187,7 +197,7 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
   os.makedirs(output_dir, exist_ok=True)
   todo, stems = [], {}
   for path in paths:
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = split_name(path)[0]
     if stem in stems:  # a.png and a.jpg would write the same outputs.
       summary.failed.append((path, f'same name stem as {stems[stem]}; rename '
                                    'one of them'))

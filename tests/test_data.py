@@ -190,6 +190,60 @@ def test_image_formats_8_16_bit_gray_rgb(tmp_path):
   assert gray3.shape == (9, 7, 3) and (gray3 == gray3[..., :1]).all()
 
 
+def test_nifti_2d_images_and_labels(tmp_path):
+  from spad_jax.data import nifti
+  from spad_jax.data import sources
+  rng = np.random.default_rng(2)
+  root = make_folder(tmp_path, n=6)
+  # Replace three cases' PNGs with NIfTI: float CT-like, int16, uint8.
+  kinds = {'c0': ('.nii.gz', np.float32), 'c1': ('.nii', np.int16),
+           'c2': ('.nii.gz', np.uint8)}
+  want = {}
+  for case, (ext, dtype) in kinds.items():
+    image = (rng.normal(size=(20, 30)) * 300).astype(dtype) if dtype != (
+        np.uint8) else rng.integers(0, 256, (20, 30)).astype(np.uint8)
+    label = cv2.imread(str(root / 'labels' / f'{case}.png'),
+                       cv2.IMREAD_UNCHANGED)
+    for sub in ('images', 'labels'):
+      os.remove(root / sub / f'{case}.png')
+    nifti.write(str(root / 'images' / (case + ext)), image)
+    nifti.write(str(root / 'labels' / (case + ext)), label.astype(np.int16))
+    np.testing.assert_array_equal(
+        nifti.read(str(root / 'labels' / (case + ext))), label)
+    unit = image.astype(np.float64)
+    unit = (unit / 255 if dtype == np.uint8 else
+            (unit - unit.min()) / (unit.max() - unit.min()))
+    want[case] = (unit, label)
+  for case, (unit, label) in want.items():
+    image, got_label, size = folder.load_case(str(root), case, 30, 1, 2)
+    assert size == (20, 30)
+    np.testing.assert_array_equal(folder.resize_pair(
+        unit[..., None].astype(np.float32), label, 30)[1], got_label)
+    raw = folder.read_image(folder.case_paths(str(root), case)[0], 1)
+    np.testing.assert_allclose(raw[..., 0], unit, atol=1e-4)
+  config = folder_config(root)
+  loaded = sum(len(sources.load_split(config, split))
+               for split in ('train', 'test'))  # 3 patients: val is empty.
+  assert loaded == 6  # Mixed PNG/NIfTI folders load.
+  # Bad NIfTI files name the file and the problem.
+  bad = root / 'labels' / 'c0.nii.gz'
+  nifti.write(str(bad), np.full((20, 30), 0.5, np.float32))
+  with pytest.raises(folder.DataError, match='c0.nii.gz: label values must'):
+    folder.load_case(str(root), 'c0', 30, 1, 2)
+  (root / 'images' / 'c1.nii').write_bytes(
+      (root / 'images' / 'c1.nii').read_bytes()[:400])
+  with pytest.raises(folder.DataError, match='c1.nii: truncated'):
+    folder.load_case(str(root), 'c1', 30, 1, 2)
+  volume = bytearray((root / 'images' / 'c2.nii.gz').read_bytes())
+  import gzip
+  import struct
+  header = bytearray(gzip.decompress(bytes(volume)))
+  struct.pack_into('<8h', header, 40, 3, 30, 20, 2, 1, 1, 1, 1)
+  (root / 'images' / 'c2.nii.gz').write_bytes(gzip.compress(bytes(header)))
+  with pytest.raises(folder.DataError, match=r'c2.nii.gz: shape .* not 2D'):
+    folder.load_case(str(root), 'c2', 30, 1, 2)
+
+
 def test_resize_to_configured_size_and_model_range(tmp_path):
   root = make_folder(tmp_path)
   source = sources.load_split(folder_config(root, image_size=24), 'train')

@@ -261,3 +261,19 @@ def test_one_compilation_for_all_image_sizes(tmp_path):
   for p, image in before.items():
     assert os.stat(tmp_path / 'b' / p).st_mtime_ns != stamps[p]
     np.testing.assert_array_equal(read('b', p), image)
+
+
+def test_nifti_inputs_are_listed_with_their_stems(tmp_path):
+  from spad_jax import predict
+  from spad_jax.data import folder
+  from spad_jax.data import nifti
+  image = np.arange(12, dtype=np.float32).reshape(3, 4)
+  nifti.write(str(tmp_path / 'scan.nii.gz'), image)
+  (tmp_path / 'notes.txt').write_text('x')
+  images, other = predict.list_inputs(str(tmp_path))
+  assert images == [str(tmp_path / 'scan.nii.gz')]
+  assert other == [str(tmp_path / 'notes.txt')]
+  out = predict.output_paths(str(tmp_path / 'out'), images[0], False)
+  assert out['label'].endswith('/scan_label.png')
+  read = folder.read_image(images[0], 1)[..., 0]
+  np.testing.assert_allclose(read, image / 11, atol=1e-4)

@@ -2,6 +2,7 @@
 
     <root>/images/<case>.png   uint8/uint16 gray or RGB
     <root>/labels/<case>.png   uint8 class index per pixel
+    (or <case>.nii / <case>.nii.gz: 2D NIfTI-1, see ``nifti.py``)
     <root>/dataset.json        {"name", "labels": {"background": 0, ...},
                                 "cases": [{"id", "patient"?, "split"?}, ...]}
 
@@ -19,6 +20,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from spad_jax.data import nifti
 
 SPLITS = ('train', 'val', 'test')
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601.
@@ -172,23 +175,59 @@ def split_cases(meta: dict, split_seed: int, val_fraction: float,
   return out
 
 
+EXTENSIONS = ('.png', '.nii', '.nii.gz')
+
+
+def _existing(stem: str) -> str:
+  """``stem`` + the first extension that exists (``.png`` when none does,
+  so a missing file is reported under the usual name)."""
+  for ext in EXTENSIONS:
+    if os.path.isfile(stem + ext):
+      return stem + ext
+  return stem + '.png'
+
+
 def case_paths(root: str, case_id: str) -> Tuple[str, str]:
-  return (os.path.join(root, 'images', case_id + '.png'),
-          os.path.join(root, 'labels', case_id + '.png'))
+  return (_existing(os.path.join(root, 'images', case_id)),
+          _existing(os.path.join(root, 'labels', case_id)))
+
+
+def _is_nifti(path: str) -> bool:
+  return path.endswith(('.nii', '.nii.gz'))
 
 
 def _read(path: str, flags: int) -> np.ndarray:
   if not os.path.isfile(path):
     raise DataError(f'{path}: missing')
+  if _is_nifti(path):
+    try:
+      return nifti.read(path)
+    except nifti.NiftiError as e:
+      raise DataError(f'{path}: {e}') from e
   array = cv2.imread(path, flags)
   if array is None:
     raise DataError(f'{path}: unreadable or corrupt image')
   return array
 
 
+def _nifti_to_uint16(array: np.ndarray, path: str) -> np.ndarray:
+  """8/16-bit NIfTI pixels as stored; any other type (CT's int16, floats)
+  min-max scaled per image to the full 16-bit range."""
+  if array.dtype in _SCALES:
+    return array
+  array = array.astype(np.float64)
+  if not np.isfinite(array).all():
+    raise DataError(f'{path}: NaN or infinite pixel values')
+  lo, hi = array.min(), array.max()
+  scaled = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+  return np.round(scaled * 65535).astype(np.uint16)
+
+
 def read_raw_image(path: str) -> np.ndarray:
   """The stored pixels: uint8/uint16 ``[H, W, 1 | 3]``, RGB order, no alpha."""
   image = _read(path, cv2.IMREAD_UNCHANGED)
+  if _is_nifti(path):
+    return np.ascontiguousarray(_nifti_to_uint16(image, path)[..., None])
   if image.dtype not in _SCALES:
     raise DataError(f'{path}: unsupported pixel type {image.dtype} (expected '
                     '8- or 16-bit)')
@@ -236,7 +275,13 @@ def check_label(label: np.ndarray, num_classes: int, path: str) -> np.ndarray:
 
 
 def read_label(path: str, num_classes: int) -> np.ndarray:
-  return check_label(_read(path, cv2.IMREAD_UNCHANGED), num_classes, path)
+  label = _read(path, cv2.IMREAD_UNCHANGED)
+  if _is_nifti(path):  # Any numeric type, but whole non-negative values.
+    if (not np.isfinite(label).all() or (label < 0).any() or
+        (label != np.round(label)).any()):
+      raise DataError(f'{path}: label values must be whole numbers >= 0')
+    label = label.astype(np.int64)
+  return check_label(label, num_classes, path)
 
 
 def check_pair(image_hw, label_hw, ipath: str, lpath: str) -> None:
@@ -266,7 +311,7 @@ def load_case(root: str, case_id: str, size: int, channels: int,
   for path in (ipath, lpath):  # Name the missing partner before decoding.
     if not os.path.isfile(path):
       raise DataError(f'{path}: missing (every case needs images/{case_id}'
-                      f'.png and labels/{case_id}.png)')
+                      f'.png and labels/{case_id}.png, or .nii / .nii.gz)')
   image = read_image(ipath, channels)
   label = read_label(lpath, num_classes)
   check_pair(image.shape[:2], label.shape, ipath, lpath)
