@@ -1,4 +1,4 @@
-"""The sampling speed/accuracy bench runs end to end at tiny sizes on CPU."""
+"""The benches run end to end at tiny sizes on CPU, so they never rot."""
 
 import json
 import os
@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 from conftest import ROOT
+import numpy as np
+import pytest
 
 
 def test_sampling_curve_bench(main_runner, tmp_path):
@@ -38,7 +40,8 @@ def test_pipeline_throughput_bench(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   result = subprocess.run(
       [sys.executable, 'bench/pipeline_throughput.py',
-       '--config=tests/tiny_config.py', '--steps=3', '--loaders=tf,numpy',
+       '--config=tests/tiny_config.py', '--steps=3', '--rounds=1',
+       '--loaders=tf,numpy',
        f'--out={tmp_path}'], cwd=ROOT, env=env, capture_output=True,
       text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -46,3 +49,64 @@ def test_pipeline_throughput_bench(tmp_path):
   assert [(r['loader'], r['masks']) for r in rows] == [
       ('tf', False), ('tf', True), ('numpy', False), ('numpy', True)]
   assert all(r['images_per_sec'] > 0 for r in rows)
+
+
+def test_perf_bench_tiny(tmp_path):
+  """bench/perf.py end to end at toy sizes (the GPU grid is --preset=gpu)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  result = subprocess.run(
+      [sys.executable, 'bench/perf.py', '--preset=tiny', '--repeats=1',
+       '--sections=train,sampling,pipeline,profile',
+       '--data_config=tests/tiny_config.py', f'--out={tmp_path}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.load(open(tmp_path / 'perf.json'))
+  train = data['train']
+  assert [(r['framework'], r['spad']) for r in train] == [
+      ('jax', False), ('jax', True)]
+  for r in train:
+    assert r['images_per_s'] > 0 and r['gflops_per_step_per_device'] > 0
+    assert 'mfu' not in r  # No bf16 peak is known for a CPU.
+  assert len(data['spad_overhead']) == 1
+  ours = [r for r in data['sampling'] if r['framework'] == 'jax']
+  assert [(r['steps'], r['batch'], r['ensemble']) for r in ours] == [
+      (2, 2, 2)]
+  assert all(r['ms_per_image'] > 0 for r in data['sampling'])
+  assert [r['masks'] for r in data['pipeline']] == [False, True]
+  assert data['pipeline_headroom'] > 0
+  profile = data['profile']
+  assert 0 < profile['forward_ms'] < profile['forward_backward_ms']
+  assert data['meta']['jax_backend'] == 'cpu'
+  assert '## Train step' in open(tmp_path / 'perf.md').read()
+
+
+def test_torch_reference_matches_the_unet():
+  """The PyTorch reference has the UNet's exact parameter count, and its
+  loss/sampler run (skipped where PyTorch is not installed, as in CI)."""
+  torch = pytest.importorskip('torch')
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import torch_unet
+  from spad_jax.models import unet
+  for kw in (dict(), dict(base_channels=8, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_resolutions=(16,),
+                          norm_groups=8)):
+    ref = torch_unet.UNet(4, 1, image_size=32, **kw)
+    ours = unet.UNet(num_classes=4, **kw)
+    shapes = jax.eval_shape(lambda: ours.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 4)),
+        jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,), jnp.int32)))['params']
+    assert sum(p.numel() for p in ref.parameters()) == sum(
+        x.size for x in jax.tree.leaves(shapes))
+  abar = torch_unet.cosine_alphas_cumprod(20)
+  from spad_jax import diffusion
+  np.testing.assert_allclose(
+      abar.numpy(), np.asarray(diffusion.make_schedule(20).alphas_cumprod),
+      rtol=1e-5)
+  loss = torch_unet.kl_loss(ref, torch.randint(0, 4, (2, 32, 32)),
+                            torch.randn(2, 1, 32, 32), abar, 4)
+  assert torch.isfinite(loss) and loss > 0
+  labels = torch_unet.sample(ref, torch.randn(2, 1, 32, 32), abar, 4,
+                             diffusion.time_sequence(20, 3))
+  assert labels.shape == (2, 32, 32)
