@@ -1,0 +1,41 @@
+"""Duke DME, the longer CPU run of docs/RESULTS.md (about an hour on 2 cores).
+
+Real OCT at 128² with the demo-sized UNet (≈0.8 M parameters) and T = 10,
+150 epochs of 9 steps (1,350 steps of batch 8), full SPAD. Larger than the
+ablation study's 64² budget config, still far below the paper's protocol
+(256², 5.7 M parameters, T = 250, 200 epochs: configs/duke_dme.py on a GPU).
+
+  python main.py --config=configs/duke_dme_cpu.py --workdir=runs/duke_cpu
+"""
+
+from configs import duke_dme
+
+
+def get_config():
+  config = duke_dme.get_config()
+  config.data.image_size = 128
+  config.data.num_workers = 1
+
+  config.model.base_channels = 16
+  config.model.channel_mult = (1, 2, 2, 4)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (16,)
+
+  # Short chains learn far faster at CPU budgets (configs/demo.py, study).
+  config.diffusion.num_steps = 10
+
+  config.spad.band_width = 3  # The default 5 px is sized for 256² images.
+
+  config.train.batch_size = 8
+  config.train.num_epochs = 150  # 77 training cases: 9 steps/epoch.
+  config.train.learning_rate = 2e-3
+  config.train.lr_schedule = 'cosine'
+  config.train.warmup_steps = 50
+  config.train.ema_decay = 0.999
+  config.train.log_every_steps = 45
+  config.train.checkpoint_every_steps = 270
+  config.train.eval_every_epochs = 15
+
+  config.eval.num_steps = 10
+  config.eval.batch_size = 22
+  return config
