@@ -62,6 +62,8 @@ flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'on', 'off'],
 flags.DEFINE_string('data_config', 'configs/duke_dme.py',
                     'Config whose data the pipeline section reads (falls '
                     'back to nothing: the section is skipped and says why).')
+flags.DEFINE_string('data_root', '', 'Overrides data.root of --data_config '
+                    '(e.g. a copy of the data carried to a GPU machine).')
 flags.DEFINE_bool('trace', False, 'Write a jax.profiler trace (profile).')
 flags.DEFINE_string('out', 'bench_results/perf', 'Output folder.')
 
@@ -322,7 +324,7 @@ def torch_sampling(preset, size, steps, batch, n, repeats, dtype,
 # ------------------------------------------------------------ pipeline/profile
 
 
-def pipeline_rows(data_config_path, steps):
+def pipeline_rows(data_config_path, steps, data_root=''):
   """numpy loader img/s with masks off/on, ``os.cpu_count()`` workers."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import pipeline_throughput  # pylint: disable=g-import-not-at-top
@@ -332,14 +334,19 @@ def pipeline_rows(data_config_path, steps):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
+  if data_root:
+    config.data.root = data_root
   config.data.num_workers = os.cpu_count()
   source = sources.load_split(config, 'train')
-  rows = []
-  for masks in (False, True):
-    ips = pipeline_throughput.measure(config, source, 'numpy', masks, steps)
-    rows.append({'loader': 'numpy', 'masks': masks, 'images_per_s': ips,
-                 'workers': config.data.num_workers,
-                 'size': config.data.image_size, 'data': config.data.name})
+  rows = [{'loader': 'numpy', 'masks': masks, 'images_per_s': 0.0,
+           'workers': config.data.num_workers, 'steps': steps,
+           'size': config.data.image_size, 'data': config.data.name}
+          for masks in (False, True)]
+  for _ in range(2):  # Alternating rounds, the best kept (as that bench).
+    for row in rows:
+      ips = pipeline_throughput.measure(config, source, 'numpy',
+                                        row['masks'], steps)
+      row['images_per_s'] = max(row['images_per_s'], ips)
   return rows
 
 
@@ -561,7 +568,9 @@ def main(argv):
     say(f'pipeline ({FLAGS.data_config}, numpy loader, '
         f'{os.cpu_count()} workers)')
     try:
-      result['pipeline'] = pipeline_rows(FLAGS.data_config, 4 * iters + 8)
+      result['pipeline'] = pipeline_rows(
+          FLAGS.data_config, 20 if FLAGS.preset == 'tiny' else 400,
+          FLAGS.data_root)
     except (FileNotFoundError, OSError, ValueError) as e:
       result['pipeline_skipped'] = f'{type(e).__name__}: {e}'
       say(f'  skipped: {result["pipeline_skipped"]}')
