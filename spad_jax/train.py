@@ -105,11 +105,12 @@ def _state_from_params(config, params, total_steps: int) -> TrainState:
 def create_train_state(config, model: unet.UNet, key: jax.Array,
                        total_steps: int) -> TrainState:
   init = jax.jit(_init_params_fn(config, model))
-  # Run once, so compile without backend optimisation: 2.6 s instead of
-  # 9.4 s for the test UNet on CPU; the parameters differ from an optimised
+  # Run once, so on CPU compile without backend optimisation: 2.6 s instead
+  # of 9.4 s for the test UNet; the parameters differ from an optimised
   # compile's in the last bit of ~4 % of the values (tests/test_train.py).
-  params = init.lower(key).compile(
-      compiler_options=INIT_COMPILER_OPTIONS)(key)
+  # Other backends keep their defaults (not measured there).
+  options = INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+  params = init.lower(key).compile(compiler_options=options)(key)
   return _state_from_params(config, params, total_steps)
 
 

@@ -193,7 +193,7 @@ def case_paths(root: str, case_id: str) -> Tuple[str, str]:
 
 
 def _is_nifti(path: str) -> bool:
-  return path.endswith(('.nii', '.nii.gz'))
+  return path.lower().endswith(('.nii', '.nii.gz'))
 
 
 def _read(path: str, flags: int) -> np.ndarray:

@@ -24,7 +24,7 @@ class NiftiError(ValueError):
 def read(path: str) -> np.ndarray:
   """The 2D array stored in ``path`` (scaled when ``scl_slope`` is set)."""
   try:
-    opener = gzip.open if path.endswith('.gz') else open
+    opener = gzip.open if path.lower().endswith('.gz') else open
     with opener(path, 'rb') as f:
       data = f.read()
   except (OSError, EOFError) as e:
