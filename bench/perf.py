@@ -201,6 +201,25 @@ def torch_model(preset, size, compile_mode):
   return model, torch.compile(model), True, 'torch.compile'
 
 
+def warm_up(call, model, run_model, compiled, note, compile_mode):
+  """First (compiling) ``call(run_model)``; where torch.compile fails in
+  auto mode, records why and falls back to the eager ``model``.
+
+  Returns ``(run_model, compiled, note, seconds)``.
+  """
+  t0 = time.perf_counter()
+  try:
+    call(run_model)
+  except Exception as e:  # pylint: disable=broad-except
+    if not compiled or compile_mode == 'on':
+      raise
+    note = f'eager: torch.compile failed ({type(e).__name__}: {str(e)[:120]})'
+    print(f'  torch.compile failed, timing eager: {note}', flush=True)
+    run_model, compiled = model, False
+    call(run_model)
+  return run_model, compiled, note, time.perf_counter() - t0
+
+
 def torch_train(preset, size, batch, dtype, iters, repeats, compile_mode):
   import torch  # pylint: disable=g-import-not-at-top
   import torch_unet  # pylint: disable=g-import-not-at-top
@@ -224,17 +243,8 @@ def torch_train(preset, size, batch, dtype, iters, repeats, compile_mode):
     with torch.no_grad():
       torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)  # pylint: disable=protected-access
 
-  t0 = time.perf_counter()
-  try:
-    step(run_model)
-  except Exception as e:  # pylint: disable=broad-except
-    if not compiled or compile_mode == 'on':
-      raise
-    note = f'eager: torch.compile failed ({type(e).__name__}: {str(e)[:120]})'
-    print(f'  torch.compile failed, timing eager: {note}', flush=True)
-    run_model, compiled = model, False
-    step(run_model)
-  compile_s = time.perf_counter() - t0
+  run_model, compiled, note, compile_s = warm_up(
+      step, model, run_model, compiled, note, compile_mode)
   sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
 
   def run(n):
@@ -306,16 +316,8 @@ def torch_sampling(preset, size, steps, batch, n, repeats, dtype,
     sync()
     return soft
 
-  t0 = time.perf_counter()
-  try:
-    once(run_model)
-  except Exception as e:  # pylint: disable=broad-except
-    if not compiled or compile_mode == 'on':
-      raise
-    note = f'eager: torch.compile failed ({type(e).__name__})'
-    run_model, compiled = model, False
-    once(run_model)
-  compile_s = time.perf_counter() - t0
+  run_model, compiled, note, compile_s = warm_up(
+      once, model, run_model, compiled, note, compile_mode)
   sec = best_time(lambda k: [once(run_model) for _ in range(k)], 1, repeats)
   return {'framework': 'torch', 'compile_s': compile_s, 'sec': sec,
           'images': batch, 'compiled': compiled, 'note': note}
