@@ -2,12 +2,15 @@
 
 Mask builders (``scd_mask``, ``boundary_band``) are plain numpy/OpenCV so the
 same code serves tf.data (through ``tf.numpy_function``) and the
-TensorFlow-free loader. The schedules (``pas_sigma``, ``num_targets``) accept
-Python numbers (host side) and traced JAX values (inside the train step).
-``perturb_image`` is the jnp merge applied in the train step.
+TensorFlow-free loader. ``scd_layout``/``scd_layout_masks`` build the ScD
+masks of many examples at once (the input pipeline draws a whole epoch's
+from one layout of all training cases); ``scd_mask`` is the one-example
+form. The schedules (``pas_sigma``, ``num_targets``) accept Python numbers
+(host side) and traced JAX values (inside the train step). ``perturb_image``
+is the jnp merge applied in the train step.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import cv2
 import jax
@@ -62,68 +65,208 @@ def target_masks(label: np.ndarray, num_classes: int,
   return targets
 
 
-def anchor_keep(shape, anchor_ratio: float, rng: np.random.Generator,
-                patch: int = 0) -> np.ndarray:
-  """Boolean anchor field: each pixel (``patch <= 1``) or each cell of a
-  randomly offset ``patch``×``patch`` grid is kept with ``anchor_ratio``."""
-  if patch <= 1:
-    return rng.random(shape) < anchor_ratio
-  h, w = shape
-  cells = rng.random((h // patch + 2, w // patch + 2)) < anchor_ratio
-  oy, ox = rng.integers(patch, size=2)
-  keep = np.repeat(np.repeat(cells, patch, axis=0), patch, axis=1)
-  return keep[oy:oy + h, ox:ox + w]
-
-
 def target_pixels(label: np.ndarray, num_classes: int,
                   components: bool = False) -> list:
-  """The ScD targets of ``label`` as flat pixel indices (int32 arrays): the
-  compact form ``scd_mask`` works on and the pipeline caches per case."""
-  return [np.flatnonzero(t).astype(np.int32)
-          for t in target_masks(label, num_classes, components)]
+  """The ScD targets of ``label`` as flat pixel indices (intp arrays), the
+  compact form ``scd_layout`` takes."""
+  return [np.flatnonzero(t) for t in target_masks(label, num_classes,
+                                                  components)]
 
 
-def uniform16(rng: np.random.Generator, n: int) -> np.ndarray:
-  """``n`` uniform uint16 values straight from ``rng``'s bit generator (one
-  64-bit draw gives four): 5x cheaper than ``rng.random(n)``, which showed
-  in the per-example mask cost."""
-  raw = rng.bit_generator.random_raw((int(n) + 3) // 4)  # uint64 array.
-  return raw.view(np.uint16)[:n]
+# Counter-based random values, vectorised over a whole batch. Value ``n`` of
+# stream ``key`` is ``mix64(key ^ n·γ)``: SplitMix64's mixer on a Weyl
+# sequence (Steele et al. 2014). As a pure function of (key, n), a draw does
+# not depend on which others are drawn with it, so one call serves a batch:
+# a numpy generator per example cost ~18 us of Python per example at 256².
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+# Streams of one key, kept apart by xoring these into it.
+_PIXELS, _CHOICE, _OFFSET = (np.uint64(0xA5C4), np.uint64(0x5CD1),
+                             np.uint64(0x0FF5E7))
+
+
+def mix64(x) -> np.ndarray:
+  """SplitMix64's finaliser of uint64 values (wraps modulo 2**64)."""
+  x = np.array(x, np.uint64, ndmin=1)  # A copy: the steps work in place.
+  x ^= x >> _S30
+  x *= _M1
+  x ^= x >> _S27
+  x *= _M2
+  x ^= x >> _S31
+  return x
+
+
+def stream_values(keys, counters) -> np.ndarray:
+  """Uniform uint64 values number ``counters`` of streams ``keys``."""
+  x = np.multiply(np.asarray(counters), _GAMMA, dtype=np.uint64,
+                  casting='unsafe')
+  x ^= np.asarray(keys, np.uint64)
+  return mix64(x)
+
+
+def case_keys(seed: int, epochs, indices) -> np.ndarray:
+  """The ScD stream key of each (seed, epoch, case index): uint64 array.
+
+  A bijection of (epoch, index) for each seed (epochs and indices < 2**32).
+  """
+  e = np.asarray(epochs, np.uint64).reshape(-1)
+  i = np.asarray(indices, np.uint64).reshape(-1)
+  return mix64(mix64(int(seed) & (2**64 - 1)) ^ (e << np.uint64(32) | i))
+
+
+def anchor_hashes(cells) -> np.ndarray:
+  """Fixed odd 32-bit hashes of pixel (or anchor cell) indices.
+
+  An anchor draw is ``a·hash + b mod 2**32``, with ``a`` odd and ``b`` the
+  two halves of the key of (seed, epoch, case): keyed multiply-add hashing
+  (Dietzfelbinger 1996), uniform for every hash through ``b``, one 32-bit
+  multiply-add a pixel instead of a full 64-bit mix (the cost that showed:
+  the pipeline draws every case's anchors once an epoch). The hashes depend
+  on the pixel only, so ``ScdLayout`` holds them.
+  """
+  return ((stream_values(_PIXELS, cells) >> np.uint64(32)).astype(np.uint32)
+          | np.uint32(1))
+
+
+class ScdLayout(NamedTuple):
+  """The ScD targets of a batch of labels, laid out for ``scd_layout_masks``.
+
+  Every byte of the bit-packed masks ``[B, ceil(H·W/8)]`` (``np.packbits``
+  order) that holds a target pixel gets 8 slots, one per pixel: its index in
+  its image, target (-1: none) and ``anchor_hashes``. One epoch's masks of
+  all cases are then a few numpy passes over the slots and one
+  ``np.packbits``, with no per-pixel scatter (``np.add.at`` holds the GIL).
+  Labels only: the input pipeline builds one for all training cases.
+  """
+  shape: Tuple[int, int]
+  n_targets: np.ndarray  # [B]: targets per example.
+  target_rows: np.ndarray  # [T]: the example of each target.
+  slots_per_row: np.ndarray  # [B].
+  slot_pixel: np.ndarray  # [S] int32.
+  slot_target: np.ndarray  # [S] int32, -1 where no target.
+  in_target: np.ndarray  # [S] bool: slot_target >= 0.
+  hashes: np.ndarray  # [S] uint32.
+  byte: np.ndarray  # [S / 8] intp, flat index into [B, ceil(H·W/8)].
+
+
+def scd_layout(targets: list, shape) -> ScdLayout:
+  """``ScdLayout`` of ``targets[b]``, the targets of example ``b`` (flat
+  pixel indices or boolean masks, disjoint), in images of ``shape``."""
+  h, w = shape
+  size = (h * w + 7) // 8
+  runs = [(b, np.flatnonzero(t) if t.dtype.kind == 'b' else t)
+          for b, example in enumerate(targets) for t in example]
+  target_rows = np.array([b for b, _ in runs], np.intp)
+  counts = np.array([p.size for _, p in runs], np.intp)
+  pixels = (np.concatenate([p for _, p in runs]).astype(np.intp) if runs
+            else np.zeros(0, np.intp))
+  byte_of_pixel = np.repeat(target_rows * size, counts) + (pixels >> 3)
+  byte = np.unique(byte_of_pixel)
+  # int32 where it can: the layout lives as long as the run.
+  slot_target = np.full(byte.size * 8, -1, np.int32)
+  slot_target[np.searchsorted(byte, byte_of_pixel) * 8 + (pixels & 7)] = (
+      np.repeat(np.arange(len(runs)), counts))
+  slot_pixel = ((byte % size * 8)[:, None] + np.arange(8)).reshape(-1).astype(
+      np.int32)
+  return ScdLayout(
+      (h, w), np.array([len(t) for t in targets], np.intp), target_rows,
+      8 * np.bincount(byte // size, minlength=len(targets)), slot_pixel,
+      slot_target, slot_target >= 0, anchor_hashes(slot_pixel), byte)
+
+
+def scd_layout_masks(layout: ScdLayout, ks, anchor_ratio: float, keys,
+                     anchor_patch: int = 0,
+                     packed: bool = False) -> np.ndarray:
+  """Semantic-concentrated masks ``M_s`` of the layout's examples: uint8 0/1
+  ``[B, H, W]``, or with ``packed`` ``np.packbits`` of each flattened mask,
+  ``[B, ceil(H·W/8)]`` (what the input pipeline ships: 1/8 of the bytes).
+
+  Example ``b`` chooses ``min(ks[b], #targets)`` of its targets at random;
+  inside each, every pixel (or every cell of a randomly offset
+  ``anchor_patch``-pixel grid) is kept as an anchor with probability
+  ``anchor_ratio`` (quantised to 1/2**32: 0 and 1 are exact); the mask covers
+  the non-anchor pixels of the chosen targets. Draws come from ``keys[b]``
+  (uint64, ``case_keys``) alone, so each mask is a pure function of its own
+  (targets, k, key): batching changes nothing.
+  """
+  (h, w), n = layout.shape, len(layout.n_targets)
+  size = (h * w + 7) // 8 if packed else h * w
+  out = np.zeros((n, size), np.uint8)
+  threshold = int(round(float(anchor_ratio) * 2**32))
+  if not layout.byte.size or threshold >= 2**32:  # No pixel is masked.
+    return out if packed else out.reshape((n, h, w))
+  keys = np.asarray(keys, np.uint64).reshape(-1)
+  if anchor_patch > 1:
+    # Pixel (y, x) lies in cell ((y + oy) // p, (x + ox) // p) of a grid
+    # offset by a random (oy, ox) per example.
+    p = int(anchor_patch)
+    oy, ox = (np.repeat((stream_values(keys ^ _OFFSET, c) % np.uint64(p))
+                        .astype(np.intp), layout.slots_per_row)
+              for c in (0, 1))
+    y, x = np.divmod(layout.slot_pixel, w)
+    hashes = anchor_hashes((y + oy) // p * (w // p + 2) + (x + ox) // p)
+  else:
+    hashes = layout.hashes
+  draws = np.repeat(keys.astype(np.uint32) | np.uint32(1),
+                    layout.slots_per_row)
+  draws *= hashes
+  draws += np.repeat((keys >> np.uint64(32)).astype(np.uint32),
+                     layout.slots_per_row)
+  masked = draws >= np.uint32(threshold)
+  ks = np.asarray(ks, np.intp).reshape(-1)
+  if (ks < layout.n_targets).any():
+    # Chosen targets, and False (index -1) for slots outside every target.
+    chosen = np.append(_chosen_targets(layout, ks, keys), False)
+    masked &= chosen[layout.slot_target]
+  else:
+    masked &= layout.in_target
+  if packed:
+    out.reshape(-1)[layout.byte] = np.packbits(masked)
+  else:
+    rows = np.repeat(np.arange(n), layout.slots_per_row)
+    out.reshape(-1)[(rows * size + layout.slot_pixel)[masked]] = 1
+  return out if packed else out.reshape((n, h, w))
+
+
+def _chosen_targets(layout: ScdLayout, ks, keys) -> np.ndarray:
+  """Whether each target is among the ``ks[b]`` of its example with the
+  smallest random values: ``[T]`` bool."""
+  rows = layout.target_rows
+  first = np.cumsum(layout.n_targets) - layout.n_targets
+  ordinal = np.arange(rows.size) - first[rows]
+  values = stream_values(keys[rows] ^ _CHOICE, ordinal)
+  order = np.lexsort((values, rows))  # By example, then value.
+  rank = np.empty(rows.size, np.intp)
+  rank[order] = ordinal
+  return rank < ks[rows]
+
+
+def scd_masks(targets: list, ks, anchor_ratio: float, keys, shape,
+              anchor_patch: int = 0, packed: bool = False) -> np.ndarray:
+  """``scd_layout_masks`` of ``scd_layout(targets, shape)``: ``targets[b]``
+  are the targets of example ``b`` (flat pixel indices or boolean masks,
+  disjoint), ``keys[b]`` its stream key."""
+  return scd_layout_masks(scd_layout(targets, shape), ks, anchor_ratio, keys,
+                          anchor_patch, packed)
 
 
 def scd_mask(label: np.ndarray, num_classes: int, k: int, anchor_ratio: float,
              rng: np.random.Generator, components: bool = False,
              targets: Optional[list] = None,
              anchor_patch: int = 0) -> np.ndarray:
-  """Semantic-concentrated mask ``M_s`` (uint8 0/1, shape of ``label``).
+  """Semantic-concentrated mask ``M_s`` of one label (uint8 0/1, its shape).
 
-  Chooses ``min(k, #targets)`` targets at random; inside each, every pixel
-  (or square patch of ``anchor_patch`` pixels) is kept as an anchor with
-  probability ``anchor_ratio`` (per pixel: quantised to 1/65536); the mask
-  covers the non-anchor pixels of the chosen targets. ``targets`` (from
-  ``target_pixels`` or ``target_masks``) skips finding them again.
+  ``scd_masks`` for one example whose stream key is one 64-bit draw of
+  ``rng``. ``targets`` (from ``target_pixels`` or ``target_masks``) skips
+  finding them again.
   """
   if targets is None:
     targets = target_pixels(label, num_classes, components)
-  mask = np.zeros(label.shape, np.uint8)
-  k = min(int(k), len(targets))
-  if k <= 0:
-    return mask
-  chosen = (range(k) if k == len(targets) else
-            rng.permutation(len(targets))[:k])
-  # Targets are disjoint, so their flat indices concatenate to the union.
-  parts = [targets[i] if targets[i].dtype != bool else
-           np.flatnonzero(targets[i]) for i in chosen]
-  pixels = parts[0] if len(parts) == 1 else np.concatenate(parts)
-  flat = mask.reshape(-1)
-  if anchor_patch <= 1:
-    # Draw only for the chosen pixels: targets are small, images are not.
-    threshold = int(round(float(anchor_ratio) * 65536))
-    flat[pixels] = uniform16(rng, pixels.size) >= threshold
-  else:
-    keep = anchor_keep(label.shape, anchor_ratio, rng, anchor_patch)
-    flat[pixels] = ~keep.reshape(-1)[pixels]
-  return mask
+  key = np.uint64(rng.bit_generator.random_raw())
+  return scd_masks([targets], [k], anchor_ratio, [key], label.shape,
+                   anchor_patch)[0]
 
 
 def spread_labels(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -188,6 +331,16 @@ def spread_sees_all_transitions(num_classes: int, low: float,
   strip = np.zeros((16, 16), np.uint8)
   strip[:, 8:] = 1
   return bool(cv2.Canny(spread_labels(strip, num_classes), low, high).any())
+
+
+def union_mask(scd_bits: jnp.ndarray, bcd_bits: jnp.ndarray,
+               shape) -> jnp.ndarray:
+  """``M_s ∪ M_b`` (uint8 0/1, ``shape`` = ``[..., H, W]``) from the
+  pipeline's bit-packed masks ``[..., ceil(H·W/8)]``: OR, then unpack (in the
+  train step, on the device)."""
+  h, w = shape[-2:]
+  return jnp.unpackbits(scd_bits | bcd_bits, axis=-1,
+                        count=h * w).reshape(shape)
 
 
 def perturb_image(image: jnp.ndarray, mask: jnp.ndarray, sigma,

@@ -167,7 +167,8 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     image = batch['image']
     sigma = sigma_at(epoch, spad_cfg)
     if perturbs:
-      mask = jnp.maximum(batch['scd'], batch['bcd'])
+      mask = perturb.union_mask(batch['scd_bits'], batch['bcd_bits'],
+                                batch['label'].shape)
       image = jax.vmap(perturb.perturb_image, in_axes=(0, 0, None, 0))(
           image, mask, sigma, eps_keys)
     dropout_key = jax.random.fold_in(step_key, 1 << 30)

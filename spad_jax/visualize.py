@@ -46,18 +46,19 @@ def visualize(config, workdir: str, num_cases: int = 3) -> str:
     for epoch in epochs:
       ex = examples.example_at(epoch, idx)
       sigma = train.sigma_at(epoch, config.spad)
-      union = np.maximum(ex['scd'], ex['bcd'])
+      scd, bcd = (pipeline.unpack_mask(ex[k], ex['label'].shape)
+                  for k in ('scd_bits', 'bcd_bits'))
+      union = np.maximum(scd, bcd)
       eps = np.random.default_rng([config.seed, epoch, idx, 1]).standard_normal(
           ex['image'].shape)
       perturbed = ex['image'] + sigma * eps * union[..., None]
       rows.append(np.concatenate([
           gray_rgb(ex['image']), pal[ex['label']],
-          _mask_rgb(ex['scd'], (255, 160, 0)), _mask_rgb(ex['bcd'],
-                                                         (0, 200, 255)),
+          _mask_rgb(scd, (255, 160, 0)), _mask_rgb(bcd, (0, 200, 255)),
           gray_rgb(perturbed)], axis=1))
       notes.append(f'{source.ids[idx]}  epoch {epoch}  sigma {sigma:.3f}  '
-                   f'ScD {int(ex["scd"].sum())} px  BcD {int(ex["bcd"].sum())}'
-                   ' px')
+                   f'ScD {np.count_nonzero(scd)} px  BcD '
+                   f'{np.count_nonzero(bcd)} px')
   tile = rows[0].shape[1] // len(TITLES)
   scale = max(1, 160 // tile)
   out = [title_strip(TITLES, tile * scale)]

@@ -54,8 +54,8 @@ def test_train_batches_shape_and_loaders_agree(augmented):
   assert len(tf_batches) == len(np_batches) == 3
   for tb, nb in zip(tf_batches, np_batches):
     assert tb['image'].shape == (2, 4, 32, 32, 1)
-    assert tb['label'].shape == tb['scd'].shape == tb['bcd'].shape == (
-        2, 4, 32, 32)
+    assert tb['label'].shape == (2, 4, 32, 32)
+    assert tb['scd_bits'].shape == tb['bcd_bits'].shape == (2, 4, 32 * 32 // 8)
     for key in tb:
       np.testing.assert_array_equal(tb[key], nb[key])
   # Every example of an epoch is seen once; epochs reshuffle.
@@ -79,7 +79,63 @@ def test_masks_follow_switches():
   source = sources.load_split(config, 'train')
   batch = next(pipeline.numpy_train_batches(
       pipeline.TrainExamples(source, config), 0, 1))
-  assert not batch['scd'].any() and batch['bcd'].any()
+  assert not batch['scd_bits'].any() and batch['bcd_bits'].any()
+  config.spad.update(dict(scd=True, bcd=False))
+  batch = next(pipeline.numpy_train_batches(
+      pipeline.TrainExamples(source, config), 0, 1))
+  assert batch['scd_bits'].any() and not batch['bcd_bits'].any()
+
+
+def test_batch_examples_are_independent_of_their_batch():
+  # A case's example (masks included) is a function of (seed, epoch, case)
+  # alone: the same in any batch, on any host, alone or batched.
+  config = small_config()
+  config.spad.k0 = 2  # Of 3 classes: the random choice of targets too.
+  source = sources.load_split(config, 'train')
+  examples = pipeline.TrainExamples(source, config)
+  batch = examples.host_batch_at(4)
+  assert batch['scd_bits'].any() and batch['bcd_bits'].any()
+  for slot in range(examples.host_batch):
+    single = examples.example(4, slot)
+    for key in batch:
+      np.testing.assert_array_equal(batch[key][slot], single[key])
+  # The epoch table equals ScD drawn for this batch alone.
+  epochs, idxs = zip(*(examples.example_index(4, j) for j in range(8)))
+  spad = config.spad
+  alone = perturb.scd_masks(
+      [perturb.target_pixels(source.labels[i], config.data.num_classes)
+       for i in idxs],
+      [perturb.num_targets(e, spad.k0, spad.k_gamma, 99) for e in epochs],
+      spad.anchor_ratio, perturb.case_keys(config.seed, epochs, idxs),
+      source.labels.shape[1:], packed=True)
+  np.testing.assert_array_equal(alone, batch['scd_bits'])
+  # The train step's mask is the union of the two, unpacked.
+  union = perturb.union_mask(batch['scd_bits'], batch['bcd_bits'],
+                             batch['label'].shape)
+  np.testing.assert_array_equal(union, np.maximum(
+      pipeline.unpack_mask(batch['scd_bits'], batch['label'].shape),
+      pipeline.unpack_mask(batch['bcd_bits'], batch['label'].shape)))
+  hosts = [pipeline.TrainExamples(source, config, p, 2) for p in range(2)]
+  for key in ('scd_bits', 'bcd_bits'):
+    halves = [h.host_batch_at(4)[key] for h in hosts]
+    np.testing.assert_array_equal(np.concatenate(halves), batch[key])
+
+
+def test_epoch_mask_tables_recompute_identically():
+  # Visualize asks for epochs out of order; only three tables are kept.
+  config = small_config()
+  source = sources.load_split(config, 'train')
+  examples = pipeline.TrainExamples(source, config)
+  tables = examples._scd_tables  # pylint: disable=protected-access
+  first = {e: examples.example_at(e, 3)['scd_bits'] for e in (0, 5, 9, 12)}
+  assert not np.array_equal(first[0], first[5])
+  for e in (0, 12, 5, 9, 0):
+    np.testing.assert_array_equal(examples.example_at(e, 3)['scd_bits'],
+                                  first[e])
+  assert len(tables) == 3
+  # Half-way through an epoch the next epoch's table is computed.
+  examples.host_batch_at(examples.steps_per_epoch * 20 + 1)  # 3 steps/epoch.
+  assert 21 in tables
 
 
 def _write_case(root, case, image, label):
@@ -602,9 +658,12 @@ def test_masks_follow_the_augmented_label():
                                  config.data.num_classes, spad.band_width,
                                  spad.canny_low, spad.canny_high,
                                  spad.bcd_per_class, spad.bcd_complete)
-    np.testing.assert_array_equal(ex['bcd'], band)
+    shape = ex['label'].shape
+    np.testing.assert_array_equal(
+        pipeline.unpack_mask(ex['bcd_bits'], shape), band)
     # ScD perturbs only inside foreground targets of the augmented label.
-    assert not (ex['scd'].astype(bool) & (ex['label'] == 0)).any()
+    scd = pipeline.unpack_mask(ex['scd_bits'], shape)
+    assert scd.any() and not (scd & (ex['label'] == 0)).any()
   assert moved == 6
 
 

@@ -106,16 +106,26 @@ def test_config_refuses_blind_spread_canny():
 
 
 def test_anchor_patches_keep_square_blocks_at_the_ratio():
-  rng = np.random.default_rng(3)
-  keep = perturb.anchor_keep((200, 200), 0.3, rng, patch=4)
+  full = np.ones((200, 200), np.uint8)  # One target covering the image.
+  keep = 1 - perturb.scd_mask(full, 2, 1, 0.3, np.random.default_rng(3),
+                              anchor_patch=4)
   assert abs(keep.mean() - 0.3) < 0.05  # 2,500 cells: binomial sd ~0.009.
   # Every kept pixel's 4x4 cell (grid offset unknown) is uniform: the field
   # changes value only along one grid of lines spaced 4 apart.
   rows = np.nonzero((keep[1:] != keep[:-1]).any(axis=1))[0]
   cols = np.nonzero((keep[:, 1:] != keep[:, :-1]).any(axis=0))[0]
   assert len(set(rows % 4)) == 1 and len(set(cols % 4)) == 1
+  # The grid offset is random per example.
+  offsets = set()
+  for seed in range(12):
+    keep = 1 - perturb.scd_mask(full, 2, 1, 0.3, np.random.default_rng(seed),
+                                anchor_patch=4)
+    rows = np.nonzero((keep[1:] != keep[:-1]).any(axis=1))[0]
+    offsets.add(int(rows[0] % 4))
+  assert len(offsets) > 1
   label = _label()
-  mask = perturb.scd_mask(label, 4, 3, 0.3, rng, anchor_patch=3)
+  mask = perturb.scd_mask(label, 4, 3, 0.3, np.random.default_rng(3),
+                          anchor_patch=3)
   assert not mask[label == 0].any() and mask.any()
 
 
@@ -222,18 +232,53 @@ def test_anchor_ratio_extremes_and_index_targets():
   assert by_index.any()
 
 
-def test_mask_rng_is_keyed_philox_in_every_thread():
-  import concurrent.futures
-  from spad_jax.data import pipeline
-
-  def draw(args):
-    seed, epoch, idx = args
-    return pipeline.mask_rng(seed, epoch, idx).random(4)
-
-  keys = [(0, e, i) for e in range(3) for i in range(5)]
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    threaded = list(pool.map(draw, keys * 3))
-  for (seed, epoch, idx), got in zip(keys * 3, threaded):
-    fresh = np.random.Generator(np.random.Philox(
-        key=[seed, (epoch << 32) | idx])).random(4)
-    np.testing.assert_array_equal(got, fresh)
+def test_batched_masks_equal_single_masks_and_streams_are_independent():
+  label = _label()
+  targets = perturb.target_pixels(label, 4)
+  keys = perturb.case_keys(0, [0] * 6 + [1] * 6, list(range(6)) * 2)
+  assert len(set(keys.tolist())) == 12
+  ks = [1, 2, 3, 0, 2, 3] * 2
+  batch = perturb.scd_masks([targets] * 12, ks, 0.3, keys, label.shape)
+  for b in range(12):
+    single = perturb.scd_masks([targets], [ks[b]], 0.3, keys[b:b + 1],
+                               label.shape)[0]
+    np.testing.assert_array_equal(batch[b], single)
+  # The bit-packed form the pipeline ships is np.packbits of the same masks,
+  # with pixel or patch anchors.
+  for patch in (0, 3):
+    dense = perturb.scd_masks([targets] * 12, ks, 0.3, keys, label.shape,
+                              anchor_patch=patch)
+    packed = perturb.scd_masks([targets] * 12, ks, 0.3, keys, label.shape,
+                               anchor_patch=patch, packed=True)
+    np.testing.assert_array_equal(packed,
+                                  np.packbits(dense.reshape(12, -1), axis=-1))
+  # Without anchors, each mask is exactly min(k, 3) whole targets, and the
+  # choice varies with the key.
+  whole = perturb.scd_masks([targets] * 12, ks, 0.0, keys, label.shape)
+  choices = set()
+  for b in range(12):
+    hit = tuple(c for c in (1, 2, 3) if whole[b][label == c].any())
+    assert len(hit) == min(ks[b], 3)
+    for c in hit:
+      assert whole[b][label == c].all()
+    assert not whole[b][label == 0].any()
+    choices.add(hit)
+  assert len(choices) > 3
+  # Keys are a pure function of (seed, epoch, case)...
+  np.testing.assert_array_equal(keys, perturb.case_keys(
+      0, [0] * 6 + [1] * 6, list(range(6)) * 2))
+  assert not np.array_equal(keys, perturb.case_keys(1, [0] * 12, range(12)))
+  # ...and different keys draw independent anchors: two cases agree on a
+  # pixel with probability p^2 + (1-p)^2 (0.58 at p = 0.3).
+  full = [[np.arange(200 * 200)]] * 2
+  many = perturb.case_keys(5, np.zeros(40, int), np.arange(40))
+  fields = [perturb.scd_masks(full, [1, 1], 0.3, many[i:i + 2], (200, 200))
+            for i in range(0, 40, 2)]
+  agree = np.mean([np.mean(f[0] == f[1]) for f in fields])
+  assert abs(agree - 0.58) < 0.01
+  # Neighbouring pixels of one mask are independent too.
+  beside = np.mean([np.mean(f[:, :, 1:] == f[:, :, :-1]) for f in fields])
+  below = np.mean([np.mean(f[:, 1:] == f[:, :-1]) for f in fields])
+  assert abs(beside - 0.58) < 0.01 and abs(below - 0.58) < 0.01
+  kept = 1 - np.mean(fields)
+  assert abs(kept - 0.3) < 4 * np.sqrt(0.21 / (40 * 200 * 200))

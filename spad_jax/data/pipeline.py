@@ -9,15 +9,21 @@ fixed by its config, resuming at any step continues them exactly, and the two
 loaders produce identical batches.
 
 Multi-host: each process builds only its slice of every global batch.
-Batches come out as ``[local_devices, per_device_batch, ...]`` numpy arrays.
+Batches come out as ``[local_devices, per_device_batch, ...]`` numpy arrays:
+``image`` float32 ``[..., H, W, C]``, ``label`` int32 ``[..., H, W]``, and the
+SPAD masks bit-packed, ``scd_bits`` and ``bcd_bits`` uint8
+``[..., ceil(H·W/8)]`` (``np.packbits`` of the flattened mask: 1/8 of the
+bytes to build, copy and send; the train step unpacks them on the device).
 """
 
 import concurrent.futures
 import functools
 import threading
+import time
 import types
 from typing import Dict, Iterator
 
+from absl import logging
 import numpy as np
 
 from spad_jax import perturb
@@ -28,27 +34,11 @@ from spad_jax.data.sources import Source
 Batch = Dict[str, np.ndarray]
 
 
-_THREAD = threading.local()
-
-
-def mask_rng(seed: int, epoch: int, idx: int) -> np.random.Generator:
-  """The ScD generator of case ``idx`` in ``epoch``: Philox keyed by
-  ``(seed, epoch, idx)``, counter at zero.
-
-  Each thread re-keys one generator instead of building a new one (15 us
-  a time, which showed in the per-example mask cost), so the result is valid
-  until this thread's next call.
-  """
-  if not hasattr(_THREAD, 'rng'):
-    _THREAD.rng = np.random.Generator(np.random.Philox(key=[0, 0]))
-  _THREAD.rng.bit_generator.state = {
-      'bit_generator': 'Philox',
-      'state': {'counter': np.zeros(4, np.uint64),
-                'key': np.array([int(seed) & (2**64 - 1),
-                                 (int(epoch) << 32) | int(idx)], np.uint64)},
-      'buffer': np.zeros(4, np.uint64), 'buffer_pos': 4, 'has_uint32': 0,
-      'uinteger': 0}
-  return _THREAD.rng
+def unpack_mask(bits: np.ndarray, shape) -> np.ndarray:
+  """A ``scd_bits``/``bcd_bits`` entry as a uint8 0/1 mask of ``shape``
+  (``[..., H, W]``); the train step does the same with ``jnp.unpackbits``."""
+  h, w = shape[-2:]
+  return np.unpackbits(bits, axis=-1, count=h * w).reshape(shape)
 
 
 class TrainExamples:
@@ -72,7 +62,21 @@ class TrainExamples:
     self.num_classes = config.data.num_classes
     self.augment = config.data.augment
     self.augment_on = augment.enabled(config.data.augment)
-    self._cache = {}  # Label-derived mask parts per case (see _label_derived).
+    n, h, w = source.labels.shape
+    self._scd_layout = None  # See scd_table.
+    self._scd_tables = {}
+    self._scd_lock = threading.Lock()
+    if self.spad.scd and not self.augment_on:
+      # The ScD targets of every case, once: each epoch's masks of all cases
+      # are then a few numpy passes over them (see scd_table).
+      start = time.perf_counter()
+      self._scd_layout = perturb.scd_layout(
+          [perturb.target_pixels(l, self.num_classes, self.spad.components)
+           for l in source.labels], (h, w))
+      logging.info('ScD targets of %d training cases found in %.1f s.', n,
+                   time.perf_counter() - start)
+    self._bands = np.zeros((n, (h * w + 7) // 8), np.uint8)  # _band_table.
+    self._have_band = np.zeros(n, bool)
     self.global_batch = gb
     self.host_batch = gb // process_count
     self.host_offset = process_index * self.host_batch
@@ -84,60 +88,122 @@ class TrainExamples:
     return np.random.default_rng([self.seed, 7, epoch]).permutation(
         len(self.source))
 
+  @functools.lru_cache(maxsize=4)
+  def case_keys(self, epoch: int) -> np.ndarray:
+    """The ScD stream keys of every case in ``epoch`` (one call an epoch,
+    not one a batch)."""
+    n = len(self.source)
+    return perturb.case_keys(self.seed, np.full(n, epoch), np.arange(n))
+
+  def scd_table(self, epoch: int) -> np.ndarray:
+    """The bit-packed ScD masks of every case in ``epoch``, ``[N,
+    ceil(H·W/8)]`` (labels not augmented; the last three computed are kept).
+
+    One call an epoch: per-batch calls cost ~14 us an example, mostly in
+    short numpy calls that hold the GIL (two workers ran no faster than one);
+    this costs ~6 us an example. ``host_batch_at`` asks for the next epoch's
+    table half-way through this one, so no worker waits for it; the lock
+    makes workers that miss together compute it once.
+    """
+    table = self._scd_tables.get(epoch)
+    if table is not None:
+      return table
+    with self._scd_lock:
+      table = self._scd_tables.get(epoch)
+      if table is None:
+        n = len(self.source)
+        table = perturb.scd_layout_masks(
+            self._scd_layout, [self.max_targets(epoch)] * n,
+            self.spad.anchor_ratio, self.case_keys(epoch),
+            self.spad.anchor_patch, packed=True)
+        self._scd_tables[epoch] = table
+        while len(self._scd_tables) > 3:  # Drop the oldest computed.
+          del self._scd_tables[next(iter(self._scd_tables))]
+    return table
+
+  @functools.lru_cache(maxsize=4)
+  def max_targets(self, epoch: int) -> int:
+    """``k(e)`` of an unlimited number of targets (``scd_masks`` takes the
+    min with each label's own count, as ``perturb.num_targets`` does)."""
+    return perturb.num_targets(epoch, self.spad.k0, self.spad.k_gamma, 2**31)
+
   def example_index(self, step: int, slot: int):
     epoch, within = divmod(int(step), self.steps_per_epoch)
     position = within * self.global_batch + self.host_offset + int(slot)
     return epoch, int(self.permutation(epoch)[position])
 
   def example(self, step: int, slot: int) -> Batch:
-    """Image, label and the SPAD mask planes of one example."""
+    """Image, label and the bit-packed SPAD masks of one example."""
     return self.example_at(*self.example_index(step, slot))
 
   def example_at(self, epoch: int, idx: int) -> Batch:
-    """Case ``idx`` as seen in ``epoch``: augmentation and masks are drawn
-    from ``(seed, epoch, idx)``; masks are built on the augmented label."""
-    image = self.source.images[idx].astype(np.float32)
-    label = self.source.labels[idx]
-    if self.augment_on:
-      image, label = augment.augment(
-          image, label, self.augment,
-          np.random.default_rng([self.seed, 13, epoch, idx]))
-    spad = self.spad
-    targets = self._label_derived(idx, label, 'targets', lambda: (
-        perturb.target_pixels(label, self.num_classes, spad.components))
-                                  ) if spad.scd else []
-    if targets:  # No generator for a label without targets (cheaper).
-      k = perturb.num_targets(epoch, spad.k0, spad.k_gamma, len(targets))
-      scd = perturb.scd_mask(label, self.num_classes, k, spad.anchor_ratio,
-                             mask_rng(self.seed, epoch, idx), targets=targets,
-                             anchor_patch=spad.anchor_patch)
-    else:
-      scd = np.zeros(label.shape, np.uint8)
-    if spad.bcd:
-      bcd = self._label_derived(idx, label, 'band', lambda: (
-          perturb.boundary_band(label, self.num_classes, spad.band_width,
-                                spad.canny_low, spad.canny_high,
-                                spad.bcd_per_class, spad.bcd_complete)))
-    else:
-      bcd = np.zeros(label.shape, np.uint8)
-    return {'image': image, 'label': label.astype(np.int32), 'scd': scd,
-            'bcd': bcd}
-
-  def _label_derived(self, idx: int, label: np.ndarray, name: str, build):
-    """``build()`` of a case's label, computed once per case when labels are
-    not augmented (the BcD band and ScD targets then never change: caching
-    them cut the mask cost per example from ~0.34 to ~0.1 ms at 256²)."""
-    if self.augment_on:
-      return build()
-    key = (name, idx)
-    if key not in self._cache:  # Racing threads compute the same value.
-      self._cache[key] = build()
-    return self._cache[key]
+    """Case ``idx`` as seen in ``epoch`` (see ``examples_at``)."""
+    return {k: v[0] for k, v in self.examples_at([epoch], [idx]).items()}
 
   def host_batch_at(self, step: int) -> Batch:
     """This process's examples of ``step``, stacked ``[host_batch, ...]``."""
-    items = [self.example(step, j) for j in range(self.host_batch)]
-    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+    epochs, idxs = zip(*(self.example_index(step, j)
+                         for j in range(self.host_batch)))
+    batch = self.examples_at(epochs, idxs)
+    epoch, within = divmod(int(step), self.steps_per_epoch)
+    if self._scd_layout is not None and within == self.steps_per_epoch // 2:
+      self.scd_table(epoch + 1)  # Ready before any worker needs it.
+    return batch
+
+  def examples_at(self, epochs, idxs) -> Batch:
+    """Cases ``idxs`` as seen in ``epochs``, stacked: augmentation and masks
+    are drawn from ``(seed, epoch, idx)`` per case, so a case's example does
+    not depend on the others; masks are built on the augmented label.
+
+    Built a batch at a time (per-example numpy calls, short and holding the
+    GIL, were most of the mask cost); without augmentation the BcD bands
+    and the epoch's ScD masks come from per-case tables.
+    """
+    if self.augment_on:
+      pairs = [augment.augment(
+          self.source.images[i].astype(np.float32), self.source.labels[i],
+          self.augment, np.random.default_rng([self.seed, 13, e, i]))
+               for e, i in zip(epochs, idxs)]
+      images = np.stack([p[0] for p in pairs])
+      labels = np.stack([p[1] for p in pairs])
+    else:
+      images = self.source.images[list(idxs)].astype(np.float32)
+      labels = self.source.labels[list(idxs)]
+    spad = self.spad
+    n, size = len(idxs), (labels[0].size + 7) // 8
+    band = lambda l: perturb.boundary_band(
+        l, self.num_classes, spad.band_width, spad.canny_low, spad.canny_high,
+        spad.bcd_per_class, spad.bcd_complete)
+    if not spad.bcd:
+      bcd = np.zeros((n, size), np.uint8)
+    elif self.augment_on:
+      bcd = np.packbits(np.stack([band(l) for l in labels]).reshape(n, -1),
+                        axis=-1)
+    else:
+      bcd = self._band_table(idxs, labels, band)[list(idxs)]
+    if not spad.scd:
+      scd = np.zeros((n, size), np.uint8)
+    elif self.augment_on:
+      scd = perturb.scd_masks(
+          [perturb.target_pixels(l, self.num_classes, spad.components)
+           for l in labels], [self.max_targets(e) for e in epochs],
+          spad.anchor_ratio,
+          [self.case_keys(e)[i] for e, i in zip(epochs, idxs)],
+          labels.shape[1:], spad.anchor_patch, packed=True)
+    elif len(set(epochs)) == 1:  # A training batch: one epoch.
+      scd = self.scd_table(epochs[0])[list(idxs)]
+    else:
+      scd = np.stack([self.scd_table(e)[i] for e, i in zip(epochs, idxs)])
+    return {'image': images, 'label': labels.astype(np.int32),
+            'scd_bits': scd, 'bcd_bits': bcd}
+
+  def _band_table(self, idxs, labels, band) -> np.ndarray:
+    """``[N, H·W/8]`` bit-packed BcD bands, filled in as cases come."""
+    for i, l in zip(idxs, labels):
+      if not self._have_band[i]:  # Racing threads write the same row.
+        self._bands[i] = np.packbits(band(l))
+        self._have_band[i] = True
+    return self._bands
 
   def to_device_layout(self, batch: Batch) -> Batch:
     d = self.local_device_count
@@ -148,14 +214,20 @@ class TrainExamples:
 def numpy_train_batches(examples: TrainExamples, start_step: int,
                         num_steps: int, num_workers: int = 2,
                         prefetch: int = 2) -> Iterator[Batch]:
-  """TensorFlow-free loader: a thread pool builds the examples, in order."""
-  build = lambda step: examples.to_device_layout(examples.host_batch_at(step))
+  """TensorFlow-free loader: a thread pool builds the examples, in order.
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+  Like tf.data's parallel map followed by ``prefetch``, up to ``num_workers
+  + prefetch`` batches are in flight, so a slow batch (the one that draws
+  the next epoch's ScD masks) does not leave the other workers idle.
+  """
+  build = lambda step: examples.to_device_layout(examples.host_batch_at(step))
+  workers = max(1, num_workers)
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     pending = []
     step = start_step
     while step < num_steps or pending:
-      while step < num_steps and len(pending) < max(1, prefetch):
+      while step < num_steps and len(pending) < workers + max(0, prefetch):
         pending.append(pool.submit(build, step))
         step += 1
       yield pending.pop(0).result()
@@ -173,18 +245,19 @@ def tf_train_batches(examples: TrainExamples, start_step: int, num_steps: int,
   hb = examples.host_batch
   h, w, c = examples.source.images.shape[1:]
 
+  keys = ('image', 'label', 'scd_bits', 'bcd_bits')
+  dtypes = (tf.float32, tf.int32, tf.uint8, tf.uint8)
+  shapes = ((hb, h, w, c), (hb, h, w)) + 2 * ((hb, (h * w + 7) // 8),)
+
   def make(step):
     batch = examples.host_batch_at(step)
-    return batch['image'], batch['label'], batch['scd'], batch['bcd']
+    return tuple(batch[k] for k in keys)
 
   def mapped(step):
-    image, label, scd, bcd = tf.numpy_function(
-        make, [step], [tf.float32, tf.int32, tf.uint8, tf.uint8],
-        stateful=False)
-    image.set_shape((hb, h, w, c))
-    for t in (label, scd, bcd):
-      t.set_shape((hb, h, w))
-    return {'image': image, 'label': label, 'scd': scd, 'bcd': bcd}
+    outs = tf.numpy_function(make, [step], dtypes, stateful=False)
+    for t, shape in zip(outs, shapes):
+      t.set_shape(shape)
+    return dict(zip(keys, outs))
 
   ds = tf.data.Dataset.range(start_step, num_steps)
   ds = ds.map(mapped, num_parallel_calls=max(1, num_workers),
