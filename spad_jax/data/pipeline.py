@@ -190,8 +190,6 @@ class TrainExamples:
           spad.anchor_ratio,
           [self.case_keys(e)[i] for e, i in zip(epochs, idxs)],
           labels.shape[1:], spad.anchor_patch, packed=True)
-    elif len(set(epochs)) == 1:  # A training batch: one epoch.
-      scd = self.scd_table(epochs[0])[list(idxs)]
     else:
       scd = np.stack([self.scd_table(e)[i] for e, i in zip(epochs, idxs)])
     return {'image': images, 'label': labels.astype(np.int32),
