@@ -171,14 +171,13 @@ class TrainExamples:
       labels = self.source.labels[list(idxs)]
     spad = self.spad
     n, size = len(idxs), (labels[0].size + 7) // 8
-    band = lambda l: perturb.boundary_band(
+    band = lambda l: np.packbits(perturb.boundary_band(
         l, self.num_classes, spad.band_width, spad.canny_low, spad.canny_high,
-        spad.bcd_per_class, spad.bcd_complete)
+        spad.bcd_per_class, spad.bcd_complete))
     if not spad.bcd:
       bcd = np.zeros((n, size), np.uint8)
     elif self.augment_on:
-      bcd = np.packbits(np.stack([band(l) for l in labels]).reshape(n, -1),
-                        axis=-1)
+      bcd = np.stack([band(l) for l in labels])
     else:
       bcd = self._band_table(idxs, labels, band)[list(idxs)]
     if not spad.scd:
@@ -196,10 +195,11 @@ class TrainExamples:
             'scd_bits': scd, 'bcd_bits': bcd}
 
   def _band_table(self, idxs, labels, band) -> np.ndarray:
-    """``[N, H·W/8]`` bit-packed BcD bands, filled in as cases come."""
+    """``[N, H·W/8]`` bit-packed BcD bands (``band(label)``), filled in as
+    cases come."""
     for i, l in zip(idxs, labels):
       if not self._have_band[i]:  # Racing threads write the same row.
-        self._bands[i] = np.packbits(band(l))
+        self._bands[i] = band(l)
         self._have_band[i] = True
     return self._bands
 
