@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Denoiser (DESIGN §1: CCDM's UNet, ≈5.7 M parameters at 128²).
   config.model = ml_collections.ConfigDict()
+  # 'diffusion' (CCDM) or 'deterministic': the same UNet with x_t and t
+  # fixed, trained with CE + soft Dice, one forward pass at test time.
+  config.model.kind = 'diffusion'
   config.model.base_channels = 32
   config.model.channel_mult = (1, 1, 2, 3, 4)
   config.model.num_res_blocks = 2
@@ -69,6 +72,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.num_steps = 250  # T.
   config.diffusion.cosine_s = 0.008
+  # Hybrid loss L_t + ce_lambda·w(t)·CE(x0, p̂) (D3PM); 0 = the paper's KL.
+  config.diffusion.ce_lambda = 0.0
+  # w(t): 'constant' (1) or 'stage' ((1 - ᾱ_t), normalised to mean 1 over t:
+  # the CE weight grows where ᾱ_t is small, UniSegDiff's staged targets).
+  config.diffusion.ce_weighting = 'constant'
+  # Training times: 'uniform' (the paper's), 'stratified' over the global
+  # batch, or 'importance' (π(t) ∝ sqrt(E[L_t²]), loss weighted 1/(T·π(t));
+  # uniform until every t has `importance_history` recorded losses).
+  config.diffusion.t_sampling = 'uniform'
+  config.diffusion.importance_history = 10
+  config.diffusion.importance_uniform = 0.001  # Uniform mass mixed into π.
 
   # SPAD (DESIGN §2 and its table of lost defaults).
   config.spad = ml_collections.ConfigDict()
@@ -103,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 1e-4
   config.train.decoupled_weight_decay = False  # True: AdamW.
   config.train.grad_clip_norm = 0.0  # 0 disables clipping.
+  # model.kind='deterministic': loss = per-pixel CE + dice_weight·soft Dice.
+  config.train.dice_weight = 1.0
   config.train.ema_decay = 0.9999
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 1000

@@ -65,7 +65,21 @@ def validate(config) -> None:
         "must be 'float32' or 'bfloat16'")
   check(0 <= m.dropout < 1, 'model.dropout', 'must be in [0, 1)')
 
-  check(config.diffusion.num_steps >= 1, 'diffusion.num_steps', 'must be >= 1')
+  from spad_jax import timesteps  # pylint: disable=g-import-not-at-top
+  check(m.kind in ('diffusion', 'deterministic'), 'model.kind',
+        "unknown model kind; expected 'diffusion' or 'deterministic'")
+  df = config.diffusion
+  check(df.num_steps >= 1, 'diffusion.num_steps', 'must be >= 1')
+  check(df.ce_lambda >= 0, 'diffusion.ce_lambda',
+        'hybrid CE weight must be >= 0 (0: the KL loss alone)')
+  check(df.ce_weighting in ('constant', 'stage'), 'diffusion.ce_weighting',
+        "unknown CE weighting; expected 'constant' or 'stage'")
+  check(df.t_sampling in timesteps.SAMPLERS, 'diffusion.t_sampling',
+        f'unknown timestep sampler; expected one of {list(timesteps.SAMPLERS)}')
+  check(df.importance_history >= 1, 'diffusion.importance_history',
+        'must be >= 1')
+  check(0 < df.importance_uniform <= 1, 'diffusion.importance_uniform',
+        'must be in (0, 1] (keeps every t reachable)')
 
   check(s.sigma0 >= 0, 'spad.sigma0', 'noise std must be >= 0')
   check(s.pas_lambda >= 0, 'spad.pas_lambda', 'PaS decay must be >= 0')
@@ -93,6 +107,7 @@ def validate(config) -> None:
         "must be 'constant', 'cosine' or 'linear'")
   check(t.warmup_steps >= 0, 'train.warmup_steps', 'must be >= 0')
   check(t.weight_decay >= 0, 'train.weight_decay', 'must be >= 0')
+  check(t.dice_weight >= 0, 'train.dice_weight', 'must be >= 0')
   check(t.grad_clip_norm >= 0, 'train.grad_clip_norm', 'must be >= 0 (0: off)')
   check(0 <= t.ema_decay < 1, 'train.ema_decay', 'must be in [0, 1)')
   check(t.log_every_steps >= 1, 'train.log_every_steps', 'must be >= 1')

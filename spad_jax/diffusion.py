@@ -143,6 +143,46 @@ def kl_loss(x0_onehot: jnp.ndarray, xt_onehot: jnp.ndarray,
   return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
 
 
+def cross_entropy(x0_onehot: jnp.ndarray, p_hat: jnp.ndarray) -> jnp.ndarray:
+  """Per-example ``CE = −Σ_pixels log p̂(x0)`` (clamped), ``[B, ..., K] -> [B]``.
+
+  The auxiliary term of the hybrid loss (D3PM): it asks for the clean label at
+  every ``t``, where the KL term's gradient fades as ``ᾱ_t`` shrinks.
+  """
+  x0_onehot = _at_least_f32(x0_onehot)
+  p_hat = _at_least_f32(p_hat)
+  ce = -jnp.sum(x0_onehot * jnp.log(jnp.maximum(p_hat, LOG_EPS)), axis=-1)
+  return jnp.sum(ce.reshape(ce.shape[0], -1), axis=-1)
+
+
+def ce_stage_weight(t, schedule: Schedule) -> jnp.ndarray:
+  """``w(t) = (1 − ᾱ_t) / mean_{u=1..T}(1 − ᾱ_u)``: the CE weight of the
+  staged hybrid loss, near 0 at small ``t`` (where the KL already is the CE)
+  and largest where ``ᾱ_t`` is small; its mean over uniform ``t`` is 1."""
+  one_minus = 1.0 - schedule.alphas_cumprod
+  return one_minus[jnp.asarray(t)] / jnp.mean(one_minus[1:])
+
+
+def hybrid_loss(x0_onehot: jnp.ndarray, xt_onehot: jnp.ndarray,
+                p_hat: jnp.ndarray, t, schedule: Schedule, ce_lambda: float,
+                ce_weighting: str = 'constant') -> jnp.ndarray:
+  """Per-example ``L_t + λ·w(t)·CE(x0, p̂)``, ``[B]``; ``λ = 0`` is ``kl_loss``.
+
+  ``ce_weighting``: ``'constant'`` (``w = 1``, D3PM's hybrid) or ``'stage'``
+  (``ce_stage_weight``).
+  """
+  kl = kl_loss(x0_onehot, xt_onehot, p_hat, t, schedule)
+  if not ce_lambda:
+    return kl
+  if ce_weighting == 'constant':
+    w = 1.0
+  elif ce_weighting == 'stage':
+    w = ce_stage_weight(t, schedule)
+  else:
+    raise ValueError(f'unknown CE weighting {ce_weighting!r}')
+  return kl + ce_lambda * w * cross_entropy(x0_onehot, p_hat)
+
+
 def sample_categorical(key: jax.Array, probs: jnp.ndarray) -> jnp.ndarray:
   """Draws class indices from probabilities (class axis last)."""
   logits = jnp.log(jnp.maximum(probs.astype(jnp.float32), LOG_EPS))

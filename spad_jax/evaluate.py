@@ -35,6 +35,7 @@ from spad_jax import diffusion
 from spad_jax import metrics
 from spad_jax.data import pipeline
 from spad_jax.data import sources
+from spad_jax.models import unet
 
 AXIS = 'batch'
 
@@ -53,6 +54,9 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   times = diffusion.time_sequence(config.diffusion.num_steps,
                                   config.eval.num_steps)
 
+  if config.model.kind == 'deterministic':
+    return _make_deterministic_predict_fn(config, model, return_samples)
+
   def predict(params, images, key, batch_index):
     key = jax.random.fold_in(key, batch_index)
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
@@ -68,6 +72,29 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
     result = diffusion.ensemble(labels, num_classes)
     if return_samples:
       result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
+    return result
+
+  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, None))
+
+
+def _make_deterministic_predict_fn(config, model, return_samples: bool):
+  """One forward pass: the softmax is the soft map. ``samples`` (for GED)
+  repeats the prediction ``eval.num_samples`` times."""
+  n = config.eval.num_samples
+
+  def predict(params, images, key, batch_index):
+    del key, batch_index  # Deterministic.
+    like = jnp.zeros(images.shape[:3] + (config.data.num_classes,))
+    xt, t = unet.fixed_inputs(like)
+    soft = jax.nn.softmax(model.apply({'params': params}, xt, images, t),
+                          axis=-1)
+    entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, diffusion.LOG_EPS)),
+                       axis=-1)
+    prediction = jnp.argmax(soft, axis=-1)
+    result = {'soft': soft, 'prediction': prediction, 'entropy': entropy}
+    if return_samples:
+      result['samples'] = jnp.repeat(prediction[:, None], n,
+                                     axis=1).astype(jnp.uint8)
     return result
 
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, None))
@@ -422,9 +449,12 @@ def evaluate(config, workdir: str, state=None, setup=None,
       'checkpoint_step': int(jax.device_get(state.step)),
       'checkpoint': train.resolve_checkpoint(config, workdir),
       'params': 'ema',
-      'sampling': {'num_steps': config.eval.num_steps,
-                   'num_samples': n_samples,
-                   'diffusion_steps': config.diffusion.num_steps},
+      'model_kind': config.model.kind,
+      'sampling': ({'num_steps': config.eval.num_steps,
+                    'num_samples': n_samples,
+                    'diffusion_steps': config.diffusion.num_steps}
+                   if config.model.kind == 'diffusion' else
+                   {'forward_passes': 1}),
       'per_case_mean': metrics.summarize_cases(tables,
                                                list(source.class_names)),
       'distance_unit': ('eval.spacing units' if len(config.eval.spacing) else
@@ -435,16 +465,18 @@ def evaluate(config, workdir: str, state=None, setup=None,
   })
   if sets:
     result['multi_annotation'] = _multi_summary(multi, source.ids)
+  # A softmax has an entropy even from one pass; one diffusion sample not.
+  show_entropy = n_samples > 1 or config.model.kind == 'deterministic'
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'metrics.json'), result)
     write_per_case_csv(os.path.join(workdir, 'per_case.csv'), source.ids,
                        tables, source.class_names)
     grid_png(shown['images'], shown['labels'], shown['preds'],
-             shown['entropy'] if n_samples > 1 else None, k,
+             shown['entropy'] if show_entropy else None, k,
              os.path.join(workdir, 'eval_grid.png'),
              scale=max(1, 256 // config.data.image_size))
     write_overlays(os.path.join(workdir, 'overlays'), extremes, source, k,
-                   with_entropy=n_samples > 1)
+                   with_entropy=show_entropy)
   pcm = result['per_case_mean']
   logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
                '(%.1f s, checkpoint step %d)', split, _pct(result['mIoU']),

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from spad_jax import diffusion
 from spad_jax import perturb
 from spad_jax import records
+from spad_jax import timesteps
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 from spad_jax.models import unet
@@ -43,11 +44,16 @@ class TrainState:
   opt_state: Any
   nonfinite_streak: jnp.ndarray  # Consecutive skipped (non-finite) updates.
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  # Per-t loss history of importance sampling (timesteps.py); None otherwise.
+  loss_history: Optional[Dict[str, jnp.ndarray]] = None
 
   def checkpoint_items(self) -> Dict[str, Any]:
-    return {'step': self.step, 'params': self.params,
-            'ema_params': self.ema_params, 'opt_state': self.opt_state,
-            'nonfinite_streak': self.nonfinite_streak}
+    items = {'step': self.step, 'params': self.params,
+             'ema_params': self.ema_params, 'opt_state': self.opt_state,
+             'nonfinite_streak': self.nonfinite_streak}
+    if self.loss_history is not None:
+      items['loss_history'] = self.loss_history
+    return items
 
   def replace_items(self, items: Dict[str, Any]) -> 'TrainState':
     return self.replace(**items)
@@ -97,9 +103,15 @@ def _init_params_fn(config, model: unet.UNet) -> Callable:
 
 def _state_from_params(config, params, total_steps: int) -> TrainState:
   tx = create_optimizer(config, total_steps)
+  history = None
+  if (config.model.kind == 'diffusion' and
+      config.diffusion.t_sampling == 'importance'):
+    history = timesteps.init_history(config.diffusion.num_steps,
+                                     config.diffusion.importance_history)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=params, opt_state=tx.init(params),
-                    nonfinite_streak=jnp.zeros((), jnp.int32), tx=tx)
+                    nonfinite_streak=jnp.zeros((), jnp.int32), tx=tx,
+                    loss_history=history)
 
 
 def create_train_state(config, model: unet.UNet, key: jax.Array,
@@ -120,7 +132,7 @@ def abstract_train_state(config, model: unet.UNet) -> TrainState:
   init = _init_params_fn(config, model)
   return jax.eval_shape(
       lambda key: _state_from_params(config, init(key), 1),
-      jax.random.PRNGKey(0))
+      jax.random.key(0))
 
 
 def ema_decay_at(step, decay: float):
@@ -138,20 +150,60 @@ def sigma_at(epoch, spad_cfg):
   return float(spad_cfg.sigma0)
 
 
+def soft_dice_loss(x0_onehot: jnp.ndarray, p_hat: jnp.ndarray) -> jnp.ndarray:
+  """Per-example ``1 − mean_c 2Σp̂g/(Σp̂+Σg)`` over foreground classes ``c``
+  (a class absent from label and prediction counts as a perfect match)."""
+  axes = tuple(range(1, x0_onehot.ndim - 1))
+  g, p = x0_onehot[..., 1:], p_hat[..., 1:]
+  inter = jnp.sum(g * p, axis=axes)
+  total = jnp.sum(g + p, axis=axes)
+  dice = (2.0 * inter + 1e-6) / (total + 1e-6)
+  return 1.0 - jnp.mean(dice, axis=-1)
+
+
 def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
                     steps_per_epoch: int) -> Callable:
-  """The per-device step; wrap with ``jax.pmap(axis_name=AXIS)``."""
+  """The per-device step; wrap with ``jax.pmap(axis_name=AXIS)``.
+
+  ``model.kind='diffusion'``: the loss of DESIGN §1 (``diffusion.ce_lambda =
+  0``) or the hybrid ``L_t + λ·w(t)·CE``, at times drawn by
+  ``diffusion.t_sampling``. ``model.kind='deterministic'``: the same UNet
+  with ``x_t`` and ``t`` fixed (``unet.fixed_inputs``), trained with the
+  per-pixel CE + ``train.dice_weight``·soft Dice.
+  """
   num_classes = config.data.num_classes
   num_t = config.diffusion.num_steps
   spad_cfg = config.spad
   perturbs = spad_cfg.scd or spad_cfg.bcd
+  deterministic = config.model.kind == 'deterministic'
+  sampler = config.diffusion.t_sampling
+  ce_lambda = float(config.diffusion.ce_lambda)
+  ce_weighting = config.diffusion.ce_weighting
+  global_batch = config.train.batch_size
 
-  def example_noise(key, x0_onehot):
+  def example_noise(key, x0_onehot, t_given):
     k_t, k_x, k_eps = jax.random.split(key, 3)
-    t = jax.random.randint(k_t, (), 1, num_t + 1)
+    t = timesteps.uniform(k_t, num_t) if t_given is None else t_given
     xt = diffusion.sample_categorical(
         k_x, diffusion.q_probs(x0_onehot, t, schedule))
     return t, xt, k_eps
+
+  def draw_times(state, step_key, keys, first, per_device):
+    """(t [per_device] or None for per-example uniform draws, loss weights,
+    importance probabilities or None)."""
+    if sampler == 'stratified':
+      t_all = timesteps.stratified(jax.random.fold_in(step_key, 1 << 29),
+                                   global_batch, num_t)
+      return jax.lax.dynamic_slice(t_all, (first,), (per_device,)), 1.0, None
+    if sampler == 'importance':
+      probs = timesteps.importance_probs(state.loss_history,
+                                         config.diffusion.importance_uniform)
+      # Own key per example (not k_t), so uniform draws before the switch
+      # and importance draws after it are independent of x_t's key.
+      t = jax.vmap(lambda k: timesteps.draw(jax.random.fold_in(k, 7), probs))(
+          keys)
+      return t, timesteps.importance_weight(t, probs), probs
+    return None, 1.0, None
 
   def train_step(state: TrainState, batch, train_key):
     per_device = batch['label'].shape[0]
@@ -162,8 +214,19 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     epoch = state.step // steps_per_epoch
 
     x0 = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
-    t, xt, eps_keys = jax.vmap(example_noise)(keys, x0)
-    xt_onehot = jax.nn.one_hot(xt, num_classes, dtype=jnp.float32)
+    if deterministic:
+      t_given, weight, probs = None, 1.0, None
+    else:
+      t_given, weight, probs = draw_times(state, step_key, keys, first,
+                                          per_device)
+    if deterministic:
+      eps_keys = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
+      xt_onehot, t = unet.fixed_inputs(x0)
+    else:
+      t, xt, eps_keys = jax.vmap(
+          example_noise, in_axes=(0, 0, None if t_given is None else 0))(
+              keys, x0, t_given)
+      xt_onehot = jax.nn.one_hot(xt, num_classes, dtype=jnp.float32)
     image = batch['image']
     sigma = sigma_at(epoch, spad_cfg)
     if perturbs:
@@ -178,13 +241,20 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
       logits = model.apply({'params': params}, xt_onehot, image, t, train=True,
                            rngs={'dropout': dropout_key})
       p_hat = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      per_example = diffusion.kl_loss(x0, xt_onehot, p_hat, t, schedule)
-      return jnp.mean(per_example)
+      if deterministic:
+        pixels = x0.shape[1] * x0.shape[2]
+        per_example = (diffusion.cross_entropy(x0, p_hat) / pixels +
+                       config.train.dice_weight * soft_dice_loss(x0, p_hat))
+      else:
+        per_example = diffusion.hybrid_loss(x0, xt_onehot, p_hat, t, schedule,
+                                            ce_lambda, ce_weighting)
+      return jnp.mean(weight * per_example), per_example
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, per_example), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
     loss = jax.lax.pmean(loss, AXIS)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
@@ -195,12 +265,23 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     # A non-finite loss or gradient skips the update (counted and reported).
     keep = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
+    history = state.loss_history
+    extra = {}
+    if probs is not None:
+      # Every device records the whole global batch in the same order, so
+      # the replicated histories stay identical.
+      history = timesteps.update_history(
+          history, jax.lax.all_gather(t, AXIS).reshape(-1),
+          jax.lax.all_gather(per_example, AXIS).reshape(-1))
+      extra['importance_active'] = timesteps.history_ready(
+          state.loss_history).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
         ema_params=keep(new_ema, state.ema_params),
         opt_state=keep(new_opt, state.opt_state),
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        loss_history=history)
     pixels = x0.shape[1] * x0.shape[2]
     metrics = {
         'loss': loss, 'loss_per_pixel': loss / pixels,
@@ -208,6 +289,7 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
         'k_targets': perturb.num_targets(epoch, spad_cfg.k0, spad_cfg.k_gamma,
                                          num_classes - 1),
         'epoch': epoch, 'skipped': 1 - finite.astype(jnp.int32),
+        **extra,
     }
     return new_state, metrics
 
@@ -330,7 +412,7 @@ class Setup:
     return cls(model=unet.create_model(config),
                schedule=diffusion.make_schedule(config.diffusion.num_steps,
                                                 config.diffusion.cosine_s),
-               root_key=jax.random.PRNGKey(config.seed))
+               root_key=jax.random.key(config.seed))
 
   def keys(self):
     """(init, train, eval) keys, fixed by the seed."""
@@ -525,6 +607,7 @@ def _train_loop(config, workdir, setup, state, examples, val_source, mgr,
   progress = records.Progress(start_step, stop_at, t.batch_size)
   lr_fn = learning_rate_schedule(config, total_steps)
   pending, skipped_total = [], 0
+  importance_on = None  # Logged when importance sampling switches on.
   step = start_step
   with _StopSignal() as stop:
     try:
@@ -559,6 +642,16 @@ def _train_loop(config, workdir, setup, state, examples, val_source, mgr,
               summary['steps_per_sec'], summary['images_per_sec'],
               records.format_eta(summary['eta_sec']),
               f'  skipped {skipped} non-finite' if skipped else '')
+          active = summary.get('importance_active')
+          if active is not None and bool(active) != importance_on:
+            importance_on = bool(active)
+            logging.info(
+                '[%d] timestep sampling: %s', step,
+                'importance sampling is on (every t has %d recorded losses)'
+                % config.diffusion.importance_history if importance_on else
+                'uniform until every t has %d recorded losses (%d t values)'
+                % (config.diffusion.importance_history,
+                   config.diffusion.num_steps))
           if streak >= t.max_nonfinite_steps:
             raise FloatingPointError(
                 f'{streak} consecutive non-finite losses/gradients at step '

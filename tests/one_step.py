@@ -1,7 +1,9 @@
 """Runs one pmapped train step of the tiny config; saves the new params.
 
-Used by test_step_equivalence with different emulated device counts:
-  python tests/one_step.py OUT.npz
+Used by the device-equivalence tests with different emulated device counts:
+  python tests/one_step.py OUT.npz [section.key=value ...]
+Values are Python literals (or plain strings). An importance-sampling loss
+history is pre-filled, so the step already draws from π(t).
 """
 
 import os
@@ -10,8 +12,11 @@ import sys
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
+import ast  # pylint: disable=g-import-not-at-top
+
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from spad_jax import train
 from spad_jax.data import pipeline
@@ -19,14 +24,32 @@ from spad_jax.data import sources
 import tiny_config  # pylint: disable=g-bad-import-order
 
 
-def main(out_path):
+def _literal(text):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def main(out_path, overrides=()):
   config = tiny_config.get_config()
+  for item in overrides:
+    key, value = item.split('=', 1)
+    section, field = key.split('.')
+    config[section][field] = _literal(value)
   setup = train.Setup.from_config(config)
   init_key, train_key, _ = setup.keys()
   source = sources.load_split(config, 'train')
   examples = pipeline.TrainExamples(
       source, config, local_device_count=jax.local_device_count())
   state = train.create_train_state(config, setup.model, init_key, 10)
+  if state.loss_history is not None:
+    values = state.loss_history['values']
+    state = state.replace(loss_history={
+        'values': 1.0 + jnp.arange(values.size, dtype=jnp.float32).reshape(
+            values.shape) % 7.0,
+        'counts': jnp.full_like(state.loss_history['counts'],
+                                values.shape[1])})
   step = train.p_train_step(config, setup.model, setup.schedule,
                             examples.steps_per_epoch)
   batch = next(pipeline.numpy_train_batches(examples, 0, 1))
@@ -39,9 +62,12 @@ def main(out_path):
   flat = {jax.tree_util.keystr(k): v for k, v in
           jax.tree_util.tree_flatten_with_path(params)[0]}
   flat['loss'] = np.asarray(jax.device_get(metrics['loss'][0]))
+  if state.loss_history is not None:
+    for name, value in state.loss_history.items():
+      flat[f'history_{name}'] = np.asarray(jax.device_get(value[0]))
   flat['max_update'] = np.asarray(max_update)
   np.savez(out_path, **flat)
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2:])

@@ -141,6 +141,15 @@ class UNet(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def fixed_inputs(like: jnp.ndarray):
+  """``(x_t, t)`` of the deterministic baseline (``model.kind=deterministic``):
+  an all-zero one-hot map shaped like ``like`` ``[B, H, W, K]`` and ``t = 0``.
+  Fixed inputs keep the parameter tree of the diffusion UNet; the constant
+  channels and time embedding act as biases."""
+  return (jnp.zeros(like.shape, jnp.float32),
+          jnp.zeros((like.shape[0],), jnp.int32))
+
+
 def create_model(config) -> UNet:
   """Builds the UNet from ``config.model`` and ``config.data.num_classes``."""
   m = config.model

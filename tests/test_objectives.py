@@ -1,0 +1,289 @@
+"""Objective variants: hybrid loss, timestep samplers, the deterministic UNet.
+
+References are independent: explicit transition matrices (test_diffusion),
+plain numpy cross-entropies, exact enumeration over t, a Python ring buffer.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from spad_jax import config_validation
+from spad_jax import diffusion
+from spad_jax import timesteps
+import test_diffusion as ref
+
+TINY = '--config=tests/tiny_config.py'
+
+
+def reference_kl(x0, xt, p_hat, t, alphas, k):
+  """Σ_pixels KL(q(x_{t-1}|x_t,x0) ‖ Σ_c p̂_c q(x_{t-1}|x_t,e_c)), float64."""
+  total = 0.0
+  for pix in range(x0.shape[0]):
+    q = ref.reference_posterior(xt[pix], np.eye(k)[x0[pix]], t, t - 1, alphas,
+                                k)
+    p = sum(p_hat[pix, c] * ref.reference_posterior(
+        xt[pix], np.eye(k)[c], t, t - 1, alphas, k) for c in range(k))
+    total += np.sum(q * (np.log(np.maximum(q, 1e-12)) -
+                         np.log(np.maximum(p, 1e-12))))
+  return total
+
+
+@pytest.mark.parametrize('weighting', ['constant', 'stage'])
+def test_hybrid_loss_equals_kl_plus_lambda_ce(weighting):
+  k, num_t, lam = 3, 30, 0.7
+  schedule = diffusion.make_schedule(num_t)
+  alphas = ref.reference_alphas(num_t)
+  abar = np.cumprod(alphas)
+  rng = np.random.default_rng(0)
+  b, h, w = 3, 2, 3
+  x0 = rng.integers(0, k, (b, h, w))
+  xt = rng.integers(0, k, (b, h, w))
+  p_hat = rng.dirichlet(np.ones(k), (b, h, w))
+  t = np.array([1, 9, 30])
+  got = diffusion.hybrid_loss(
+      jax.nn.one_hot(x0, k), jax.nn.one_hot(xt, k),
+      jnp.asarray(p_hat, jnp.float32), t, schedule, lam, weighting)
+  stage = (1 - abar) / np.mean(1 - abar[1:])
+  for i in range(b):
+    kl = reference_kl(x0[i].ravel(), xt[i].ravel(),
+                      p_hat[i].reshape(-1, k), t[i], alphas, k)
+    ce = -np.sum(np.log(np.take_along_axis(p_hat[i], x0[i][..., None],
+                                           -1)))
+    weight = 1.0 if weighting == 'constant' else stage[t[i]]
+    np.testing.assert_allclose(got[i], kl + lam * weight * ce, rtol=2e-5)
+  # λ = 0 is the paper's loss, untouched.
+  np.testing.assert_array_equal(
+      diffusion.hybrid_loss(jax.nn.one_hot(x0, k), jax.nn.one_hot(xt, k),
+                            jnp.asarray(p_hat, jnp.float32), t, schedule, 0.0,
+                            weighting),
+      diffusion.kl_loss(jax.nn.one_hot(x0, k), jax.nn.one_hot(xt, k),
+                        jnp.asarray(p_hat, jnp.float32), t, schedule))
+
+
+def test_stage_weight_grows_as_signal_fades_and_averages_one():
+  schedule = diffusion.make_schedule(250)
+  w = np.asarray(diffusion.ce_stage_weight(np.arange(1, 251), schedule))
+  assert np.all(np.diff(w) >= 0) and w[0] < 0.01 < 1 < w[-1]
+  np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-5)
+
+
+def full_history(values):
+  values = jnp.asarray(values, jnp.float32)
+  return {'values': values,
+          'counts': jnp.full((values.shape[0],), values.shape[1], jnp.int32)}
+
+
+def test_importance_weights_keep_the_expected_loss_exactly():
+  """Σ_t π(t)·w(t)·L_t = (1/T)·Σ_t L_t, by enumeration over every t."""
+  num_t, size = 12, 4
+  rng = np.random.default_rng(1)
+  values = np.vstack([np.zeros((1, size)), rng.gamma(2.0, 3.0, (num_t, size))])
+  probs = np.asarray(timesteps.importance_probs(full_history(values), 0.05))
+  assert probs.shape == (num_t,)
+  np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-6)
+  # π ∝ sqrt(E[L²]), mixed with 5 % uniform mass.
+  second = np.sqrt(np.mean(values[1:] ** 2, axis=1))
+  np.testing.assert_allclose(
+      probs, 0.95 * second / second.sum() + 0.05 / num_t, rtol=1e-5)
+  losses = rng.gamma(2.0, 3.0, num_t)  # Any per-t expected loss.
+  weights = np.asarray(timesteps.importance_weight(np.arange(1, num_t + 1),
+                                                   jnp.asarray(probs)))
+  np.testing.assert_allclose(np.sum(probs * weights * losses),
+                             np.mean(losses), rtol=1e-5)
+  # Draws follow π (loose Monte-Carlo check of the sampler itself).
+  keys = jax.random.split(jax.random.key(0), 20000)
+  t = np.asarray(jax.vmap(lambda k: timesteps.draw(k, jnp.asarray(probs)))(
+      keys))
+  counts = np.bincount(t, minlength=num_t + 1)[1:] / len(t)
+  np.testing.assert_allclose(counts, probs, atol=0.012)
+
+
+def test_importance_is_uniform_until_every_t_has_its_history():
+  num_t, size = 6, 3
+  history = timesteps.init_history(num_t, size)
+  for step in range(num_t * size):
+    assert not bool(timesteps.history_ready(history))
+    probs = np.asarray(timesteps.importance_probs(history, 0.001))
+    np.testing.assert_array_equal(probs, np.full(num_t, 1 / num_t,
+                                                 np.float32))
+    t = 1 + step % num_t
+    history = timesteps.update_history(history, jnp.array([t]),
+                                       jnp.array([float(t)]))
+  assert bool(timesteps.history_ready(history))
+  probs = np.asarray(timesteps.importance_probs(history, 0.0))
+  np.testing.assert_allclose(probs, np.arange(1, 7) / 21, rtol=1e-6)
+
+
+def test_history_ring_buffer_matches_python_reference():
+  num_t, size = 5, 3
+  rng = np.random.default_rng(2)
+  history = timesteps.init_history(num_t, size)
+  values = np.zeros((num_t + 1, size), np.float32)
+  counts = np.zeros(num_t + 1, np.int64)
+  for _ in range(6):
+    t = rng.integers(1, num_t + 1, 8)  # Repeats inside a batch.
+    losses = rng.normal(size=8).astype(np.float32)
+    losses[rng.random(8) < 0.2] = np.nan  # Not recorded.
+    history = timesteps.update_history(history, jnp.asarray(t),
+                                       jnp.asarray(losses))
+    for ti, li in zip(t, losses):
+      if np.isfinite(li):
+        values[ti, counts[ti] % size] = li
+        counts[ti] += 1
+  np.testing.assert_array_equal(np.asarray(history['values']), values)
+  np.testing.assert_array_equal(np.asarray(history['counts']), counts)
+
+
+@pytest.mark.parametrize('batch,num_t', [(4, 20), (8, 8), (3, 250)])
+def test_stratified_times_cover_the_strata_and_are_uniform(batch, num_t):
+  draws = []
+  for i in range(400):
+    t = np.asarray(timesteps.stratified(jax.random.key(i), batch, num_t))
+    assert t.min() >= 1 and t.max() <= num_t
+    # One example per stratum [j/B, (j+1)/B) of (t - 1)/T.
+    strata = np.floor((t - 1) / num_t * batch + 1e-9).astype(int)
+    strata = np.minimum(strata, batch - 1)
+    if num_t % batch == 0:
+      assert sorted(strata) == list(range(batch))
+    draws.append(t)
+  draws = np.concatenate(draws)
+  # Marginal: every t equally likely (within Monte-Carlo error).
+  freq = np.bincount(draws, minlength=num_t + 1)[1:] / len(draws)
+  assert np.abs(freq - 1 / num_t).max() < 5 * np.sqrt(
+      1 / num_t / len(draws)) + 1e-3
+
+
+def run_one_step(tmp_path, devices, overrides):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  out = tmp_path / f'd{devices}.npz'
+  run = subprocess.run([sys.executable, 'tests/one_step.py', str(out)] +
+                       overrides, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return dict(np.load(out))
+
+
+@pytest.mark.parametrize('overrides', [
+    ['diffusion.t_sampling=importance', 'diffusion.importance_history=2',
+     'diffusion.ce_lambda=0.5', 'diffusion.ce_weighting=stage'],
+    ['diffusion.t_sampling=stratified'],
+    ['model.kind=deterministic', 'model.dropout=0.2'],
+], ids=['importance_hybrid', 'stratified', 'deterministic_dropout'])
+def test_variant_step_same_on_1_and_4_devices(tmp_path, overrides):
+  one = run_one_step(tmp_path, 1, overrides)
+  four = run_one_step(tmp_path, 4, overrides)
+  assert one.keys() == four.keys()
+  for name in one:
+    if name.startswith('history_counts'):
+      np.testing.assert_array_equal(four[name], one[name])
+    else:
+      np.testing.assert_allclose(four[name], one[name], rtol=1e-4, atol=1e-6,
+                                 err_msg=name)
+  assert one['max_update'] > 1e-4
+  if 'history_counts' in one:  # The step recorded the whole global batch.
+    assert one['history_counts'][1:].sum() == 2 * 20 + 8
+
+
+def test_importance_state_resumes_bit_exactly(main_runner, tmp_path):
+  """8 steps straight == 4, stop, resume to 8, including the loss history;
+  the log says when importance sampling switches on."""
+  import test_train
+  args = [TINY, '--config.train.num_epochs=2',
+          '--config.diffusion.t_sampling=importance',
+          '--config.diffusion.importance_history=1',
+          '--config.diffusion.num_steps=10',
+          '--config.diffusion.ce_lambda=1.0',
+          '--config.train.checkpoint_every_steps=4']
+  straight = str(tmp_path / 'straight')
+  run = main_runner(args + [f'--workdir={straight}'])
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'timestep sampling: uniform until every t has 1' in run.stderr
+  assert 'importance sampling is on' in run.stderr
+  resumed = str(tmp_path / 'resumed')
+  first = main_runner(args + [f'--workdir={resumed}',
+                              '--config.train.max_steps_per_run=4'])
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = main_runner(args + [f'--workdir={resumed}'])
+  assert second.returncode == 0, second.stderr[-3000:]
+  reference = test_train.load_checkpoint(straight, 8)
+  again = test_train.load_checkpoint(resumed, 8)
+  assert reference.keys() == again.keys()
+  assert any('loss_history' in k for k in reference)
+  for key in reference:
+    np.testing.assert_array_equal(again[key], reference[key], err_msg=key)
+  counts = reference["['loss_history']['counts']"]
+  assert counts[1:].min() >= 1 and counts.sum() == 8 * 8
+
+
+def test_deterministic_trains_evaluates_and_predicts(main_runner, tmp_path):
+  import cv2
+  workdir = tmp_path / 'det'
+  args = [TINY, f'--workdir={workdir}', '--config.model.kind=deterministic',
+          '--config.train.eval_every_epochs=1']
+  run = main_runner(args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  metrics = json.load(open(workdir / 'metrics.json'))
+  assert metrics['model_kind'] == 'deterministic'
+  assert metrics['sampling'] == {'forward_passes': 1}
+  assert 0 <= metrics['mDice'] <= 1
+  assert (workdir / 'per_case.csv').exists()
+  assert (workdir / 'best_checkpoint').exists()
+  losses = [json.loads(line)['loss'] for line in open(
+      workdir / 'train_log.jsonl') if '"loss"' in line]
+  assert losses[-1] < losses[0]
+  # Evaluate again: one forward pass is deterministic, so the same numbers.
+  again = main_runner(args[:2] + ['--config.model.kind=deterministic',
+                                  '--mode=evaluate'])
+  assert again.returncode == 0, again.stderr[-3000:]
+  metrics2 = json.load(open(workdir / 'metrics.json'))
+  assert metrics2['per_class'] == metrics['per_class']
+  images = tmp_path / 'in'
+  images.mkdir()
+  cv2.imwrite(str(images / 'a.png'),
+              (np.random.default_rng(0).random((20, 24)) * 255).astype(
+                  np.uint8))
+  pred = main_runner(args[:2] + ['--config.model.kind=deterministic',
+                                 '--mode=predict', f'--input={images}',
+                                 f'--output={tmp_path / "out"}'])
+  assert pred.returncode == 0, pred.stderr[-3000:]
+  label = cv2.imread(str(tmp_path / 'out' / 'a_label.png'),
+                     cv2.IMREAD_UNCHANGED)
+  assert label.shape == (20, 24) and label.max() < 4
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('diffusion.ce_lambda', -0.5, 'config.diffusion.ce_lambda'),
+    ('diffusion.t_sampling', 'sobol', 'config.diffusion.t_sampling'),
+    ('diffusion.ce_weighting', 'late', 'config.diffusion.ce_weighting'),
+    ('model.kind', 'gan', 'config.model.kind'),
+    ('diffusion.importance_history', 0, 'config.diffusion.importance_history'),
+    ('train.dice_weight', -1.0, 'config.train.dice_weight'),
+])
+def test_bad_objective_settings_are_named(key, value, needle):
+  config = importlib.import_module('configs.demo').get_config()
+  section, field = key.split('.')
+  config[section][field] = value
+  with pytest.raises(config_validation.ConfigError, match=needle):
+    config_validation.validate(config)
+
+
+def test_bad_objective_settings_stop_before_any_work(main_runner, tmp_path):
+  workdir = tmp_path / 'w'
+  run = main_runner([TINY, f'--workdir={workdir}',
+                     '--config.diffusion.ce_lambda=-1',
+                     '--config.diffusion.t_sampling=sobol',
+                     '--config.model.kind=gan'])
+  assert run.returncode == 2
+  for key in ('diffusion.ce_lambda', 'diffusion.t_sampling', 'model.kind'):
+    assert f'config.{key}' in run.stderr
+  assert not workdir.exists()
