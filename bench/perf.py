@@ -146,16 +146,17 @@ def jax_train(preset, size, batch, dtype, spad, iters, repeats, peak):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   config = bench_config(preset, size, batch, dtype, spad)
-  setup = train.Setup.from_config(config)
+  setup = train_state.Setup.from_config(config)
   ndev = jax.local_device_count()
-  state = train.replicate(train.create_train_state(
+  state = train_state.replicate(train_state.create_train_state(
       config, setup.model, jax.random.PRNGKey(0), 10_000))
   p_step = train.p_train_step(config, setup.model, setup.schedule, 1000)
   batch_np = random_batch(np.random.default_rng(0), ndev, batch, size,
                           config.data.num_classes)
   dev_batch = jax.pmap(lambda x: x)(batch_np)
-  key = train.replicate(jax.random.PRNGKey(1))
+  key = train_state.replicate(jax.random.PRNGKey(1))
   t0 = time.perf_counter()
   compiled = p_step.lower(state, dev_batch, key).compile()
   compile_s = time.perf_counter() - t0
@@ -270,13 +271,14 @@ def jax_sampling(preset, size, steps, batch, n, repeats, dtype):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   config = bench_config(preset, size, 8, dtype, False)
   config.eval.num_steps = steps
   config.eval.num_samples = n
-  setup = train.Setup.from_config(config)
-  state = train.create_train_state(config, setup.model, jax.random.PRNGKey(0),
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model, jax.random.PRNGKey(0),
                                    1)
-  params = train.replicate(state.ema_params)
+  params = train_state.replicate(state.ema_params)
   predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
   ndev = jax.local_device_count()
   images = np.random.default_rng(0).normal(
@@ -358,9 +360,10 @@ def profile_parts(preset, size, batch, dtype, iters, repeats, trace_dir,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   config = bench_config(preset, size, batch, dtype, True)
-  setup = train.Setup.from_config(config)
-  params = train.create_train_state(config, setup.model,
+  setup = train_state.Setup.from_config(config)
+  params = train_state.create_train_state(config, setup.model,
                                     jax.random.PRNGKey(0), 1).params
   rng = np.random.default_rng(0)
   xt = jax.nn.one_hot(rng.integers(0, 4, (batch, size, size)), 4)

@@ -40,10 +40,10 @@ def run(config, workdir, steps, samples, max_cases=0):
   import jax  # pylint: disable=g-import-not-at-top
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import metrics  # pylint: disable=g-import-not-at-top
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-  setup = train.Setup.from_config(config)
+  setup = train_state.Setup.from_config(config)
   state = evaluate.load_state(config, workdir, setup)
   source = sources.load_split(config, config.eval.split)
   if max_cases:

@@ -1,5 +1,6 @@
 """Checks a config before any work starts; every problem names its key."""
 
+from spad_jax import config_keys
 from spad_jax.data.sources import DATASETS
 from spad_jax.data.sources import FOLDER_DATASETS
 from spad_jax.data.sources import READERS
@@ -15,7 +16,7 @@ def validate(config) -> None:
 
   def check(ok: bool, key: str, message: str):
     if not ok:
-      errors.append(f'config.{key} = {_get(config, key)!r}: {message}')
+      errors.append(f'config.{key} = {config_keys.get(config, key)!r}: {message}')
 
   d, m, s, t, e = (config.data, config.model, config.spad, config.train,
                    config.eval)
@@ -148,10 +149,3 @@ def validate_data(config, training: bool = True) -> None:
     sources.check_data(config)
   except folder.DataError as e:
     raise ConfigError(f'invalid data set: {e}') from e
-
-
-def _get(config, dotted: str):
-  value = config
-  for part in dotted.split('.'):
-    value = value[part]
-  return value

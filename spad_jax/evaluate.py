@@ -19,6 +19,7 @@ units of the original image: its pixels, or ``eval.spacing`` per pixel.
 
 import csv
 import glob
+import io
 import itertools
 import json
 import os
@@ -32,7 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from spad_jax import diffusion
+from spad_jax import formatting
+from spad_jax import files
 from spad_jax import metrics
+from spad_jax import train_state
+from spad_jax import visualize
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 from spad_jax.models import unet
@@ -100,89 +105,35 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, None))
 
 
-def palette(num_classes: int) -> np.ndarray:
-  """RGB colours, background black, the rest spread over hue."""
-  colours = [(0, 0, 0)]
-  for c in range(1, num_classes):
-    hsv = np.uint8([[[int(180 * (c - 1) / max(num_classes - 1, 1)), 255,
-                      255]]])
-    colours.append(tuple(int(v) for v in cv2.cvtColor(hsv,
-                                                      cv2.COLOR_HSV2RGB)[0, 0]))
-  return np.asarray(colours, np.uint8)
-
-
-def gray_rgb(image: np.ndarray) -> np.ndarray:
-  """Model-range image [-1, 1] ``[H, W, C]`` to uint8 RGB."""
-  img = np.clip((image + 1.0) * 127.5, 0, 255).astype(np.uint8)
-  return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
-
-
-def uncertainty_rgb(entropy: np.ndarray, num_classes: int) -> np.ndarray:
-  """Entropy (nats) over its maximum ``log K`` in the inferno colour map, RGB."""
-  e = entropy / max(np.log(num_classes), 1e-9)
-  return cv2.applyColorMap((np.clip(e, 0, 1) * 255).astype(np.uint8),
-                           cv2.COLORMAP_INFERNO)[..., ::-1]
-
-
-def overlay_rgb(image_rgb: np.ndarray, label: np.ndarray, num_classes: int,
-                alpha: float = 0.5) -> np.ndarray:
-  """Class colours blended over a uint8 RGB image; background left as is."""
-  colours = palette(num_classes)[label].astype(np.float32)
-  blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colours
-  out = np.where((label > 0)[..., None], blend, image_rgb)
-  return np.round(out).astype(np.uint8)
-
-
-def grid_png(images, labels, preds, entropies, num_classes: int,
-             path: str, scale: int = 1) -> np.ndarray:
-  """Rows of image / label / prediction [/ entropy]; returns the RGB grid."""
-  pal = palette(num_classes)
-  rows = []
-  for i in range(len(images)):
-    row = [gray_rgb(images[i]), pal[labels[i]], pal[preds[i]]]
-    if entropies is not None:
-      row.append(uncertainty_rgb(entropies[i], num_classes))
-    rows.append(np.concatenate(row, axis=1))
-  grid = np.concatenate(rows, axis=0)
-  if scale > 1:
-    grid = cv2.resize(grid, None, fx=scale, fy=scale,
-                      interpolation=cv2.INTER_NEAREST)
-  titles = ['image', 'label', 'prediction']
-  if entropies is not None:
-    titles.append('uncertainty')
-  grid = np.concatenate(
-      [title_strip(titles, grid.shape[1] // len(titles)), grid], axis=0)
-  cv2.imwrite(path, grid[..., ::-1])
-  return grid
-
-
-def title_strip(titles, tile_width: int, height: int = 24) -> np.ndarray:
-  """A white strip with one title per ``tile_width`` columns."""
-  strip = np.full((height, tile_width * len(titles), 3), 255, np.uint8)
-  font_scale = min(0.45, tile_width / 220)
-  for i, title in enumerate(titles):
-    cv2.putText(strip, title, (i * tile_width + 4, height - 7),
-                cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
-                cv2.LINE_AA)
-  return strip
-
-
 def load_state(config, workdir, setup):
   """The checkpoint ``eval.checkpoint`` picks (best by val mDice or latest)
   of ``workdir``, as an unreplicated TrainState."""
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
-  kind = train.resolve_checkpoint(config, workdir)
-  mgr = train.checkpoint_manager(workdir, config.train.checkpoints_to_keep,
+  kind = train_state.resolve_checkpoint(config, workdir)
+  mgr = train_state.checkpoint_manager(workdir,
+                                       config.train.checkpoints_to_keep,
                                  kind=kind)
   if mgr.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {mgr.directory}; train first '
                             '(--mode=train)')
   logging.info('Loading the %s checkpoint: step %d of %s.', kind,
                mgr.latest_step(), mgr.directory)
-  state = train.restore_checkpoint(
-      mgr, train.abstract_train_state(config, setup.model))
+  state = train_state.restore_checkpoint(
+      mgr, train_state.abstract_train_state(config, setup.model))
   mgr.close()
   return state
+
+
+def predictor(config, setup, return_samples: bool = False):
+  """The compiled sampler of ``setup`` for these settings, made once: the
+  validations during training and the final evaluation share it (and its
+  compilation)."""
+  key = (return_samples, config.model.kind, config.eval.num_steps,
+         config.eval.num_samples, config.diffusion.num_steps,
+         config.data.num_classes)
+  if key not in setup.predictors:
+    setup.predictors[key] = make_predict_fn(config, setup.model,
+                                            setup.schedule, return_samples)
+  return setup.predictors[key]
 
 
 def sample_split(config, ema_params, setup, source, num_shown: int = 0,
@@ -197,13 +148,13 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   compilation (benchmarks); ``num_shown`` keeps that many cases for a grid.
   ``on_case(index, outputs)`` is called for every case this process sampled
   with its ``prediction``, ``entropy``, ``soft`` (and ``samples`` with
-  ``return_samples``); its time is reported as ``scoring_seconds``.
+  ``return_samples``); its time is reported as ``scoring_seconds``. Batch
+  ``i + 1`` is dispatched to the devices before batch ``i`` is scored on the
+  host, so scoring overlaps sampling.
   """
   k = config.data.num_classes
-  # Pass ``predict`` to reuse one compiled sampler across calls.
-  predict = predict or make_predict_fn(config, setup.model, setup.schedule,
-                                       return_samples=return_samples)
-  params = _replicate(ema_params)
+  predict = predict or predictor(config, setup, return_samples)
+  params = train_state.replicate(ema_params)
   eval_key = setup.keys()[2]
   batches = pipeline.eval_batches(source, config.eval.batch_size,
                                   jax.local_device_count(),
@@ -218,9 +169,11 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   start = time.time()
   done, scoring = 0, 0.0
-  for i, batch in enumerate(batches):
-    out = jax.device_get(predict(params, batch['image'], eval_key,
-                                 np.int32(i)))
+  total = len(source) // max(jax.process_count(), 1)
+
+  def finish(batch, out_on_device):
+    nonlocal conf, done, scoring
+    out = jax.device_get(out_on_device)
     valid = batch['valid'].reshape(-1)
     pred = flat(out['prediction'])[valid]
     label = flat(batch['label'])[valid]
@@ -239,19 +192,24 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
         on_case(int(index[pos]), {name: flat(arr)[pos]
                                   for name, arr in out.items()})
       scoring += time.time() - begin
-    elapsed = time.time() - start
-    logging.info('  sampled %d/%d cases (%.2f img/s)', done,
-                 len(source) // max(jax.process_count(), 1), done / elapsed)
+    logging.info('  sampled %d/%d cases (%.2f img/s)', done, total,
+                 done / (time.time() - start))
+
+  previous = None
+  for i, batch in enumerate(batches):
+    # Dispatch is asynchronous: the devices sample this batch while the
+    # host scores the previous one.
+    current = (batch, predict(params, batch['image'], eval_key, np.int32(i)))
+    if previous is not None:
+      finish(*previous)
+    previous = current
+  if previous is not None:
+    finish(*previous)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
   return {'confusion': conf, 'shown': shown, 'seconds': time.time() - start,
           'scoring_seconds': scoring}
-
-
-def _replicate(tree):
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
-  return train.replicate(tree)
 
 
 def case_spacing(original_size, image_size: int,
@@ -308,29 +266,6 @@ class Extremes:
     return sorted(self.entries, key=lambda e: (e[0], e[1]))[:self.k]
 
 
-def case_panel(image, label, pred, entropy, num_classes: int, original_size,
-               title: str, long_side: int = 384) -> np.ndarray:
-  """image / label overlay / prediction overlay [/ uncertainty] of one case,
-  shown at the original aspect ratio with the long side ``long_side``."""
-  h, w = original_size
-  size = (max(1, round(long_side * w / max(h, w))),
-          max(1, round(long_side * h / max(h, w))))
-  near = lambda x: cv2.resize(x.astype(np.uint8), size,
-                              interpolation=cv2.INTER_NEAREST)
-  rgb = cv2.resize(gray_rgb(np.asarray(image, np.float32)), size,
-                   interpolation=cv2.INTER_LINEAR)
-  tiles = [rgb, overlay_rgb(rgb, near(label), num_classes),
-           overlay_rgb(rgb, near(pred), num_classes)]
-  titles = [title, 'label', 'prediction']
-  if entropy is not None:
-    tiles.append(uncertainty_rgb(cv2.resize(
-        entropy.astype(np.float32), size, interpolation=cv2.INTER_LINEAR),
-        num_classes))
-    titles.append('uncertainty')
-  panel = np.concatenate(tiles, axis=1)
-  return np.concatenate([title_strip(titles, size[0]), panel], axis=0)
-
-
 def write_overlays(directory: str, extremes: Extremes, source,
                    num_classes: int, with_entropy: bool) -> List[str]:
   """``best_<rank>_<case>.png`` and ``worst_<rank>_<case>.png``; replaces the
@@ -344,7 +279,7 @@ def write_overlays(directory: str, extremes: Extremes, source,
   for kind, entries in (('best', extremes.best()),
                         ('worst', extremes.worst())):
     for rank, (score, index, out) in enumerate(entries, 1):
-      panel = case_panel(source.images[index], source.labels[index],
+      panel = visualize.case_panel(source.images[index], source.labels[index],
                          out['prediction'],
                          out['entropy'] if with_entropy else None,
                          num_classes, source.original_sizes[index],
@@ -359,17 +294,17 @@ def write_per_case_csv(path: str, ids: Sequence[str], tables: np.ndarray,
                        class_names: Sequence[str]) -> int:
   """One row per (case, scored foreground class); returns the row count."""
   rows = 0
-  with open(path + '.tmp', 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(('case', 'class') + metrics.CASE_FIELDS)
-    for case_id, table in zip(ids, tables):
-      for c, row in enumerate(table):
-        if np.isnan(row[0]):  # Absent from label and prediction: skipped.
-          continue
-        values = [f'{v:.6g}' for v in row[:4]] + [int(v) for v in row[4:]]
-        writer.writerow([case_id, class_names[c + 1]] + values)
-        rows += 1
-  os.replace(path + '.tmp', path)
+  text = io.StringIO(newline='')
+  writer = csv.writer(text)
+  writer.writerow(('case', 'class') + metrics.CASE_FIELDS)
+  for case_id, table in zip(ids, tables):
+    for c, row in enumerate(table):
+      if np.isnan(row[0]):  # Absent from label and prediction: skipped.
+        continue
+      values = [f'{v:.6g}' for v in row[:4]] + [int(v) for v in row[4:]]
+      writer.writerow([case_id, class_names[c + 1]] + values)
+      rows += 1
+  files.write_atomic(path, text.getvalue())
   return rows
 
 
@@ -402,10 +337,9 @@ def evaluate(config, workdir: str, state=None, setup=None,
              num_extremes: int = 3) -> Dict[str, Any]:
   """Samples ``config.eval.split``; writes metrics.json, per_case.csv,
   eval_grid.png and the overlays of the ``num_extremes`` best/worst cases."""
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
   from spad_jax.data import annotations  # pylint: disable=g-import-not-at-top
   case_spacing((1, 1), 1, config.eval.spacing)  # Fail before sampling.
-  setup = setup or train.Setup.from_config(config)
+  setup = setup or train_state.Setup.from_config(config)
   if state is None:
     state = load_state(config, workdir, setup)
   split = config.eval.split
@@ -447,7 +381,7 @@ def evaluate(config, workdir: str, state=None, setup=None,
   result.update({
       'split': split, 'num_cases': len(source),
       'checkpoint_step': int(jax.device_get(state.step)),
-      'checkpoint': train.resolve_checkpoint(config, workdir),
+      'checkpoint': train_state.resolve_checkpoint(config, workdir),
       'params': 'ema',
       'model_kind': config.model.kind,
       'sampling': ({'num_steps': config.eval.num_steps,
@@ -468,10 +402,11 @@ def evaluate(config, workdir: str, state=None, setup=None,
   # A softmax has an entropy even from one pass; one diffusion sample not.
   show_entropy = n_samples > 1 or config.model.kind == 'deterministic'
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'metrics.json'), result)
+    files.write_json(os.path.join(workdir, 'metrics.json'), result,
+                     keep_previous=True)
     write_per_case_csv(os.path.join(workdir, 'per_case.csv'), source.ids,
                        tables, source.class_names)
-    grid_png(shown['images'], shown['labels'], shown['preds'],
+    visualize.grid_png(shown['images'], shown['labels'], shown['preds'],
              shown['entropy'] if show_entropy else None, k,
              os.path.join(workdir, 'eval_grid.png'),
              scale=max(1, 256 // config.data.image_size))
@@ -479,28 +414,10 @@ def evaluate(config, workdir: str, state=None, setup=None,
                    with_entropy=show_entropy)
   pcm = result['per_case_mean']
   logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
-               '(%.1f s, checkpoint step %d)', split, _pct(result['mIoU']),
-               _pct(result['mDice']), _pct(pcm['Dice']), _fmt(pcm['HD95']),
-               _fmt(pcm['ASSD']), seconds, result['checkpoint_step'])
+               '(%.1f s, checkpoint step %d)', split, formatting.percent(result['mIoU']),
+               formatting.percent(result['mDice']), formatting.percent(pcm['Dice']), formatting.number(pcm['HD95']),
+               formatting.number(pcm['ASSD']), seconds, result['checkpoint_step'])
   if sets:
     logging.info('%s: GED %s over %d cases with several annotations.', split,
-                 _fmt(result['multi_annotation']['GED']), len(sets))
+                 formatting.number(result['multi_annotation']['GED']), len(sets))
   return result
-
-
-def _fmt(x: Optional[float]) -> str:
-  return 'n/a' if x is None else f'{x:.3f}'
-
-
-def _pct(x: Optional[float]) -> str:
-  return 'n/a' if x is None else f'{100 * x:.2f}%'
-
-
-def _write_json(path: str, obj) -> None:
-  """Writes atomically, keeping an earlier file as ``<name>.prev.json``."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  if os.path.exists(path):
-    os.replace(path, path[:-len('.json')] + '.prev.json')
-  os.replace(tmp, path)

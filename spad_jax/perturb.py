@@ -32,6 +32,14 @@ def pas_sigma(epoch, sigma0: float, lam: float):
   return float(sigma0) / (1.0 + float(lam) * float(epoch))
 
 
+def sigma_at(epoch, spad_cfg):
+  """σ(e) (PaS) or the constant σ0 when PaS is off, from ``config.spad``; a
+  Python float for a Python epoch (host side), traced inside the train step."""
+  if spad_cfg.pas:
+    return pas_sigma(epoch, spad_cfg.sigma0, spad_cfg.pas_lambda)
+  return float(spad_cfg.sigma0)
+
+
 def num_targets(epoch, k0: float, gamma: float, n_available):
   """``k(e) = min(#targets, max(1, round(K0 / (1 + γ·e))))``; 0 with no targets.
 

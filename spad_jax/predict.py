@@ -35,8 +35,10 @@ import jax
 import numpy as np
 
 from spad_jax import evaluate
-from spad_jax import records
-from spad_jax import train
+from spad_jax import files
+from spad_jax import formatting
+from spad_jax import train_state
+from spad_jax import visualize
 from spad_jax.data import folder
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.nii',
@@ -112,14 +114,6 @@ def to_original(soft: np.ndarray, entropy: np.ndarray,
   return np.argmax(soft, axis=-1).astype(np.uint8), np.maximum(entropy, 0)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes through a temporary file so no half-written output is left."""
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _png(array: np.ndarray) -> bytes:
   ok, buf = cv2.imencode('.png', array)
   if not ok:
@@ -131,16 +125,14 @@ def write_outputs(paths: Dict[str, str], display01: np.ndarray,
                   label: np.ndarray, entropy: np.ndarray,
                   num_classes: int) -> None:
   """The files of one input; ``display01`` is the image read, in [0, 1]."""
-  rgb = evaluate.gray_rgb(display01[..., :3] * 2.0 - 1.0)
-  _write_atomic(paths['label'], _png(label))
-  _write_atomic(paths['overlay'], _png(
-      evaluate.overlay_rgb(rgb, label, num_classes)[..., ::-1]))
-  _write_atomic(paths['uncertainty'], _png(
-      evaluate.uncertainty_rgb(entropy, num_classes)[..., ::-1]))
+  rgb = visualize.gray_rgb(display01[..., :3] * 2.0 - 1.0)
+  files.write_atomic(paths['label'], _png(label))
+  files.write_atomic(paths['overlay'], _png(
+      visualize.overlay_rgb(rgb, label, num_classes)[..., ::-1]))
+  files.write_atomic(paths['uncertainty'], _png(
+      visualize.uncertainty_rgb(entropy, num_classes)[..., ::-1]))
   if 'entropy' in paths:
-    tmp = paths['entropy'] + '.tmp.npy'
-    np.save(tmp, entropy.astype(np.float32))
-    os.replace(tmp, paths['entropy'])
+    files.write_npy(paths['entropy'], entropy.astype(np.float32))
 
 
 def batch_size(config, num_images: int, devices: int) -> int:
@@ -221,7 +213,7 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
 
   predict_fn = predict_fn or evaluate.make_predict_fn(config, setup.model,
                                                       setup.schedule)
-  params = train.replicate(params)
+  params = train_state.replicate(params)
   key = setup.keys()[2]
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   failed_before = len(summary.failed)
@@ -249,7 +241,7 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
     left = len(todo) - done - (len(summary.failed) - failed_before)
     logging.info('predict: %d/%d images  %.2f img/s%s  ETA %s', done,
                  len(todo), rate, note,
-                 records.format_eta(max(left, 0) / max(rate, 1e-9)))
+                 formatting.hms(max(left, 0) / max(rate, 1e-9)))
 
   pending = None
   gb = batch_size(config, len(todo), devices)
@@ -284,7 +276,7 @@ def predict_folder(config, workdir: str, input_dir: str, output_dir: str,
   if not paths:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in '
                             f'{input_dir}')
-  setup = train.Setup.from_config(config)
+  setup = train_state.Setup.from_config(config)
   state = evaluate.load_state(config, workdir, setup)
   step = int(jax.device_get(state.step))
   logging.info('Predicting %d image(s) from %s with checkpoint step %d (EMA '

@@ -4,7 +4,7 @@ TensorFlow is installed (GPU machines without it still get the JSONL)."""
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 from absl import logging
@@ -84,10 +84,3 @@ class Progress:
     eta = (self.total - step) / max(overall, 1e-9)
     return {'steps_per_sec': rate, 'images_per_sec': rate * self.batch,
             'eta_sec': eta}
-
-
-def format_eta(seconds: Optional[float]) -> str:
-  seconds = int(seconds or 0)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h:d}:{m:02d}:{s:02d}'

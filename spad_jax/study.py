@@ -214,6 +214,7 @@ def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
 def check_workdir(run: Run) -> None:
   """Stops when ``run.workdir`` was started with a different config."""
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   path = os.path.join(run.workdir, 'config.json')
   if not os.path.exists(path):
     return
@@ -240,6 +241,7 @@ def execute(runs: Sequence[Run], train_fn=None) -> bool:
   stops the study: run the command again to resume.
   """
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   train_fn = train_fn or train.train_and_evaluate
   unique = [r for r in runs if r.same_as is None]
   for run in unique:
@@ -431,8 +433,9 @@ def budget_of(config) -> Dict[str, Any]:
   """What a run costs and sees, for the report."""
   import jax  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
-  setup = train.Setup.from_config(config)
-  shapes = train.abstract_train_state(config, setup.model).params
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  setup = train_state.Setup.from_config(config)
+  shapes = train_state.abstract_train_state(config, setup.model).params
   params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
   d, t = config.data, config.train
   return {
@@ -461,13 +464,14 @@ def budget_of(config) -> Dict[str, Any]:
 def machine() -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   return {'platform': platform.platform(), 'processor': platform.processor(),
           'cpu_count': os.cpu_count(),
           'load_average': list(os.getloadavg()) if hasattr(
               os, 'getloadavg') else None,
           'devices': [str(d) for d in jax.devices()],
           'jax': jax.__version__, 'python': platform.python_version(),
-          'git_revision': train.git_revision()}
+          'git_revision': train_state.git_revision()}
 
 
 def _fmt(x, digits=2, scale=1.0) -> str:
@@ -749,7 +753,9 @@ def qualitative(path: str, runs: Sequence[Run], num_cases: int,
   Returns the case ids shown (None when no arm is done)."""
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
   import cv2  # pylint: disable=g-import-not-at-top
   chosen = []
@@ -773,7 +779,7 @@ def qualitative(path: str, runs: Sequence[Run], num_cases: int,
       ids=[source.ids[i] for i in idx],
       original_sizes=source.original_sizes[idx])
   k = config.data.num_classes
-  setup = train.Setup.from_config(config)  # Same model and keys for all arms.
+  setup = train_state.Setup.from_config(config)  # Same model and keys for all arms.
   predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
   preds = {}
   for arm, _, run in chosen:
@@ -786,13 +792,13 @@ def qualitative(path: str, runs: Sequence[Run], num_cases: int,
     h, w = sub.original_sizes[i]
     size = (max(1, round(160 * w / max(h, w))), max(1, round(160 * h / max(
         h, w))))
-    rgb = cv2.resize(evaluate.gray_rgb(np.asarray(sub.images[i], np.float32)),
+    rgb = cv2.resize(visualize.gray_rgb(np.asarray(sub.images[i], np.float32)),
                      size, interpolation=cv2.INTER_AREA)
     if label_map is None:
       return rgb
     near = cv2.resize(label_map.astype(np.uint8), size,
                       interpolation=cv2.INTER_NEAREST)
-    return evaluate.overlay_rgb(rgb, near, k, alpha=0.6)
+    return visualize.overlay_rgb(rgb, near, k, alpha=0.6)
 
   plt = _plt()
   rows = [('image', None), ('ground truth', 'gt')] + [

@@ -1,138 +1,41 @@
-"""Training: TrainState, the pmapped SPAD/CCDM train step, the loop, checkpoints.
+"""Training: the pmapped SPAD/CCDM train step, the loop, validation.
 
 Keys are explicit: every example draws its time step, noisy label and image
 noise from ``fold_in(fold_in(train_key, step), global_example_index)``, so a
 step gives the same numbers on 1 or many devices for the same global batch.
 """
 
-import dataclasses
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 from flax import jax_utils
-from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from spad_jax import config_keys
 from spad_jax import diffusion
+from spad_jax import evaluate
+from spad_jax import files
+from spad_jax import formatting
+from spad_jax import metrics as metrics_lib
 from spad_jax import perturb
 from spad_jax import records
 from spad_jax import timesteps
+from spad_jax import train_state
+from spad_jax import visualize
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 from spad_jax.models import unet
 
-AXIS = 'batch'
-INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
-
-
-@struct.dataclass
-class TrainState:
-  step: jnp.ndarray  # int32 scalar: optimizer updates applied so far.
-  params: Any
-  ema_params: Any
-  opt_state: Any
-  nonfinite_streak: jnp.ndarray  # Consecutive skipped (non-finite) updates.
-  tx: optax.GradientTransformation = struct.field(pytree_node=False)
-  # Per-t loss history of importance sampling (timesteps.py); None otherwise.
-  loss_history: Optional[Dict[str, jnp.ndarray]] = None
-
-  def checkpoint_items(self) -> Dict[str, Any]:
-    items = {'step': self.step, 'params': self.params,
-             'ema_params': self.ema_params, 'opt_state': self.opt_state,
-             'nonfinite_streak': self.nonfinite_streak}
-    if self.loss_history is not None:
-      items['loss_history'] = self.loss_history
-    return items
-
-  def replace_items(self, items: Dict[str, Any]) -> 'TrainState':
-    return self.replace(**items)
-
-
-def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
-  t = config.train
-  warmup = min(t.warmup_steps, max(total_steps - 1, 0))
-  rest = max(total_steps - warmup, 1)
-  if t.lr_schedule == 'constant':
-    main = optax.constant_schedule(t.learning_rate)
-  elif t.lr_schedule == 'cosine':
-    main = optax.cosine_decay_schedule(t.learning_rate, rest)
-  elif t.lr_schedule == 'linear':
-    main = optax.linear_schedule(t.learning_rate, 0.0, rest)
-  else:
-    raise ValueError(f'config.train.lr_schedule: unknown {t.lr_schedule!r}')
-  if not warmup:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, t.learning_rate, warmup), main], [warmup])
-
-
-def create_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  """Adam with L2 weight decay (the paper's), or AdamW when decoupled."""
-  t = config.train
-  lr = learning_rate_schedule(config, total_steps)
-  parts = []
-  if t.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(t.grad_clip_norm))
-  if t.decoupled_weight_decay:
-    parts.append(optax.adamw(lr, weight_decay=t.weight_decay))
-  else:
-    if t.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(t.weight_decay))
-    parts.append(optax.adam(lr))
-  return optax.chain(*parts)
-
-
-def _init_params_fn(config, model: unet.UNet) -> Callable:
-  size, c, k = (config.data.image_size, config.data.channels,
-                config.data.num_classes)
-  return lambda key: model.init(
-      key, jnp.zeros((1, size, size, k)), jnp.zeros((1, size, size, c)),
-      jnp.zeros((1,), jnp.int32))['params']
-
-
-def _state_from_params(config, params, total_steps: int) -> TrainState:
-  tx = create_optimizer(config, total_steps)
-  history = None
-  if (config.model.kind == 'diffusion' and
-      config.diffusion.t_sampling == 'importance'):
-    history = timesteps.init_history(config.diffusion.num_steps,
-                                     config.diffusion.importance_history)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=params, opt_state=tx.init(params),
-                    nonfinite_streak=jnp.zeros((), jnp.int32), tx=tx,
-                    loss_history=history)
-
-
-def create_train_state(config, model: unet.UNet, key: jax.Array,
-                       total_steps: int) -> TrainState:
-  init = jax.jit(_init_params_fn(config, model))
-  # Run once, so on CPU compile without backend optimisation: 2.6 s instead
-  # of 9.4 s for the test UNet; the parameters differ from an optimised
-  # compile's in the last bit of ~4 % of the values (tests/test_train.py).
-  # Other backends keep their defaults (not measured there).
-  options = INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
-  params = init.lower(key).compile(compiler_options=options)(key)
-  return _state_from_params(config, params, total_steps)
-
-
-def abstract_train_state(config, model: unet.UNet) -> TrainState:
-  """The TrainState's structure with shapes only: a restore target that
-  costs no compilation or initialisation (loading for evaluate/predict)."""
-  init = _init_params_fn(config, model)
-  return jax.eval_shape(
-      lambda key: _state_from_params(config, init(key), 1),
-      jax.random.key(0))
+AXIS = train_state.AXIS
 
 
 def ema_decay_at(step, decay: float):
@@ -140,14 +43,6 @@ def ema_decay_at(step, decay: float):
   dominated by the random initialisation on short runs."""
   n = jnp.asarray(step, jnp.float32)
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-
-
-def sigma_at(epoch, spad_cfg):
-  """σ(e) (PaS) or the constant σ0 when PaS is off; a Python float for a
-  Python epoch (host side), traced inside the train step."""
-  if spad_cfg.pas:
-    return perturb.pas_sigma(epoch, spad_cfg.sigma0, spad_cfg.pas_lambda)
-  return float(spad_cfg.sigma0)
 
 
 def soft_dice_loss(x0_onehot: jnp.ndarray, p_hat: jnp.ndarray) -> jnp.ndarray:
@@ -205,7 +100,7 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
       return t, timesteps.importance_weight(t, probs), probs
     return None, 1.0, None
 
-  def train_step(state: TrainState, batch, train_key):
+  def train_step(state: train_state.TrainState, batch, train_key):
     per_device = batch['label'].shape[0]
     step_key = jax.random.fold_in(train_key, state.step)
     first = jax.lax.axis_index(AXIS) * per_device
@@ -228,7 +123,7 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
               keys, x0, t_given)
       xt_onehot = jax.nn.one_hot(xt, num_classes, dtype=jnp.float32)
     image = batch['image']
-    sigma = sigma_at(epoch, spad_cfg)
+    sigma = perturb.sigma_at(epoch, spad_cfg)
     if perturbs:
       mask = perturb.union_mask(batch['scd_bits'], batch['bcd_bits'],
                                 batch['label'].shape)
@@ -282,7 +177,8 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
         opt_state=keep(new_opt, state.opt_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         loss_history=history)
-    pixels = x0.shape[1] * x0.shape[2]
+    # The deterministic loss is already per pixel (CE mean + soft Dice).
+    pixels = 1 if deterministic else x0.shape[1] * x0.shape[2]
     metrics = {
         'loss': loss, 'loss_per_pixel': loss / pixels,
         'grad_norm': grad_norm, 'sigma': jnp.asarray(sigma, jnp.float32),
@@ -301,122 +197,7 @@ def p_train_step(config, model, schedule, steps_per_epoch) -> Callable:
                   axis_name=AXIS, donate_argnums=(0,))
 
 
-def replicate(tree):
-  """Replicates onto the local devices on a mesh axis named like the pmap's.
-
-  With flax's default axis name the arrays returned by the pmapped step live
-  on a differently named mesh than its inputs, and every step then took a
-  slow path (measured 2.5 s vs 0.26 s per demo step on CPU, jax 0.10.2).
-  """
-  return jax_utils.replicate(tree, axis_name=AXIS)
-
-
-def unreplicate(tree):
-  """This process's first device's copy of a replicated tree.
-
-  ``x[0]`` on a pmapped array is a global gather every process must join;
-  a copy on a local device is not (measured: ``x[0]`` deadlocked a
-  2-process run in the checkpoint save).
-  """
-  return jax.tree.map(
-      lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
-
-
-# ----------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: str, keep: int,
-                       kind: str = 'latest') -> ocp.CheckpointManager:
-  """The last ``keep`` checkpoints (``checkpoints/``) or, with
-  ``kind='best'``, the one best by validation mDice (``best_checkpoint/``).
-
-  Orbax writes each step to a temporary folder and renames it when complete,
-  so a process killed mid-write leaves the previous checkpoints intact.
-  """
-  folder = {'latest': 'checkpoints', 'best': 'best_checkpoint'}[kind]
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep if kind == 'latest' else 1, create=True,
-      enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), folder),
-                               options=options)
-
-
-def checkpoint_metadata(mgr: ocp.CheckpointManager, step: int) -> Dict:
-  """What ``save_checkpoint`` stored with ``step`` (config, epoch, ...)."""
-  return dict(mgr.metadata(step).custom_metadata or {})
-
-
-def resolve_checkpoint(config, workdir: str) -> str:
-  """'best' or 'latest' for ``eval.checkpoint`` (see configs/default.py)."""
-  choice = config.eval.checkpoint
-  has_best = os.path.isdir(os.path.join(workdir, 'best_checkpoint')) and any(
-      d.isdigit() for d in os.listdir(os.path.join(workdir,
-                                                   'best_checkpoint')))
-  if choice == 'best' and not has_best:
-    raise FileNotFoundError(
-        f'eval.checkpoint=best but {workdir}/best_checkpoint holds none (the '
-        'run never validated: train.eval_every_epochs); use '
-        '--config.eval.checkpoint=latest')
-  if choice == 'auto':
-    return 'best' if has_best else 'latest'
-  return choice
-
-
-def save_checkpoint(mgr: ocp.CheckpointManager, state: TrainState,
-                    metadata: Dict[str, Any]) -> None:
-  """Saves the replicated state (device 0's copy, fetched to host).
-
-  Every process calls this (orbax coordinates them). ``metadata`` (config,
-  epoch, git revision, ...) goes inside the checkpoint, committed with it:
-  ``<step>/_CHECKPOINT_METADATA``, JSON, key ``custom_metadata``.
-  """
-  items = jax.device_get(unreplicate(state.checkpoint_items()))
-  step = int(items['step'])
-  mgr.save(step, args=ocp.args.StandardSave(items), force=True,
-           custom_metadata=dict(metadata, step=step))
-
-
-def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState,
-                       step=None) -> TrainState:
-  """Restores onto the structure of an unreplicated ``state`` (arrays or
-  ``jax.ShapeDtypeStruct`` leaves, see ``abstract_train_state``)."""
-  step = mgr.latest_step() if step is None else step
-  target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                        state.checkpoint_items())
-  items = mgr.restore(step, args=ocp.args.StandardRestore(target))
-  return state.replace_items(items)
-
-
-def git_revision() -> str:
-  try:
-    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True,
-                          text=True, timeout=5, check=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))
-                          ).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return 'unknown'
-
-
 # ------------------------------------------------------------------- the loop
-
-
-@dataclasses.dataclass
-class Setup:
-  """What training and evaluation share, built once from the config."""
-  model: unet.UNet
-  schedule: diffusion.Schedule
-  root_key: jax.Array
-
-  @classmethod
-  def from_config(cls, config) -> 'Setup':
-    return cls(model=unet.create_model(config),
-               schedule=diffusion.make_schedule(config.diffusion.num_steps,
-                                                config.diffusion.cosine_s),
-               root_key=jax.random.key(config.seed))
-
-  def keys(self):
-    """(init, train, eval) keys, fixed by the seed."""
-    return jax.random.split(self.root_key, 3)
 
 
 def write_config(config, workdir: str) -> None:
@@ -430,24 +211,12 @@ def write_config(config, workdir: str) -> None:
       old = json.load(f)
     if old == new:
       return
-    changed = sorted(_flat_diff(old, new))
+    changed = config_keys.flat_diff(old, new)
     stamp = time.strftime('%Y%m%d-%H%M%S')
     path = os.path.join(workdir, f'config.{stamp}.json')
     logging.warning('Config differs from the one this workdir was started '
                     'with, in %s; saving it as %s', ', '.join(changed), path)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(new, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
-
-
-def _flat_diff(a, b, prefix=''):
-  keys = set(a) | set(b) if isinstance(a, dict) and isinstance(b, dict) else ()
-  if not keys:
-    return [prefix.rstrip('.')] if a != b else []
-  out = []
-  for k in keys:
-    out += _flat_diff(a.get(k), b.get(k), f'{prefix}{k}.')
-  return out
+  files.write_atomic(path, json.dumps(new, indent=1, sort_keys=True))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
@@ -458,15 +227,15 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   ``train.max_steps_per_run`` or SIGTERM; run again to resume).
   """
   os.makedirs(workdir, exist_ok=True)
-  setup = Setup.from_config(config)
+  setup = train_state.Setup.from_config(config)
   init_key, train_key, _ = setup.keys()
-  local_devices = jax.local_device_count()
 
   source = sources.load_split(config, 'train')
   val_source = (sources.load_split(config, 'val')
                 if config.train.eval_every_epochs else None)
   examples = pipeline.TrainExamples(source, config, jax.process_index(),
-                                    jax.process_count(), local_devices)
+                                    jax.process_count(),
+                                    jax.local_device_count())
   steps_per_epoch = examples.steps_per_epoch
   total_steps = config.train.num_epochs * steps_per_epoch
   logging.info('Training on %d cases: %d steps/epoch x %d epochs = %d steps, '
@@ -475,37 +244,41 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                total_steps, config.train.batch_size, jax.device_count(),
                jax.process_count())
 
-  state = create_train_state(config, setup.model, init_key, total_steps)
+  state = train_state.create_train_state(config, setup.model, init_key,
+                                         total_steps)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('UNet parameters: %.2f M', num_params / 1e6)
-  mgr = checkpoint_manager(workdir, config.train.checkpoints_to_keep)
-  best_mgr = checkpoint_manager(workdir, 1, kind='best')
+  logging.info('UNet parameters: %.2f M (model.kind=%s)', num_params / 1e6,
+               config.model.kind)
+  mgr = train_state.checkpoint_manager(workdir,
+                                       config.train.checkpoints_to_keep)
+  best_mgr = train_state.checkpoint_manager(workdir, 1, kind='best')
   if mgr.latest_step() is not None:
-    state = restore_checkpoint(mgr, state)
+    state = train_state.restore_checkpoint(mgr, state)
     logging.info('Resuming from checkpoint at step %d.', int(state.step))
   write_config(config, workdir)
   start_step = int(state.step)
   metadata = {'config': json.loads(config.to_json_best_effort()),
-              'git_revision': git_revision(),
+              'git_revision': train_state.git_revision(),
               'steps_per_epoch': steps_per_epoch}
   complete = start_step >= total_steps
-  if not complete:
-    state, complete = _train_loop(config, workdir, setup, state, examples,
-                                  val_source, mgr, best_mgr, train_key,
-                                  start_step, total_steps, metadata)
-  else:
-    logging.info('Training already complete (step %d of %d).', start_step,
-                 total_steps)
-  for m in (mgr, best_mgr):
-    m.wait_until_finished()
-    m.close()
+  try:
+    if not complete:
+      loop = _Loop(config, workdir, setup, examples, val_source, mgr,
+                   best_mgr, total_steps, metadata)
+      state, complete = loop.run(state, train_key, start_step)
+    else:
+      logging.info('Training already complete (step %d of %d).', start_step,
+                   total_steps)
+  finally:  # Also on errors: no async checkpoint thread left behind.
+    for m in (mgr, best_mgr):
+      m.wait_until_finished()
+      m.close()
   return state, setup, complete
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Optional[Dict[str, Any]]:
   """Trains, then evaluates ``eval.split``; None when stopped early."""
-  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   state, setup, complete = train(config, workdir)
   if not complete:
     logging.info('Stopped at step %d before the end; run the same command '
@@ -513,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return None
   # The final state is the latest checkpoint; evaluate() loads the best one
   # itself when eval.checkpoint resolves to 'best'.
-  if resolve_checkpoint(config, workdir) == 'best':
+  if train_state.resolve_checkpoint(config, workdir) == 'best':
     state = None
   return evaluate.evaluate(config, workdir, state=state, setup=setup)
 
@@ -546,17 +319,17 @@ def _best_val_mdice(best_mgr) -> float:
   step = best_mgr.latest_step()
   if step is None:
     return -np.inf
-  value = checkpoint_metadata(best_mgr, step).get('val', {}).get('mDice')
+  meta = train_state.checkpoint_metadata(best_mgr, step)
+  value = meta.get('val', {}).get('mDice')
   return -np.inf if value is None else float(value)
 
 
 def validate(config, workdir, setup, state, val_source, step: int,
              rec: records.Records, predict) -> Dict[str, Any]:
   """Samples the val split with the EMA parameters; logs mIoU/mDice and a
-  grid (``val_grid.png`` and TensorBoard)."""
-  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from spad_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  ema = unreplicate(state.ema_params)
+  grid (``val_grid.png`` and TensorBoard). ``predict`` is the compiled
+  sampler (``evaluate.make_predict_fn``), shared with the final evaluation."""
+  ema = train_state.unreplicate(state.ema_params)
   run = evaluate.sample_split(config, ema, setup, val_source,
                               num_shown=config.eval.num_grid_cases,
                               predict=predict)
@@ -568,114 +341,130 @@ def validate(config, workdir, setup, state, val_source, step: int,
                      for k, v in summary.items()})
   if jax.process_index() == 0:
     shown = run['shown']
-    grid = evaluate.grid_png(shown['images'], shown['labels'], shown['preds'],
-                             None, config.data.num_classes,
-                             os.path.join(workdir, 'val_grid.png'),
-                             scale=max(1, 128 // config.data.image_size))
+    grid = visualize.grid_png(shown['images'], shown['labels'],
+                              shown['preds'], None, config.data.num_classes,
+                              os.path.join(workdir, 'val_grid.png'),
+                              scale=max(1, 128 // config.data.image_size))
     rec.image(step, 'val/image_label_prediction', grid)
   logging.info('[%d] validation: mIoU %s  mDice %s  (%d cases, %.1f s)', step,
-               _fmt(result['mIoU']), _fmt(result['mDice']), len(val_source),
+               formatting.number(result['mIoU'], 4),
+               formatting.number(result['mDice'], 4), len(val_source),
                run['seconds'])
   return result
 
 
-def _fmt(x) -> str:
-  return 'n/a' if x is None else f'{x:.4f}'
+class _Loop:
+  """The training loop of one run: steps, logging, checkpoints, validation."""
 
+  def __init__(self, config, workdir, setup, examples, val_source, mgr,
+               best_mgr, total_steps: int, metadata: Dict[str, Any]):
+    self.config, self.workdir, self.setup = config, workdir, setup
+    self.examples, self.val_source = examples, val_source
+    self.mgr, self.best_mgr = mgr, best_mgr
+    self.total_steps, self.metadata = total_steps, metadata
+    self.spe = examples.steps_per_epoch
+    self.predict = (evaluate.predictor(config, setup)
+                    if val_source is not None else None)
+    self.eval_every = config.train.eval_every_epochs * self.spe
+    self.best = _best_val_mdice(best_mgr)
+    self.lr_fn = train_state.learning_rate_schedule(config, total_steps)
+    self.skipped_total = 0
+    self.importance_on = None  # Logged when importance sampling switches.
 
-def _train_loop(config, workdir, setup, state, examples, val_source, mgr,
-                best_mgr, train_key, start_step, total_steps, metadata):
-  """Returns ``(unreplicated state, complete)``."""
-  t = config.train
-  spe = examples.steps_per_epoch
-  step_fn = p_train_step(config, setup.model, setup.schedule, spe)
-  predict = None
-  if val_source is not None:
-    from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
-    predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
-  eval_every = t.eval_every_epochs * spe
-  best = _best_val_mdice(best_mgr)
-  stop_at = total_steps
-  if t.max_steps_per_run:
-    stop_at = min(total_steps, start_step + t.max_steps_per_run)
-  state = replicate(state)
-  train_keys = replicate(train_key)
-  batches = pipeline.train_batches(examples, start_step, stop_at, config)
-  batches = jax_utils.prefetch_to_device(batches, config.data.prefetch,
-                                         axis_name=AXIS)
-  rec = records.Records(workdir, enabled=jax.process_index() == 0)
-  progress = records.Progress(start_step, stop_at, t.batch_size)
-  lr_fn = learning_rate_schedule(config, total_steps)
-  pending, skipped_total = [], 0
-  importance_on = None  # Logged when importance sampling switches on.
-  step = start_step
-  with _StopSignal() as stop:
-    try:
-      for step in range(start_step + 1, stop_at + 1):
-        state, metrics = step_fn(state, next(batches), train_keys)
-        pending.append(metrics)
-        requested = stop.requested
-        if jax.process_count() > 1:
-          # All processes must stop at the same step (collectives); asking
-          # the others costs a sync, so only at log steps.
-          requested = (step % t.log_every_steps == 0 and
-                       _any_process(requested))
-        stopping = step == stop_at or requested
-        if step % t.log_every_steps == 0 or stopping:
-          # The only host sync besides checkpoints: fetch the logged metrics.
-          fetched = jax.device_get([unreplicate(m) for m in pending])
-          pending = []
-          skipped = sum(int(m['skipped']) for m in fetched)
-          skipped_total += skipped
-          streak = int(jax.device_get(unreplicate(state.nonfinite_streak)))
-          summary = {k: float(np.mean([m[k] for m in fetched]))
-                     for k in fetched[0] if k != 'skipped'}
-          summary.update(progress.update(step))
-          summary.update({'lr': float(lr_fn(step - 1)),
-                          'skipped_updates': skipped_total})
-          rec.scalars(step, summary)
-          logging.info(
-              '[%d/%d] epoch %d  loss %.4g (%.4g/px)  sigma %.3f  k %d  lr '
-              '%.2e  %.2f steps/s  %.1f img/s  ETA %s%s', step, total_steps,
-              summary['epoch'], summary['loss'], summary['loss_per_pixel'],
-              summary['sigma'], summary['k_targets'], summary['lr'],
-              summary['steps_per_sec'], summary['images_per_sec'],
-              records.format_eta(summary['eta_sec']),
-              f'  skipped {skipped} non-finite' if skipped else '')
-          active = summary.get('importance_active')
-          if active is not None and bool(active) != importance_on:
-            importance_on = bool(active)
-            logging.info(
-                '[%d] timestep sampling: %s', step,
-                'importance sampling is on (every t has %d recorded losses)'
-                % config.diffusion.importance_history if importance_on else
-                'uniform until every t has %d recorded losses (%d t values)'
-                % (config.diffusion.importance_history,
-                   config.diffusion.num_steps))
-          if streak >= t.max_nonfinite_steps:
-            raise FloatingPointError(
-                f'{streak} consecutive non-finite losses/gradients at step '
-                f'{step}; stopping. The last good checkpoint (step '
-                f'{mgr.latest_step()}) is intact in {mgr.directory}.')
-        meta = dict(metadata, epoch=step // spe)
-        if step % t.checkpoint_every_steps == 0 or stopping:
-          save_checkpoint(mgr, state, meta)
-        if eval_every and (step % eval_every == 0 or step == total_steps):
-          result = validate(config, workdir, setup, state, val_source, step,
-                            rec, predict)
-          value = result['mDice']
-          if value is not None and value > best:
-            best = value
-            save_checkpoint(best_mgr, state, dict(meta, val=result))
-            logging.info('New best val mDice %.4f at step %d (%s).', value,
-                         step, best_mgr.directory)
-          # Validation time is not training time.
-          progress.update(step)
-        if stopping:
-          break
-    finally:
-      rec.close()
-  return unreplicate(state), step >= total_steps
+  def run(self, state, train_key, start_step: int):
+    """Returns ``(unreplicated state, complete)``."""
+    t = self.config.train
+    stop_at = self.total_steps
+    if t.max_steps_per_run:
+      stop_at = min(stop_at, start_step + t.max_steps_per_run)
+    step_fn = p_train_step(self.config, self.setup.model, self.setup.schedule,
+                           self.spe)
+    state = train_state.replicate(state)
+    train_keys = train_state.replicate(train_key)
+    batches = pipeline.train_batches(self.examples, start_step, stop_at,
+                                     self.config)
+    batches = jax_utils.prefetch_to_device(batches, self.config.data.prefetch,
+                                           axis_name=AXIS)
+    rec = records.Records(self.workdir, enabled=jax.process_index() == 0)
+    progress = records.Progress(start_step, stop_at, t.batch_size)
+    pending = []
+    step = start_step
+    with _StopSignal() as stop:
+      try:
+        for step in range(start_step + 1, stop_at + 1):
+          state, metrics = step_fn(state, next(batches), train_keys)
+          pending.append(metrics)
+          requested = stop.requested
+          if jax.process_count() > 1:
+            # All processes must stop at the same step (collectives); asking
+            # the others costs a sync, so only at log steps.
+            requested = (step % t.log_every_steps == 0 and
+                         _any_process(requested))
+          stopping = step == stop_at or requested
+          if step % t.log_every_steps == 0 or stopping:
+            self._log(step, pending, state, rec, progress)
+            pending = []
+          meta = dict(self.metadata, epoch=step // self.spe)
+          if step % t.checkpoint_every_steps == 0 or stopping:
+            train_state.save_checkpoint(self.mgr, state, meta)
+          if self.eval_every and (step % self.eval_every == 0 or
+                                  step == self.total_steps):
+            self._validate(step, state, rec, meta)
+            progress.update(step)  # Validation time is not training time.
+          if stopping:
+            break
+      finally:
+        rec.close()
+    return train_state.unreplicate(state), step >= self.total_steps
+
+  def _log(self, step, pending, state, rec, progress) -> None:
+    """Fetches the pending metrics (the only host sync besides checkpoints),
+    logs them and stops the run after too many non-finite updates."""
+    config = self.config
+    fetched = jax.device_get([train_state.unreplicate(m) for m in pending])
+    skipped = sum(int(m['skipped']) for m in fetched)
+    self.skipped_total += skipped
+    streak = int(jax.device_get(
+        train_state.unreplicate(state.nonfinite_streak)))
+    summary = {k: float(np.mean([m[k] for m in fetched]))
+               for k in fetched[0] if k != 'skipped'}
+    summary.update(progress.update(step))
+    summary.update({'lr': float(self.lr_fn(step - 1)),
+                    'skipped_updates': self.skipped_total})
+    rec.scalars(step, summary)
+    logging.info(
+        '[%d/%d] epoch %d  loss %.4g (%.4g/px)  sigma %.3f  k %d  lr %.2e  '
+        '%.2f steps/s  %.1f img/s  ETA %s%s', step, self.total_steps,
+        summary['epoch'], summary['loss'], summary['loss_per_pixel'],
+        summary['sigma'], summary['k_targets'], summary['lr'],
+        summary['steps_per_sec'], summary['images_per_sec'],
+        formatting.hms(summary['eta_sec']),
+        f'  skipped {skipped} non-finite' if skipped else '')
+    active = summary.get('importance_active')
+    if active is not None and bool(active) != self.importance_on:
+      self.importance_on = bool(active)
+      d = config.diffusion
+      logging.info('[%d] timestep sampling: %s', step,
+                   f'importance sampling is on (every t has '
+                   f'{d.importance_history} recorded losses)'
+                   if self.importance_on else
+                   f'uniform until every t has {d.importance_history} '
+                   f'recorded losses ({d.num_steps} t values)')
+    if streak >= config.train.max_nonfinite_steps:
+      raise FloatingPointError(
+          f'{streak} consecutive non-finite losses/gradients at step {step}; '
+          f'stopping. The last good checkpoint (step '
+          f'{self.mgr.latest_step()}) is intact in {self.mgr.directory}.')
+
+  def _validate(self, step, state, rec, meta) -> None:
+    result = validate(self.config, self.workdir, self.setup, state,
+                      self.val_source, step, rec, self.predict)
+    value = result['mDice']
+    if value is not None and value > self.best:
+      self.best = value
+      train_state.save_checkpoint(self.best_mgr, state, dict(meta, val=result))
+      logging.info('New best val mDice %.4f at step %d (%s).', value, step,
+                   self.best_mgr.directory)
 
 
 def _any_process(flag: bool) -> bool:

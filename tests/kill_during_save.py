@@ -17,24 +17,24 @@ sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from spad_jax import train
+from spad_jax import train_state
 import tiny_config  # pylint: disable=g-bad-import-order
 
 
 def main(workdir):
   config = tiny_config.get_config()
-  setup = train.Setup.from_config(config)
-  state = train.create_train_state(config, setup.model, setup.keys()[0], 12)
-  state = train.replicate(state.replace(step=state.step + 1))
-  mgr = train.checkpoint_manager(workdir, 3)
-  train.save_checkpoint(mgr, state, {'epoch': 0})
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model, setup.keys()[0], 12)
+  state = train_state.replicate(state.replace(step=state.step + 1))
+  mgr = train_state.checkpoint_manager(workdir, 3)
+  train_state.save_checkpoint(mgr, state, {'epoch': 0})
   mgr.wait_until_finished()
   np.save(os.path.join(workdir, 'saved_params.npy'),
           np.concatenate([np.ravel(x[0]) for x in
                           jax.tree.leaves(jax.device_get(state.params))]))
   changed = state.replace(step=state.step + 1, params=jax.tree.map(
       lambda x: x + 1.0, state.params))
-  train.save_checkpoint(mgr, changed, {'epoch': 0})  # Async: returns early.
+  train_state.save_checkpoint(mgr, changed, {'epoch': 0})  # Async: returns early.
   folder = mgr.directory
   for _ in range(1_000_000):
     tmp = [d for d in os.listdir(folder) if d.startswith('2.') and 'tmp' in d]

@@ -19,6 +19,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from spad_jax import train
+from spad_jax import train_state
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 import tiny_config  # pylint: disable=g-bad-import-order
@@ -37,12 +38,12 @@ def main(out_path, overrides=()):
     key, value = item.split('=', 1)
     section, field = key.split('.')
     config[section][field] = _literal(value)
-  setup = train.Setup.from_config(config)
+  setup = train_state.Setup.from_config(config)
   init_key, train_key, _ = setup.keys()
   source = sources.load_split(config, 'train')
   examples = pipeline.TrainExamples(
       source, config, local_device_count=jax.local_device_count())
-  state = train.create_train_state(config, setup.model, init_key, 10)
+  state = train_state.create_train_state(config, setup.model, init_key, 10)
   if state.loss_history is not None:
     values = state.loss_history['values']
     state = state.replace(loss_history={
@@ -54,8 +55,8 @@ def main(out_path, overrides=()):
                             examples.steps_per_epoch)
   batch = next(pipeline.numpy_train_batches(examples, 0, 1))
   init = jax.device_get(state.params)
-  state, metrics = step(train.replicate(state), batch,
-                        train.replicate(train_key))
+  state, metrics = step(train_state.replicate(state), batch,
+                        train_state.replicate(train_key))
   params = jax.device_get(jax.tree.map(lambda x: x[0], state.params))
   max_update = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(params), jax.tree.leaves(init)))

@@ -204,12 +204,12 @@ def test_one_compilation_for_all_image_sizes(tmp_path):
   import jax
   from spad_jax import evaluate
   from spad_jax import predict
-  from spad_jax import train
+  from spad_jax import train_state
   import tiny_config
   config = tiny_config.get_config()
   config.eval.num_samples, config.eval.batch_size = 2, 2
-  setup = train.Setup.from_config(config)
-  params = train.create_train_state(config, setup.model, setup.keys()[0],
+  setup = train_state.Setup.from_config(config)
+  params = train_state.create_train_state(config, setup.model, setup.keys()[0],
                                     1).ema_params
   fn = evaluate.make_predict_fn(config, setup.model, setup.schedule)
   sizes = [(20, 28), (33, 17), (16, 16), (40, 9), (64, 48)]

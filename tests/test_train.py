@@ -253,7 +253,7 @@ def test_init_compiled_unoptimised_gives_the_same_parameters():
   import jax
   import jax.numpy as jnp
   from conftest import ROOT
-  from spad_jax import train
+  from spad_jax import train_state
   from spad_jax.models import unet
   spec = importlib.util.spec_from_file_location(
       'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
@@ -262,7 +262,7 @@ def test_init_compiled_unoptimised_gives_the_same_parameters():
   config = tiny.get_config()
   model = unet.create_model(config)
   key = jax.random.PRNGKey(3)
-  ours = train.create_train_state(config, model, key, 10).params
+  ours = train_state.create_train_state(config, model, key, 10).params
   s, k = config.data.image_size, config.data.num_classes
   optimised = jax.jit(lambda key: model.init(
       key, jnp.zeros((1, s, s, k)), jnp.zeros((1, s, s, 1)),
