@@ -1,13 +1,53 @@
-"""SPAD training-time perturbations of the conditioning image (DESIGN.md §2).
+"""SPAD: the training-time perturbation of the conditioning image (DESIGN §2).
 
-Mask builders (``scd_mask``, ``boundary_band``) are plain numpy/OpenCV so the
-same code serves tf.data (through ``tf.numpy_function``) and the
-TensorFlow-free loader. ``scd_layout``/``scd_layout_masks`` build the ScD
-masks of many examples at once (the input pipeline draws a whole epoch's
-from one layout of all training cases); ``scd_mask`` is the one-example
-form. The schedules (``pas_sigma``, ``num_targets``) accept Python numbers
-(host side) and traced JAX values (inside the train step). ``perturb_image``
-is the jnp merge applied in the train step.
+This module is the whole algorithm, from a label map to the perturbed image;
+``data/pipeline.py`` only schedules it (which cases and epochs a batch
+holds, when an epoch's masks are computed and how long they are kept) and
+``train.py`` applies the merge. How the masks of a training batch are made:
+
+1. **ScD targets.** ``target_pixels`` lists the targets of a label: each
+   foreground class present (``spad.components``: each 8-connected component
+   of one), as flat pixel indices. ``scd_layout`` lays out the targets of
+   many labels for the builder (``ScdLayout``); ``scd_label_layout`` does
+   both. Without augmentation the pipeline builds one layout of all training
+   cases, once a run.
+2. **How many targets.** ``num_targets`` is ``k(e) = min(#targets, max(1,
+   round(K0 / (1 + γ·e))))``; ``max_targets`` is the same before the min,
+   which the builder takes with each case's own count.
+3. **Randomness.** ``case_keys(seed, epochs, cases)`` gives one 64-bit key
+   per (seed, epoch, case). Every random choice of that case's mask is a
+   counter-based hash of its key (``stream_values``), not a generator's
+   state: which ``k`` targets (``_chosen_targets``: those with the smallest
+   values), the grid offset of anchor patches, and the anchors themselves
+   (``_anchor_draws``: a keyed multiply-add of each pixel's fixed
+   ``anchor_hashes``). So a mask is a pure function of (label, seed, epoch,
+   case): batching, worker threads, hosts and resuming change nothing.
+4. **The ScD builder.** ``scd_layout_masks`` makes ``M_s`` of every example
+   of a layout: the non-anchor pixels of its chosen targets, bit-packed on
+   request (``np.packbits`` of the flattened mask: what batches carry, 1/8
+   of the bytes). Its callers differ only in where the layout and keys come
+   from: ``scd_epoch_bits`` (one epoch of all cases of the run's layout: the
+   pipeline's epoch table), ``scd_batch_bits`` (a batch of augmented labels,
+   laid out on the spot), ``scd_masks`` (given targets, ``k`` and keys) and
+   ``scd_mask`` (the DESIGN contract: one label, one key). They agree bit
+   for bit.
+5. **BcD.** ``boundary_band`` (the DESIGN contract): Canny on the label map
+   spread over 0..255 (``spread_labels``; or per class), completed with
+   ``transition_pixels``, dilated to ``width``. ``band_bits`` is the packed
+   band with the config's settings (label only: the pipeline caches it per
+   case without augmentation).
+6. **In the train step** (jnp): ``union_mask`` ORs and unpacks the two
+   packed masks, ``sigma_at`` is ``σ(e)`` (``pas_sigma``, or ``σ0`` with PaS
+   off), and ``perturb_image`` adds ``σ(e)·ε ⊙ (M_s ∪ M_b)``, ``ε ~ N(0, 1)``
+   from the step's PRNG key.
+
+With ``spad.scd`` or ``spad.bcd`` off (the ablation arms) the pipeline ships
+that mask all zero and calls nothing here for it.
+
+The masks are plain numpy/OpenCV, so the same code serves tf.data (through
+``tf.numpy_function``) and the TensorFlow-free loader. The schedules accept
+Python numbers (host side) and traced JAX values (inside the train step).
+``spad_cfg`` arguments are ``config.spad`` or any object with its fields.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -16,6 +56,8 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# --- Schedules: σ(e) and k(e) -------------------------------------------------
 
 
 def _is_traced(*values) -> bool:
@@ -53,6 +95,16 @@ def num_targets(epoch, k0: float, gamma: float, n_available):
   return min(int(n_available), k)
 
 
+def max_targets(epoch: int, spad_cfg) -> int:
+  """``k(e)`` of an unlimited number of targets, from ``config.spad``: what
+  the training path passes to ``scd_layout_masks``, which takes the min with
+  each label's own count (as ``num_targets`` does)."""
+  return num_targets(epoch, spad_cfg.k0, spad_cfg.k_gamma, 2**31)
+
+
+# --- ScD targets --------------------------------------------------------------
+
+
 def target_masks(label: np.ndarray, num_classes: int,
                  components: bool = False) -> list:
   """Boolean masks of the ScD targets in ``label`` ``[H, W]``.
@@ -81,6 +133,7 @@ def target_pixels(label: np.ndarray, num_classes: int,
                                                   components)]
 
 
+# --- Keys and hashed draws ----------------------------------------------------
 # Counter-based random values, vectorised over a whole batch. Value ``n`` of
 # stream ``key`` is ``mix64(key ^ n·γ)``: SplitMix64's mixer on a Weyl
 # sequence (Steele et al. 2014). As a pure function of (key, n), a draw does
@@ -138,6 +191,9 @@ def anchor_hashes(cells) -> np.ndarray:
           | np.uint32(1))
 
 
+# --- The ScD builder ----------------------------------------------------------
+
+
 class ScdLayout(NamedTuple):
   """The ScD targets of a batch of labels, laid out for ``scd_layout_masks``.
 
@@ -157,8 +213,6 @@ class ScdLayout(NamedTuple):
   in_target: np.ndarray  # [S] bool: slot_target >= 0.
   hashes: np.ndarray  # [S] uint32.
   byte: np.ndarray  # [S / 8] intp, flat index into [B, ceil(H·W/8)].
-
-
 def scd_layout(targets: list, shape) -> ScdLayout:
   """``ScdLayout`` of ``targets[b]``, the targets of example ``b`` (flat
   pixel indices or boolean masks, disjoint), in images of ``shape``."""
@@ -184,6 +238,7 @@ def scd_layout(targets: list, shape) -> ScdLayout:
       slot_target, slot_target >= 0, anchor_hashes(slot_pixel), byte)
 
 
+
 def scd_layout_masks(layout: ScdLayout, ks, anchor_ratio: float, keys,
                      anchor_patch: int = 0,
                      packed: bool = False) -> np.ndarray:
@@ -206,6 +261,28 @@ def scd_layout_masks(layout: ScdLayout, ks, anchor_ratio: float, keys,
   if not layout.byte.size or threshold >= 2**32:  # No pixel is masked.
     return out if packed else out.reshape((n, h, w))
   keys = np.asarray(keys, np.uint64).reshape(-1)
+  masked = _anchor_draws(layout, keys, anchor_patch) >= np.uint32(threshold)
+  ks = np.asarray(ks, np.intp).reshape(-1)
+  if (ks < layout.n_targets).any():
+    # Chosen targets, and False (index -1) for slots outside every target.
+    chosen = np.append(_chosen_targets(layout, ks, keys), False)
+    masked &= chosen[layout.slot_target]
+  else:
+    masked &= layout.in_target
+  if packed:
+    out.reshape(-1)[layout.byte] = np.packbits(masked)
+  else:
+    rows = np.repeat(np.arange(n), layout.slots_per_row)
+    out.reshape(-1)[(rows * size + layout.slot_pixel)[masked]] = 1
+  return out if packed else out.reshape((n, h, w))
+
+
+def _anchor_draws(layout: ScdLayout, keys: np.ndarray,
+                  anchor_patch: int) -> np.ndarray:
+  """Uniform uint32 draw of every slot: ``(key_lo | 1)·hash + key_hi mod
+  2**32`` of its example's key and its pixel's (or anchor cell's) hash. A
+  pixel is an anchor where the draw is below ``anchor_ratio·2**32``."""
+  w = layout.shape[1]
   if anchor_patch > 1:
     # Pixel (y, x) lies in cell ((y + oy) // p, (x + ox) // p) of a grid
     # offset by a random (oy, ox) per example.
@@ -222,20 +299,7 @@ def scd_layout_masks(layout: ScdLayout, ks, anchor_ratio: float, keys,
   draws *= hashes
   draws += np.repeat((keys >> np.uint64(32)).astype(np.uint32),
                      layout.slots_per_row)
-  masked = draws >= np.uint32(threshold)
-  ks = np.asarray(ks, np.intp).reshape(-1)
-  if (ks < layout.n_targets).any():
-    # Chosen targets, and False (index -1) for slots outside every target.
-    chosen = np.append(_chosen_targets(layout, ks, keys), False)
-    masked &= chosen[layout.slot_target]
-  else:
-    masked &= layout.in_target
-  if packed:
-    out.reshape(-1)[layout.byte] = np.packbits(masked)
-  else:
-    rows = np.repeat(np.arange(n), layout.slots_per_row)
-    out.reshape(-1)[(rows * size + layout.slot_pixel)[masked]] = 1
-  return out if packed else out.reshape((n, h, w))
+  return draws
 
 
 def _chosen_targets(layout: ScdLayout, ks, keys) -> np.ndarray:
@@ -251,6 +315,44 @@ def _chosen_targets(layout: ScdLayout, ks, keys) -> np.ndarray:
   return rank < ks[rows]
 
 
+# --- ScD masks: the training path and the contract view -----------------------
+# All call scd_layout_masks; they differ in where the layout and keys come
+# from.
+
+
+def scd_label_layout(labels, num_classes: int,
+                     components: bool = False) -> ScdLayout:
+  """``scd_layout`` of the ``target_pixels`` of each of ``labels``
+  ``[B, H, W]``: row ``b`` is ``labels[b]``."""
+  return scd_layout([target_pixels(l, num_classes, components)
+                     for l in labels], np.shape(labels)[1:])
+
+
+def scd_epoch_bits(layout: ScdLayout, seed: int, epoch: int,
+                   spad_cfg) -> np.ndarray:
+  """The bit-packed ScD masks of every case in ``epoch``, ``[N,
+  ceil(H·W/8)]``: row ``i`` of ``layout`` is case ``i``, keyed ``case_keys(
+  seed, epoch, i)``, with ``max_targets(epoch)`` targets (the pipeline's
+  epoch table, labels not augmented)."""
+  n = len(layout.n_targets)
+  return scd_layout_masks(
+      layout, [max_targets(epoch, spad_cfg)] * n, spad_cfg.anchor_ratio,
+      case_keys(seed, np.full(n, epoch), np.arange(n)),
+      spad_cfg.anchor_patch, packed=True)
+
+
+def scd_batch_bits(labels, num_classes: int, seed: int, epochs, cases,
+             spad_cfg) -> np.ndarray:
+  """The bit-packed ScD masks of ``labels`` ``[B, H, W]``, ``labels[b]``
+  being case ``cases[b]`` in ``epochs[b]`` (augmented: its targets are found
+  here). The same bits as ``scd_epoch_bits`` for unaugmented labels."""
+  return scd_masks(
+      [target_pixels(l, num_classes, spad_cfg.components) for l in labels],
+      [max_targets(e, spad_cfg) for e in epochs], spad_cfg.anchor_ratio,
+      case_keys(seed, epochs, cases), np.shape(labels)[1:],
+      spad_cfg.anchor_patch, packed=True)
+
+
 def scd_masks(targets: list, ks, anchor_ratio: float, keys, shape,
               anchor_patch: int = 0, packed: bool = False) -> np.ndarray:
   """``scd_layout_masks`` of ``scd_layout(targets, shape)``: ``targets[b]``
@@ -261,20 +363,26 @@ def scd_masks(targets: list, ks, anchor_ratio: float, keys, shape,
 
 
 def scd_mask(label: np.ndarray, num_classes: int, k: int, anchor_ratio: float,
-             rng: np.random.Generator, components: bool = False,
-             targets: Optional[list] = None,
-             anchor_patch: int = 0) -> np.ndarray:
+             rng: Optional[np.random.Generator], components: bool = False,
+             targets: Optional[list] = None, anchor_patch: int = 0,
+             key=None) -> np.ndarray:
   """Semantic-concentrated mask ``M_s`` of one label (uint8 0/1, its shape).
 
-  ``scd_masks`` for one example whose stream key is one 64-bit draw of
-  ``rng``. ``targets`` (from ``target_pixels`` or ``target_masks``) skips
-  finding them again.
+  ``scd_masks`` of a one-example layout, whose stream key is ``key`` or, by
+  default, one 64-bit draw of ``rng``. With ``key = case_keys(seed, epoch,
+  case)`` and ``k = num_targets(epoch, ...)`` it is that case's training
+  mask, unpacked. ``targets`` (from ``target_pixels`` or ``target_masks``)
+  skips finding them again.
   """
   if targets is None:
     targets = target_pixels(label, num_classes, components)
-  key = np.uint64(rng.bit_generator.random_raw())
+  if key is None:
+    key = np.uint64(rng.bit_generator.random_raw())
   return scd_masks([targets], [k], anchor_ratio, [key], label.shape,
                    anchor_patch)[0]
+
+
+# --- BcD ----------------------------------------------------------------------
 
 
 def spread_labels(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -339,6 +447,17 @@ def spread_sees_all_transitions(num_classes: int, low: float,
   strip = np.zeros((16, 16), np.uint8)
   strip[:, 8:] = 1
   return bool(cv2.Canny(spread_labels(strip, num_classes), low, high).any())
+
+
+def band_bits(label: np.ndarray, num_classes: int, spad_cfg) -> np.ndarray:
+  """``np.packbits`` of the flattened ``boundary_band`` of ``label`` with the
+  settings of ``config.spad``: a batch's ``bcd_bits`` row."""
+  return np.packbits(boundary_band(
+      label, num_classes, spad_cfg.band_width, spad_cfg.canny_low,
+      spad_cfg.canny_high, spad_cfg.bcd_per_class, spad_cfg.bcd_complete))
+
+
+# --- The merge, in the train step (jnp) ---------------------------------------
 
 
 def union_mask(scd_bits: jnp.ndarray, bcd_bits: jnp.ndarray,

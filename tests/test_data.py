@@ -121,6 +121,39 @@ def test_batch_examples_are_independent_of_their_batch():
     np.testing.assert_array_equal(np.concatenate(halves), batch[key])
 
 
+@pytest.mark.parametrize('augmented', [False, True])
+def test_contract_functions_give_the_training_masks(augmented):
+  # DESIGN's perturb.scd_mask and perturb.boundary_band are views of the
+  # code training uses: given a case's key (seed, epoch, case), k(e) and its
+  # (augmented) label, they return the masks of its training example.
+  config = small_config()
+  config.spad.k0 = 2  # Of 3 classes: the random choice of targets too.
+  if augmented:
+    config.data.augment.update(dict(flip=True, rotate_deg=20.0))
+    config.spad.anchor_patch = 3
+  source = sources.load_split(config, 'train')
+  examples = pipeline.TrainExamples(source, config)
+  spad, num_classes = config.spad, config.data.num_classes
+  for epoch, idx in [(0, 0), (0, 5), (3, 5), (40, 11)]:
+    ex = examples.example_at(epoch, idx)
+    label = ex['label'].astype(np.uint8)
+    n = len(perturb.target_pixels(label, num_classes, spad.components))
+    scd = perturb.scd_mask(
+        label, num_classes, perturb.num_targets(epoch, spad.k0, spad.k_gamma,
+                                                n),
+        spad.anchor_ratio, None, spad.components,
+        anchor_patch=spad.anchor_patch,
+        key=perturb.case_keys(config.seed, epoch, idx)[0])
+    bcd = perturb.boundary_band(label, num_classes, spad.band_width,
+                                spad.canny_low, spad.canny_high,
+                                spad.bcd_per_class, spad.bcd_complete)
+    assert scd.any() and bcd.any()
+    np.testing.assert_array_equal(
+        pipeline.unpack_mask(ex['scd_bits'], label.shape), scd)
+    np.testing.assert_array_equal(
+        pipeline.unpack_mask(ex['bcd_bits'], label.shape), bcd)
+
+
 def test_epoch_mask_tables_recompute_identically():
   # Visualize asks for epochs out of order; only three tables are kept.
   config = small_config()

@@ -1,5 +1,7 @@
 """ScD/BcD masks and the PaS schedule (the basics; property tests extend these)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,6 +232,36 @@ def test_anchor_ratio_extremes_and_index_targets():
                              targets=perturb.target_masks(label, 4))
   np.testing.assert_array_equal(by_index, by_mask)
   assert by_index.any()
+
+
+def test_scd_entry_points_share_one_builder():
+  # The epoch table (scd_epoch_bits), augmented batches (scd_batch_bits) and
+  # DESIGN's scd_mask all run scd_layout_masks: the same bits for the same
+  # (label, k(e), key of (seed, epoch, case)).
+  labels = np.stack([_label(), _label()[::-1], np.zeros((40, 40), np.uint8),
+                     _label().T])
+  spad = types.SimpleNamespace(k0=2, k_gamma=0.01, anchor_ratio=0.3,
+                               anchor_patch=0, components=False)
+  layout = perturb.scd_label_layout(labels, 4)
+  for patch in (0, 3):
+    spad.anchor_patch = patch
+    for epoch in (0, 70):
+      table = perturb.scd_epoch_bits(layout, 9, epoch, spad)
+      batch = perturb.scd_batch_bits(labels[::-1], 4, 9, [epoch] * 4,
+                                     [3, 2, 1, 0], spad)
+      np.testing.assert_array_equal(batch, table[::-1])
+      assert table[[0, 1, 3]].any(axis=-1).all() and not table[2].any()
+      for i, label in enumerate(labels):
+        k = perturb.num_targets(epoch, spad.k0, spad.k_gamma,
+                                len(perturb.target_pixels(label, 4)))
+        one = perturb.scd_mask(label, 4, k, 0.3, None, anchor_patch=patch,
+                               key=perturb.case_keys(9, epoch, i)[0])
+        np.testing.assert_array_equal(np.packbits(one), table[i])
+  # Without a key, scd_mask draws it from rng: one 64-bit value.
+  key = np.random.default_rng(5).bit_generator.random_raw()
+  np.testing.assert_array_equal(
+      perturb.scd_mask(_label(), 4, 2, 0.3, np.random.default_rng(5)),
+      perturb.scd_mask(_label(), 4, 2, 0.3, None, key=key))
 
 
 def test_batched_masks_equal_single_masks_and_streams_are_independent():

@@ -8,6 +8,14 @@ augmentation and the SPAD masks (built on the augmented label) are drawn from
 fixed by its config, resuming at any step continues them exactly, and the two
 loaders produce identical batches.
 
+The masks are built by ``spad_jax.perturb`` (its docstring walks through
+how); this module only schedules that work: which cases and epochs a batch
+holds, and what is computed once and kept. Without augmentation the ScD
+targets of all cases are laid out once, each epoch's ScD masks of all cases
+are one table (computed once, under a lock, half-way through the previous
+epoch; the last three kept), and each case's BcD band is computed once; with
+augmentation both masks are built per batch from the augmented labels.
+
 Multi-host: each process builds only its slice of every global batch.
 Batches come out as ``[local_devices, per_device_batch, ...]`` numpy arrays:
 ``image`` float32 ``[..., H, W, C]``, ``label`` int32 ``[..., H, W]``, and the
@@ -42,7 +50,8 @@ def unpack_mask(bits: np.ndarray, shape) -> np.ndarray:
 
 
 class TrainExamples:
-  """The deterministic stream of training examples of one process."""
+  """The deterministic stream of training examples of one process; the
+  masks are ``perturb``'s (see its module docstring for how they are made)."""
 
   def __init__(self, source: Source, config, process_index: int = 0,
                process_count: int = 1, local_device_count: int = 1):
@@ -70,9 +79,8 @@ class TrainExamples:
       # The ScD targets of every case, once: each epoch's masks of all cases
       # are then a few numpy passes over them (see scd_table).
       start = time.perf_counter()
-      self._scd_layout = perturb.scd_layout(
-          [perturb.target_pixels(l, self.num_classes, self.spad.components)
-           for l in source.labels], (h, w))
+      self._scd_layout = perturb.scd_label_layout(
+          source.labels, self.num_classes, self.spad.components)
       logging.info('ScD targets of %d training cases found in %.1f s.', n,
                    time.perf_counter() - start)
     self._bands = np.zeros((n, (h * w + 7) // 8), np.uint8)  # _band_table.
@@ -87,13 +95,6 @@ class TrainExamples:
   def permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, 7, epoch]).permutation(
         len(self.source))
-
-  @functools.lru_cache(maxsize=4)
-  def case_keys(self, epoch: int) -> np.ndarray:
-    """The ScD stream keys of every case in ``epoch`` (one call an epoch,
-    not one a batch)."""
-    n = len(self.source)
-    return perturb.case_keys(self.seed, np.full(n, epoch), np.arange(n))
 
   def scd_table(self, epoch: int) -> np.ndarray:
     """The bit-packed ScD masks of every case in ``epoch``, ``[N,
@@ -111,21 +112,12 @@ class TrainExamples:
     with self._scd_lock:
       table = self._scd_tables.get(epoch)
       if table is None:
-        n = len(self.source)
-        table = perturb.scd_layout_masks(
-            self._scd_layout, [self.max_targets(epoch)] * n,
-            self.spad.anchor_ratio, self.case_keys(epoch),
-            self.spad.anchor_patch, packed=True)
+        table = perturb.scd_epoch_bits(self._scd_layout, self.seed, epoch,
+                                       self.spad)
         self._scd_tables[epoch] = table
         while len(self._scd_tables) > 3:  # Drop the oldest computed.
           del self._scd_tables[next(iter(self._scd_tables))]
     return table
-
-  @functools.lru_cache(maxsize=4)
-  def max_targets(self, epoch: int) -> int:
-    """``k(e)`` of an unlimited number of targets (``scd_masks`` takes the
-    min with each label's own count, as ``perturb.num_targets`` does)."""
-    return perturb.num_targets(epoch, self.spad.k0, self.spad.k_gamma, 2**31)
 
   def example_index(self, step: int, slot: int):
     epoch, within = divmod(int(step), self.steps_per_epoch)
@@ -159,47 +151,49 @@ class TrainExamples:
     GIL, were most of the mask cost); without augmentation the BcD bands
     and the epoch's ScD masks come from per-case tables.
     """
-    if self.augment_on:
-      pairs = [augment.augment(
-          self.source.images[i].astype(np.float32), self.source.labels[i],
-          self.augment, np.random.default_rng([self.seed, 13, e, i]))
-               for e, i in zip(epochs, idxs)]
-      images = np.stack([p[0] for p in pairs])
-      labels = np.stack([p[1] for p in pairs])
-    else:
-      images = self.source.images[list(idxs)].astype(np.float32)
-      labels = self.source.labels[list(idxs)]
-    spad = self.spad
-    n, size = len(idxs), (labels[0].size + 7) // 8
-    band = lambda l: np.packbits(perturb.boundary_band(
-        l, self.num_classes, spad.band_width, spad.canny_low, spad.canny_high,
-        spad.bcd_per_class, spad.bcd_complete))
-    if not spad.bcd:
-      bcd = np.zeros((n, size), np.uint8)
-    elif self.augment_on:
-      bcd = np.stack([band(l) for l in labels])
-    else:
-      bcd = self._band_table(idxs, labels, band)[list(idxs)]
-    if not spad.scd:
-      scd = np.zeros((n, size), np.uint8)
-    elif self.augment_on:
-      scd = perturb.scd_masks(
-          [perturb.target_pixels(l, self.num_classes, spad.components)
-           for l in labels], [self.max_targets(e) for e in epochs],
-          spad.anchor_ratio,
-          [self.case_keys(e)[i] for e, i in zip(epochs, idxs)],
-          labels.shape[1:], spad.anchor_patch, packed=True)
-    else:
-      scd = np.stack([self.scd_table(e)[i] for e, i in zip(epochs, idxs)])
+    images, labels = self._images_and_labels(epochs, idxs)
     return {'image': images, 'label': labels.astype(np.int32),
-            'scd_bits': scd, 'bcd_bits': bcd}
+            'scd_bits': self._scd_bits(epochs, idxs, labels),
+            'bcd_bits': self._bcd_bits(idxs, labels)}
 
-  def _band_table(self, idxs, labels, band) -> np.ndarray:
-    """``[N, H·W/8]`` bit-packed BcD bands (``band(label)``), filled in as
-    cases come."""
+  def _images_and_labels(self, epochs, idxs):
+    """Float32 images and labels of cases ``idxs``, augmented (drawn from
+    ``(seed, epoch, idx)``) when augmentation is on."""
+    if not self.augment_on:
+      return (self.source.images[list(idxs)].astype(np.float32),
+              self.source.labels[list(idxs)])
+    pairs = [augment.augment(
+        self.source.images[i].astype(np.float32), self.source.labels[i],
+        self.augment, np.random.default_rng([self.seed, 13, e, i]))
+             for e, i in zip(epochs, idxs)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+  def _scd_bits(self, epochs, idxs, labels) -> np.ndarray:
+    """Bit-packed ScD masks: rows of the epoch tables, or built on the
+    augmented labels."""
+    if not self.spad.scd:
+      return np.zeros((len(idxs), (labels[0].size + 7) // 8), np.uint8)
+    if self.augment_on:
+      return perturb.scd_batch_bits(labels, self.num_classes, self.seed,
+                                    epochs, idxs, self.spad)
+    return np.stack([self.scd_table(e)[i] for e, i in zip(epochs, idxs)])
+
+  def _bcd_bits(self, idxs, labels) -> np.ndarray:
+    """Bit-packed BcD bands: rows of the band table, or built on the
+    augmented labels."""
+    if not self.spad.bcd:
+      return np.zeros((len(idxs), (labels[0].size + 7) // 8), np.uint8)
+    if self.augment_on:
+      return np.stack([perturb.band_bits(l, self.num_classes, self.spad)
+                       for l in labels])
+    return self._band_table(idxs, labels)[list(idxs)]
+
+  def _band_table(self, idxs, labels) -> np.ndarray:
+    """``[N, H·W/8]`` bit-packed BcD bands of the (unaugmented) cases,
+    filled in as cases come."""
     for i, l in zip(idxs, labels):
       if not self._have_band[i]:  # Racing threads write the same row.
-        self._bands[i] = band(l)
+        self._bands[i] = perturb.band_bits(l, self.num_classes, self.spad)
         self._have_band[i] = True
     return self._bands
 
