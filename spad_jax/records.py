@@ -1,14 +1,24 @@
-"""Run records: ``train_log.jsonl`` always, TensorBoard scalars and images when
-TensorFlow is installed (GPU machines without it still get the JSONL)."""
+"""Run records through clu's metric writers: ``train_log.jsonl`` always,
+TensorBoard scalars and images when TensorFlow and TensorBoard are installed
+(GPU machines without them still get the JSONL).
+
+Progress (steps/s, ETA) is ours, not ``clu.periodic_actions.ReportProgress``:
+clu's point estimate divides by the wall time since the last report, so a
+validation in between (seconds to minutes, plus the sampler's first
+compilation: 9 s of a 10 s tiny run measured) lowers the logged steps/s and
+inflates the ETA; its ``timed`` sections only report their share. The
+convergence bench reads training minutes from the logged rate, so the rate
+must exclude validation, which ``Progress.update`` after a validation does.
+"""
 
 import json
 import os
 import time
-from typing import Dict
+from typing import Any, Dict, Mapping
 
-import numpy as np
 from absl import logging
-
+from clu.metric_writers import interface
+from clu.metric_writers import multi_writer
 from spad_jax import tf_cpu
 
 
@@ -21,54 +31,67 @@ class QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
-class Records:
-  """Writes scalars to ``<workdir>/train_log.jsonl`` and TensorBoard."""
+class JsonlWriter(interface.MetricWriter):
+  """Scalars as one JSON line per step, ``{"step", "time", name: value}``;
+  other summaries are not written (TensorBoard has them)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    self._tb = None
-    self._jsonl = None
-    if not enabled:
-      return
-    self._jsonl = open(os.path.join(workdir, 'train_log.jsonl'), 'a')
-    try:
-      import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
-      tf = tf_cpu.import_tensorflow()
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tb'))
-    except ImportError:
-      logging.warning('TensorFlow or TensorBoard is not installed: no '
-                      'TensorBoard records, train_log.jsonl only.')
+  def __init__(self, path: str):
+    self._file = open(path, 'a')
 
-  def scalars(self, step: int, values: Dict[str, float]) -> None:
-    if not self.enabled:
-      return
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step), 'time': time.time()}
-    row.update({k: float(v) for k, v in values.items()})
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
-    if self._tb is not None:
-      with self._tb.as_default(step=int(step)):
-        for k, v in values.items():
-          self._tf.summary.scalar(k, float(v))
-      self._tb.flush()
+    row.update({k: float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
 
-  def image(self, step: int, name: str, image: np.ndarray) -> None:
-    """``image`` uint8 ``[H, W, 3]`` RGB."""
-    if self.enabled and self._tb is not None:
-      with self._tb.as_default(step=int(step)):
-        self._tf.summary.image(name, image[None])
-      self._tb.flush()
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
 
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str, enabled: bool = True) -> interface.MetricWriter:
+  """``train_log.jsonl`` + TensorBoard (``<workdir>/tb``) for the process
+  that records (process 0); a writer that writes nothing for the others."""
+  if not enabled:
+    return multi_writer.MultiWriter([])
+  writers = [JsonlWriter(os.path.join(workdir, 'train_log.jsonl'))]
+  try:
+    import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
+    tf_cpu.import_tensorflow()  # Before clu's writer imports TensorFlow.
+    from clu.metric_writers import summary_writer  # pylint: disable=g-import-not-at-top
+    writers.append(summary_writer.SummaryWriter(os.path.join(workdir, 'tb')))
+  except ImportError:
+    logging.warning('TensorFlow or TensorBoard is not installed: no '
+                    'TensorBoard records, train_log.jsonl only.')
+  return multi_writer.MultiWriter(writers)
 
 
 class Progress:
-  """Steps/s, images/s and ETA between two log points."""
+  """Steps/s, images/s and ETA between two log points (see the module
+  docstring for why not clu's ReportProgress)."""
 
   def __init__(self, start_step: int, total_steps: int, global_batch: int):
     self.total = total_steps
@@ -84,3 +107,4 @@ class Progress:
     eta = (self.total - step) / max(overall, 1e-9)
     return {'steps_per_sec': rate, 'images_per_sec': rate * self.batch,
             'eta_sec': eta}
+

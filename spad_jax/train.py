@@ -325,7 +325,7 @@ def _best_val_mdice(best_mgr) -> float:
 
 
 def validate(config, workdir, setup, state, val_source, step: int,
-             rec: records.Records, predict) -> Dict[str, Any]:
+             rec, predict) -> Dict[str, Any]:
   """Samples the val split with the EMA parameters; logs mIoU/mDice and a
   grid (``val_grid.png`` and TensorBoard). ``predict`` is the compiled
   sampler (``evaluate.make_predict_fn``), shared with the final evaluation."""
@@ -337,15 +337,15 @@ def validate(config, workdir, setup, state, val_source, step: int,
                                            list(val_source.class_names))
   summary = {'val_mIoU': result['mIoU'], 'val_mDice': result['mDice'],
              'val_seconds': run['seconds']}
-  rec.scalars(step, {k: (np.nan if v is None else v)
-                     for k, v in summary.items()})
+  rec.write_scalars(step, {k: (np.nan if v is None else v)
+                          for k, v in summary.items()})
   if jax.process_index() == 0:
     shown = run['shown']
     grid = visualize.grid_png(shown['images'], shown['labels'],
                               shown['preds'], None, config.data.num_classes,
                               os.path.join(workdir, 'val_grid.png'),
                               scale=max(1, 128 // config.data.image_size))
-    rec.image(step, 'val/image_label_prediction', grid)
+    rec.write_images(step, {'val/image_label_prediction': grid[None]})
   logging.info('[%d] validation: mIoU %s  mDice %s  (%d cases, %.1f s)', step,
                formatting.number(result['mIoU'], 4),
                formatting.number(result['mDice'], 4), len(val_source),
@@ -385,7 +385,8 @@ class _Loop:
                                      self.config)
     batches = jax_utils.prefetch_to_device(batches, self.config.data.prefetch,
                                            axis_name=AXIS)
-    rec = records.Records(self.workdir, enabled=jax.process_index() == 0)
+    rec = records.create_writer(self.workdir,
+                                enabled=jax.process_index() == 0)
     progress = records.Progress(start_step, stop_at, t.batch_size)
     pending = []
     step = start_step
@@ -431,7 +432,7 @@ class _Loop:
     summary.update(progress.update(step))
     summary.update({'lr': float(self.lr_fn(step - 1)),
                     'skipped_updates': self.skipped_total})
-    rec.scalars(step, summary)
+    rec.write_scalars(step, summary)
     logging.info(
         '[%d/%d] epoch %d  loss %.4g (%.4g/px)  sigma %.3f  k %d  lr %.2e  '
         '%.2f steps/s  %.1f img/s  ETA %s%s', step, self.total_steps,
