@@ -1,7 +1,8 @@
 """Shows what SPAD does to training inputs: ``--mode=visualize``.
 
 For a few training cases at the first, middle and last epoch, one row each:
-image, label, ScD mask, BcD band, perturbed image. The masks are the ones the
+image, label, ScD mask, BcD band (both tinted over the image), perturbed
+image. The masks are the ones the
 input pipeline builds for that (seed, epoch, case); the image noise is drawn
 here with numpy (the train step draws its own ε from its PRNG key), at the
 σ(e) of that epoch.
@@ -17,7 +18,8 @@ from spad_jax import perturb
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 
-TITLES = ('image', 'label', 'ScD mask', 'BcD band', 'perturbed')
+TITLES = ('image', 'label', 'ScD mask (orange)', 'BcD band (blue)',
+          'perturbed')
 
 
 # ----------------------------------------------------- drawing (any module)
@@ -116,10 +118,14 @@ def case_panel(image, label, pred, entropy, num_classes: int, original_size,
 # ----------------------------------------------------- --mode=visualize
 
 
-def _mask_rgb(mask: np.ndarray, colour) -> np.ndarray:
-  out = np.zeros(mask.shape + (3,), np.uint8)
-  out[mask.astype(bool)] = colour
-  return out
+def mask_over(image_rgb: np.ndarray, mask: np.ndarray, colour,
+              alpha: float = 0.55) -> np.ndarray:
+  """``mask`` pixels tinted with ``colour`` over a uint8 RGB image, so one
+  sees which structures a mask covers."""
+  out = image_rgb.astype(np.float32)
+  on = mask.astype(bool)
+  out[on] = (1 - alpha) * out[on] + alpha * np.asarray(colour, np.float32)
+  return np.round(out).astype(np.uint8)
 
 
 def visualize(config, workdir: str, num_cases: int = 3) -> str:
@@ -133,7 +139,6 @@ def visualize(config, workdir: str, num_cases: int = 3) -> str:
   has_fg = [i for i in range(len(source)) if source.labels[i].any()]
   cases = (has_fg + [i for i in range(len(source)) if i not in has_fg])
   cases = cases[:num_cases]
-  pal = palette(config.data.num_classes)
   rows, notes = [], []
   for idx in cases:
     for epoch in epochs:
@@ -145,9 +150,10 @@ def visualize(config, workdir: str, num_cases: int = 3) -> str:
       eps = np.random.default_rng([config.seed, epoch, idx, 1]).standard_normal(
           ex['image'].shape)
       perturbed = ex['image'] + sigma * eps * union[..., None]
+      rgb = gray_rgb(ex['image'])
       rows.append(np.concatenate([
-          gray_rgb(ex['image']), pal[ex['label']],
-          _mask_rgb(scd, (255, 160, 0)), _mask_rgb(bcd, (0, 200, 255)),
+          rgb, overlay_rgb(rgb, ex['label'], config.data.num_classes),
+          mask_over(rgb, scd, (255, 160, 0)), mask_over(rgb, bcd, (0, 200, 255)),
           gray_rgb(perturbed)], axis=1))
       notes.append(f'{source.ids[idx]}  epoch {epoch}  sigma {sigma:.3f}  '
                    f'ScD {np.count_nonzero(scd)} px  BcD '
