@@ -40,6 +40,7 @@ and seed found under ``<out>/runs`` unless ``--variants``/``--seeds`` are
 given), without ``--config`` and without training.
 """
 
+import functools
 import json
 import math
 import os
@@ -55,9 +56,10 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from spad_jax import records  # pylint: disable=wrong-import-position
+from spad_jax import config_keys
+from spad_jax import files
+from spad_jax import formatting
+from spad_jax import records
 
 # name: dotted config key -> value, applied on top of the base config. Add a
 # variant by adding an entry.
@@ -81,28 +83,22 @@ FRACTION = 0.9  # "Converged": first validation at >= 90 % of the final one.
 DID_NOT_LEARN = 0.05  # Final val mDice below this: the run did not learn.
 
 FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Defines the command line; called when run as a script only, so tests can
-  import this module next to others (spad_jax.study) that define flags of
-  the same names."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Base config; --config.<key>=... overrides apply to '
-      'every run. Not needed with --report_only.', lock_config=False)
-  flags.DEFINE_string('out', None, 'Output folder (runs/ and the reports).')
-  flags.DEFINE_list('variants', list(VARIANTS),
-                    f'Variants to run, of {list(VARIANTS)}.')
-  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Values of config.seed.')
-  flags.DEFINE_integer('epochs', None, 'Training budget in epochs (default: '
-                       'the config\'s train.num_epochs).')
-  flags.DEFINE_integer('eval_every_epochs', 2, 'Validate (val mDice) every '
-                       'this many epochs; also at the last step.')
-  flags.DEFINE_bool('report_only', False, 'Rebuild the reports from what is '
-                    'on disk; train nothing.')
-  flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent '
-                      'compilation cache (seeds of a variant compile once): '
-                      'a folder, "auto" (<out>/.jax_cache) or "" (off).')
+config_flags.DEFINE_config_file(
+    'config', None, 'Base config; --config.<key>=... overrides apply to '
+    'every run. Not needed with --report_only.', lock_config=False)
+flags.DEFINE_string('out', None, 'Output folder (runs/ and the reports).')
+flags.DEFINE_list('variants', list(VARIANTS),
+                  f'Variants to run, of {list(VARIANTS)}.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Values of config.seed.')
+flags.DEFINE_integer('epochs', None, 'Training budget in epochs (default: '
+                     'the config\'s train.num_epochs).')
+flags.DEFINE_integer('eval_every_epochs', 2, 'Validate (val mDice) every '
+                     'this many epochs; also at the last step.')
+flags.DEFINE_bool('report_only', False, 'Rebuild the reports from what is '
+                  'on disk; train nothing.')
+flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent '
+                    'compilation cache (seeds of a variant compile once): '
+                    'a folder, "auto" (<out>/.jax_cache) or "" (off).')
 
 
 class BenchError(ValueError):
@@ -110,19 +106,6 @@ class BenchError(ValueError):
 
 
 # ------------------------------------------------------------------ planning
-
-
-def set_key(config, dotted: str, value) -> None:
-  """Sets an existing key of ``config``; KeyError naming it otherwise."""
-  node = config
-  parts = dotted.split('.')
-  for i, part in enumerate(parts):
-    if part not in node:
-      raise KeyError(f'config has no key {".".join(parts[:i + 1])!r} '
-                     f'(override {dotted}={value!r})')
-    if i < len(parts) - 1:
-      node = node[part]
-  node[parts[-1]] = value
 
 
 def check_variants(names: Sequence[str]) -> None:
@@ -156,7 +139,7 @@ def plan(base, out: str, variants: Sequence[str], seeds: Sequence[int],
                         'train.eval_every_epochs': int(eval_every)})
       config = base.copy_and_resolve_references()
       for key, value in overrides.items():
-        set_key(config, key, value)
+        config_keys.set_value(config, key, value)
       runs.append({'variant': variant, 'seed': int(seed),
                    'overrides': overrides, 'config': config,
                    'workdir': run_dir(out, variant, seed)})
@@ -168,17 +151,6 @@ RESUMABLE_KEYS = ('train.max_steps_per_run', 'data.num_workers',
                   'data.prefetch')
 
 
-def _flat_diff(a, b, prefix=''):
-  """Dotted keys whose values differ; keys present on one side only (a key
-  added to the code's config since) are not differences."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in set(a) & set(b):
-      out += _flat_diff(a[k], b[k], f'{prefix}{k}.')
-    return out
-  return [prefix.rstrip('.')] if a != b else []
-
-
 def check_workdir(run: Dict[str, Any]) -> None:
   """Stops when the run's workdir was started with a different config."""
   path = os.path.join(run['workdir'], 'config.json')
@@ -186,8 +158,11 @@ def check_workdir(run: Dict[str, Any]) -> None:
     return
   with open(path) as f:
     old = json.load(f)
-  changed = sorted(k for k in _flat_diff(old, json.loads(
-      run['config'].to_json_best_effort())) if k not in RESUMABLE_KEYS)
+  # A key on one side only (added to the code's config since) is no
+  # difference.
+  new = json.loads(run['config'].to_json_best_effort())
+  changed = sorted(k for k in config_keys.flat_diff(old, new, one_sided=False)
+                   if k not in RESUMABLE_KEYS)
   if changed:
     raise BenchError(
         f'{run["workdir"]} was started with a different config (differs in '
@@ -429,47 +404,8 @@ def summarize(runs: Sequence[Dict[str, Any]],
 # --------------------------------------------------------------- reporting
 
 
-def _clean(obj):
-  """JSON-safe: NaN/inf become null."""
-  if isinstance(obj, dict):
-    return {k: _clean(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_clean(v) for v in obj]
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  if isinstance(obj, np.generic):
-    return _clean(obj.item())
-  return obj
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-  _write_text(path, json.dumps(_clean(obj), indent=1, allow_nan=False) + '\n')
-
-
-def _fmt(x, digits=3) -> str:
-  return '—' if x is None else f'{x:.{digits}f}'
-
-
-def _pm(desc: Dict[str, Any], digits=3) -> str:
-  if not desc or desc['mean'] is None:
-    return '—'
-  if desc['std'] is None:
-    return _fmt(desc['mean'], digits)
-  return f'{_fmt(desc["mean"], digits)} ± {_fmt(desc["std"], digits)}'
-
-
-def _hms(seconds: Optional[float]) -> str:
-  if seconds is None:
-    return 'unknown'
-  seconds = int(round(seconds))
-  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+# Numbers in the tables: a dash where there is none.
+_fmt = functools.partial(formatting.number, missing='—')
 
 
 def _overrides_text(overrides) -> str:
@@ -518,13 +454,14 @@ def markdown(results: Dict[str, Any]) -> str:
       f'final val mDice | steps to {FRACTION:.0%} | minutes to '
       f'{FRACTION:.0%} | training minutes | did not learn | diverged |',
       '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  pm = formatting.mean_std
   for variant, e in summary.items():
     lines.append(
         f'| {variant} | {_overrides_text(e["overrides"])} | '
-        f'{len(e["seeds_done"])}/{e["runs"]} | {_pm(e["test_mDice"])} | '
-        f'{_pm(e["test_mIoU"])} | {_pm(e["final_val_mDice"])} | '
-        f'{_pm(e["steps_to_90"], 0)} | {_pm(e["minutes_to_90"], 2)} | '
-        f'{_pm(e["train_minutes"], 2)} | {len(e["did_not_learn"])} | '
+        f'{len(e["seeds_done"])}/{e["runs"]} | {pm(e["test_mDice"])} | '
+        f'{pm(e["test_mIoU"])} | {pm(e["final_val_mDice"])} | '
+        f'{pm(e["steps_to_90"], 0)} | {pm(e["minutes_to_90"], 2)} | '
+        f'{pm(e["train_minutes"], 2)} | {len(e["did_not_learn"])} | '
         f'{len(e["failed"])} |')
   lines += ['', '## Runs', '',
             f'| variant | seed | status | {split} mDice | final val mDice | '
@@ -617,8 +554,8 @@ def report(out: str, variants: Sequence[str], seeds: Sequence[int],
   results = {'meta': meta,
              'variants': {v: VARIANTS.get(v) for v in variants},
              'summary': summarize(runs, variants), 'runs': runs}
-  _write_json(os.path.join(out, 'convergence.json'), results)
-  _write_text(os.path.join(out, 'convergence.md'), markdown(results))
+  files.write_json(os.path.join(out, 'convergence.json'), results)
+  files.write_atomic(os.path.join(out, 'convergence.md'), markdown(results))
   budget = f'{meta.get("epochs", "?")} epochs, seeds {list(seeds)}'
   plot(os.path.join(out, 'convergence_steps.png'), runs, variants, 'val',
        'step', 'mDice', 'training step', 'val mDice (foreground)',
@@ -689,7 +626,7 @@ def execute(runs: Sequence[Dict[str, Any]], on_finished, train_fn=None) -> bool:
     logging.info('=== Run %d/%d start: %s seed %d%s -> %s; ETA of the %d '
                  'runs left (this one included): %s', i + 1, len(todo),
                  r['variant'], r['seed'], ' (resuming)' if resumed else '',
-                 r['workdir'], len(todo) - i, _hms(eta(todo[i:])))
+                 r['workdir'], len(todo) - i, formatting.hms(eta(todo[i:])))
     os.makedirs(r['workdir'], exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     begin = time.time()
@@ -697,7 +634,7 @@ def execute(runs: Sequence[Dict[str, Any]], on_finished, train_fn=None) -> bool:
       result = train_fn(r['config'], r['workdir'])
     except FloatingPointError as e:
       logging.error('Run %s seed %d diverged: %s', r['variant'], r['seed'], e)
-      _write_json(os.path.join(r['workdir'], 'failed.json'),
+      files.write_json(os.path.join(r['workdir'], 'failed.json'),
                   {'error': str(e), 'finished': time.strftime(
                       '%Y-%m-%d %H:%M:%S')})
       on_finished()
@@ -708,7 +645,7 @@ def execute(runs: Sequence[Dict[str, Any]], on_finished, train_fn=None) -> bool:
                       'again to resume.', r['workdir'])
       on_finished()
       return False
-    _write_json(os.path.join(r['workdir'], 'convergence_run.json'),
+    files.write_json(os.path.join(r['workdir'], 'convergence_run.json'),
                 {'variant': r['variant'], 'seed': r['seed'],
                  'overrides': r['overrides'], 'seconds': seconds,
                  'resumed': resumed, 'device': _device(),
@@ -718,8 +655,9 @@ def execute(runs: Sequence[Dict[str, Any]], on_finished, train_fn=None) -> bool:
     left = todo[i + 1:]
     logging.info('=== Run %d/%d done: %s seed %d in %s (%s mDice %s); %d '
                  'left, ETA %s', i + 1, len(todo), r['variant'], r['seed'],
-                 _hms(seconds), result.get('split', '?'),
-                 _fmt(result.get('mDice'), 4), len(left), _hms(eta(left)))
+                 formatting.hms(seconds), result.get('split', '?'),
+                 _fmt(result.get('mDice'), 4), len(left),
+                 formatting.hms(eta(left)))
   return True
 
 
@@ -842,5 +780,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
   app.run(main)

@@ -33,14 +33,10 @@ untimed compile/warm-up call.
 import json
 import os
 import platform
-import sys
 import time
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('preset', 'cpu', ['gpu', 'cpu', 'tiny'],
@@ -270,7 +266,6 @@ def jax_sampling(preset, size, steps, batch, n, repeats, dtype):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   config = bench_config(preset, size, 8, dtype, False)
   config.eval.num_steps = steps
@@ -359,7 +354,6 @@ def profile_parts(preset, size, batch, dtype, iters, repeats, trace_dir,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   config = bench_config(preset, size, batch, dtype, True)
   setup = train_state.Setup.from_config(config)

@@ -15,14 +15,11 @@ to the best images/s of each setting and the process CPU time per image
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 

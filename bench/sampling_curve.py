@@ -13,15 +13,12 @@ Writes ``<out>/sampling_curve.json``, ``.md`` (table) and ``.png`` (plot);
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config the workdir was '

@@ -7,7 +7,8 @@ T = 10, 45 epochs of 9 steps (batch 8). This is a *budget* config, far from
 the paper's protocol (256², 5.7 M parameters, T = 250, 200 epochs); use
 configs/duke_dme.py on a GPU for that.
 
-  python -m spad_jax.study --config=configs/duke_dme_study_cpu.py --out=runs/study
+  python -m experiments.ablation.main --config=configs/duke_dme_study_cpu.py \
+      --out=runs/study
 """
 
 from configs import duke_dme

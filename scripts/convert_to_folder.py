@@ -41,8 +41,7 @@ import tempfile
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spad_jax.data import folder  # pylint: disable=g-import-not-at-top,wrong-import-position
+from spad_jax.data import folder
 
 EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 

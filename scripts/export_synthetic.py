@@ -18,15 +18,13 @@ into a non-empty ``--out``.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 import cv2
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spad_jax.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from spad_jax.data import synthetic
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config whose '

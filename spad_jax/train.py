@@ -26,6 +26,7 @@ from spad_jax import evaluate
 from spad_jax import files
 from spad_jax import formatting
 from spad_jax import metrics as metrics_lib
+from spad_jax import objectives
 from spad_jax import perturb
 from spad_jax import records
 from spad_jax import timesteps
@@ -45,60 +46,19 @@ def ema_decay_at(step, decay: float):
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-def soft_dice_loss(x0_onehot: jnp.ndarray, p_hat: jnp.ndarray) -> jnp.ndarray:
-  """Per-example ``1 − mean_c 2Σp̂g/(Σp̂+Σg)`` over foreground classes ``c``
-  (a class absent from label and prediction counts as a perfect match)."""
-  axes = tuple(range(1, x0_onehot.ndim - 1))
-  g, p = x0_onehot[..., 1:], p_hat[..., 1:]
-  inter = jnp.sum(g * p, axis=axes)
-  total = jnp.sum(g + p, axis=axes)
-  dice = (2.0 * inter + 1e-6) / (total + 1e-6)
-  return 1.0 - jnp.mean(dice, axis=-1)
-
-
 def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
                     steps_per_epoch: int) -> Callable:
   """The per-device step; wrap with ``jax.pmap(axis_name=AXIS)``.
 
-  ``model.kind='diffusion'``: the loss of DESIGN §1 (``diffusion.ce_lambda =
-  0``) or the hybrid ``L_t + λ·w(t)·CE``, at times drawn by
-  ``diffusion.t_sampling``. ``model.kind='deterministic'``: the same UNet
-  with ``x_t`` and ``t`` fixed (``unet.fixed_inputs``), trained with the
-  per-pixel CE + ``train.dice_weight``·soft Dice.
+  What each example is trained on (times, noisy labels, loss) comes from
+  ``objectives.py``; this step adds the SPAD perturbation, the gradient
+  average over devices, the update and the EMA.
   """
   num_classes = config.data.num_classes
-  num_t = config.diffusion.num_steps
   spad_cfg = config.spad
   perturbs = spad_cfg.scd or spad_cfg.bcd
-  deterministic = config.model.kind == 'deterministic'
-  sampler = config.diffusion.t_sampling
-  ce_lambda = float(config.diffusion.ce_lambda)
-  ce_weighting = config.diffusion.ce_weighting
-  global_batch = config.train.batch_size
-
-  def example_noise(key, x0_onehot, t_given):
-    k_t, k_x, k_eps = jax.random.split(key, 3)
-    t = timesteps.uniform(k_t, num_t) if t_given is None else t_given
-    xt = diffusion.sample_categorical(
-        k_x, diffusion.q_probs(x0_onehot, t, schedule))
-    return t, xt, k_eps
-
-  def draw_times(state, step_key, keys, first, per_device):
-    """(t [per_device] or None for per-example uniform draws, loss weights,
-    importance probabilities or None)."""
-    if sampler == 'stratified':
-      t_all = timesteps.stratified(jax.random.fold_in(step_key, 1 << 29),
-                                   global_batch, num_t)
-      return jax.lax.dynamic_slice(t_all, (first,), (per_device,)), 1.0, None
-    if sampler == 'importance':
-      probs = timesteps.importance_probs(state.loss_history,
-                                         config.diffusion.importance_uniform)
-      # Own key per example (not k_t), so uniform draws before the switch
-      # and importance draws after it are independent of x_t's key.
-      t = jax.vmap(lambda k: timesteps.draw(jax.random.fold_in(k, 7), probs))(
-          keys)
-      return t, timesteps.importance_weight(t, probs), probs
-    return None, 1.0, None
+  make_inputs = objectives.make_inputs_fn(config, schedule)
+  example_loss = objectives.make_loss_fn(config, schedule)
 
   def train_step(state: train_state.TrainState, batch, train_key):
     per_device = batch['label'].shape[0]
@@ -109,41 +69,23 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     epoch = state.step // steps_per_epoch
 
     x0 = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
-    if deterministic:
-      t_given, weight, probs = None, 1.0, None
-    else:
-      t_given, weight, probs = draw_times(state, step_key, keys, first,
-                                          per_device)
-    if deterministic:
-      eps_keys = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
-      xt_onehot, t = unet.fixed_inputs(x0)
-    else:
-      t, xt, eps_keys = jax.vmap(
-          example_noise, in_axes=(0, 0, None if t_given is None else 0))(
-              keys, x0, t_given)
-      xt_onehot = jax.nn.one_hot(xt, num_classes, dtype=jnp.float32)
+    inputs = make_inputs(state.loss_history, step_key, keys, first, x0)
     image = batch['image']
     sigma = perturb.sigma_at(epoch, spad_cfg)
     if perturbs:
       mask = perturb.union_mask(batch['scd_bits'], batch['bcd_bits'],
                                 batch['label'].shape)
       image = jax.vmap(perturb.perturb_image, in_axes=(0, 0, None, 0))(
-          image, mask, sigma, eps_keys)
+          image, mask, sigma, inputs.eps_keys)
     dropout_key = jax.random.fold_in(step_key, 1 << 30)
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
 
     def loss_fn(params):
-      logits = model.apply({'params': params}, xt_onehot, image, t, train=True,
-                           rngs={'dropout': dropout_key})
+      logits = model.apply({'params': params}, inputs.xt_onehot, image,
+                           inputs.t, train=True, rngs={'dropout': dropout_key})
       p_hat = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      if deterministic:
-        pixels = x0.shape[1] * x0.shape[2]
-        per_example = (diffusion.cross_entropy(x0, p_hat) / pixels +
-                       config.train.dice_weight * soft_dice_loss(x0, p_hat))
-      else:
-        per_example = diffusion.hybrid_loss(x0, xt_onehot, p_hat, t, schedule,
-                                            ce_lambda, ce_weighting)
-      return jnp.mean(weight * per_example), per_example
+      per_example = example_loss(x0, inputs.xt_onehot, p_hat, inputs.t)
+      return jnp.mean(inputs.weight * per_example), per_example
 
     (loss, per_example), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
@@ -151,34 +93,19 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     loss = jax.lax.pmean(loss, AXIS)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, config.train.ema_decay)
-    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                           state.ema_params, new_params)
-    # A non-finite loss or gradient skips the update (counted and reported).
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    history = state.loss_history
+    new_state = _apply_update(state, grads, finite, config.train.ema_decay)
     extra = {}
-    if probs is not None:
+    if inputs.probs is not None:
       # Every device records the whole global batch in the same order, so
       # the replicated histories stay identical.
-      history = timesteps.update_history(
-          history, jax.lax.all_gather(t, AXIS).reshape(-1),
-          jax.lax.all_gather(per_example, AXIS).reshape(-1))
+      new_state = new_state.replace(loss_history=timesteps.update_history(
+          state.loss_history, jax.lax.all_gather(inputs.t, AXIS).reshape(-1),
+          jax.lax.all_gather(per_example, AXIS).reshape(-1)))
       extra['importance_active'] = timesteps.history_ready(
           state.loss_history).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep(new_params, state.params),
-        ema_params=keep(new_ema, state.ema_params),
-        opt_state=keep(new_opt, state.opt_state),
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        loss_history=history)
     # The deterministic loss is already per pixel (CE mean + soft Dice).
-    pixels = 1 if deterministic else x0.shape[1] * x0.shape[2]
+    pixels = (1 if config.model.kind == 'deterministic' else
+              x0.shape[1] * x0.shape[2])
     metrics = {
         'loss': loss, 'loss_per_pixel': loss / pixels,
         'grad_norm': grad_norm, 'sigma': jnp.asarray(sigma, jnp.float32),
@@ -190,6 +117,25 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
     return new_state, metrics
 
   return train_step
+
+
+def _apply_update(state: train_state.TrainState, grads, finite,
+                  ema_decay: float) -> train_state.TrainState:
+  """Optimizer step and EMA; a non-finite loss or gradient skips the update
+  (the streak is counted, and reported by the loop)."""
+  updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  decay = ema_decay_at(state.step, ema_decay)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                         state.ema_params, new_params)
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  return state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      ema_params=keep(new_ema, state.ema_params),
+      opt_state=keep(new_opt, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
 
 
 def p_train_step(config, model, schedule, steps_per_epoch) -> Callable:

@@ -14,6 +14,10 @@ def get_config():
   config.model.channel_mult = (1, 2)
   config.model.attention_resolutions = (8,)
   config.diffusion.num_steps = 20
+  # The paper's KL loss (the demo trains with the hybrid loss); tests of the
+  # objective variants set them explicitly.
+  config.diffusion.ce_lambda = 0.0
+  config.diffusion.ce_weighting = 'constant'
   config.spad.band_width = 1
   config.train.batch_size = 8
   config.train.num_epochs = 3  # 4 steps per epoch.

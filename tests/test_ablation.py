@@ -1,4 +1,4 @@
-"""The ablation study (spad_jax/study.py) end to end at tiny size on CPU."""
+"""The ablation study (experiments/ablation/) end to end at tiny size on CPU."""
 
 import json
 import os
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from spad_jax import study
+from experiments.ablation import plan
+from experiments.ablation import stats
 import tiny_config
 
 
@@ -25,7 +26,7 @@ def _pm(values, scale, digits=2):
 
 def test_plan_runs_arms_seeds_and_reuse(tmp_path):
   base = tiny_config.get_config()
-  runs = study.plan_runs(base, str(tmp_path), ['baseline', 'full'], [0, 1],
+  runs = plan.plan_runs(base, str(tmp_path), ['baseline', 'full'], [0, 1],
                          sweeps=['lambda', 'anchor'],
                          sweep_values={'lambda': [0.05, 0.2],
                                        'anchor': [0.3]},
@@ -45,21 +46,21 @@ def test_plan_runs_arms_seeds_and_reuse(tmp_path):
   assert sweep[('sweep_lambda', '0.2')].same_as is None
   assert sweep[('sweep_lambda', '0.2')].config.spad.pas_lambda == 0.2
   # A shorter sweep budget makes them runs of their own.
-  runs = study.plan_runs(base, str(tmp_path), ['full'], [0],
+  runs = plan.plan_runs(base, str(tmp_path), ['full'], [0],
                          sweeps=['lambda'], sweep_values={'lambda': [0.05]},
                          sweep_epochs=1)
   assert runs[1].same_as is None and runs[1].config.train.num_epochs == 1
   with pytest.raises(ValueError, match='unknown arm'):
-    study.plan_runs(base, str(tmp_path), ['nope'], [0])
+    plan.plan_runs(base, str(tmp_path), ['nope'], [0])
 
 
 def test_folds_and_paired_difference(tmp_path):
   base = tiny_config.get_config()
-  runs = study.plan_runs(base, str(tmp_path), ['full'], [0], folds=3)
+  runs = plan.plan_runs(base, str(tmp_path), ['full'], [0], folds=3)
   assert [r.config.data.fold for r in runs] == [0, 1, 2]
   assert all(r.config.data.num_folds == 3 for r in runs)
   assert runs[2].workdir.endswith(os.path.join('full', 'seed0', 'fold2'))
-  diff = study.paired_difference({0: 0.5, 1: 0.7, 2: 0.6},
+  diff = stats.paired_difference({0: 0.5, 1: 0.7, 2: 0.6},
                                  {0: 0.4, 1: 0.5, 2: 0.6})
   assert diff['diffs'] == pytest.approx([0.1, 0.2, 0.0])
   assert diff['mean'] == pytest.approx(0.1)
@@ -70,14 +71,14 @@ def test_folds_and_paired_difference(tmp_path):
 
 def test_workdir_with_another_config_stops(tmp_path):
   base = tiny_config.get_config()
-  run = study.plan_runs(base, str(tmp_path), ['full'], [0])[0]
+  run = plan.plan_runs(base, str(tmp_path), ['full'], [0])[0]
   os.makedirs(run.workdir)
   other = base.copy_and_resolve_references()
   other.train.num_epochs = 99
   with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
     f.write(other.to_json_best_effort())
-  with pytest.raises(study.StudyError, match='train.num_epochs'):
-    study.check_workdir(run)
+  with pytest.raises(plan.StudyError, match='train.num_epochs'):
+    plan.check_workdir(run)
 
 
 def test_study_end_to_end(tmp_path):
@@ -85,7 +86,7 @@ def test_study_end_to_end(tmp_path):
   out = str(tmp_path / 'study')
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  args = [sys.executable, '-m', 'spad_jax.study',
+  args = [sys.executable, '-m', 'experiments.ablation.main',
           '--config=tests/tiny_config.py', f'--out={out}', '--seeds=0,1',
           '--arms=baseline,full', '--sweeps=lambda,anchor', '--lambdas=0.05',
           '--anchors=0.6', '--qualitative_cases=2',

@@ -1,0 +1,1 @@
+"""The SPAD ablation study: arms x seeds, sweeps, statistics and report."""

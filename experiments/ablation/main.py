@@ -1,0 +1,164 @@
+r"""The SPAD ablation study: five arms x seeds, sensitivity sweeps, table, plots.
+
+  python -m experiments.ablation.main --config=configs/duke_dme.py \
+      --out=runs/study
+  python -m experiments.ablation.main \
+      --config=configs/duke_dme_study_cpu.py --out=runs/study_cpu \
+      --seeds=0,1,2 --sweeps=lambda,anchor
+
+from the repository root (``python experiments/ablation/main.py ...`` works
+too). The runs are planned and trained by ``plan.py``, summarised by
+``stats.py`` and reported by ``report.py``; this module is the command line.
+
+Arms (config overrides of ``spad.scd/bcd/pas``, as in README's table):
+``baseline`` (CCDM: ScD and BcD off), ``scd_pas``, ``bcd_pas``,
+``scd_bcd_nopas`` (σ stays σ0) and ``full`` (SPAD). Every run gets the same
+budget: the config's, with any ``--config.<key>=...`` override applied to
+every run.
+
+Seeds vary ``config.seed`` (model initialisation, diffusion noise, SPAD masks
+and image noise, data order); the patient-level split (``data.split_seed``)
+stays fixed, so every run is tested on the same patients. ``--folds=k``
+repeats every run over the ``k`` patient-level folds (``data.num_folds``,
+``data.fold``); a seed's value is then the mean over its folds.
+
+Each run trains and evaluates in its own workdir with
+``train.train_and_evaluate``: ``<out>/<arm>/seed<k>[/fold<f>]`` and
+``<out>/sweep_<name>/<value>/seed<k>[/fold<f>]``. A run whose
+``metrics.json`` exists is skipped and an interrupted one resumes from its
+checkpoint, so running the same command again continues the study. A sweep
+run whose config equals an arm's run (the config's own λ or anchor ratio at
+the same budget) reuses that run. A workdir started with another config
+stops the study (use a new ``--out``) instead of mixing budgets.
+
+Writes into ``--out``:
+
+- ``results.json``: every run (metrics, overrides, timing, workdir), the
+  per-arm summaries, paired differences to the baseline, the sweeps, the
+  budget and the machine;
+- ``results.md``: mean ± std over seeds of mIoU, mDice (dataset-level,
+  foreground) and HD95 (mean per case, pixels of the original image) per
+  arm, the paper's AMD-SD numbers for reference, paired differences to the
+  baseline with a t-interval, the sweeps and the timing;
+- ``curves.png`` (training loss and val mDice per arm vs step, mean over
+  seeds), ``schedule.png`` (σ(e) and k(e) over epochs),
+  ``sweep_lambda.png`` / ``sweep_anchor.png`` (test mDice vs the value),
+  ``qualitative.png`` (a few test cases: image, ground truth, full SPAD,
+  w/o ScD, w/o BcD, baseline).
+
+``--report_only`` rebuilds these files from the finished runs without
+training.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+if not __package__:  # Run as a file: python experiments/ablation/main.py.
+  # Python put this folder first on sys.path; the repository root instead
+  # imports this folder as the package it is (and no module here shadows a
+  # top-level one of the same name, e.g. `stats`).
+  _HERE = os.path.dirname(os.path.abspath(__file__))
+  if sys.path and os.path.abspath(sys.path[0] or '.') == _HERE:
+    sys.path[0] = os.path.dirname(os.path.dirname(_HERE))
+
+# pylint: disable=wrong-import-position
+from experiments.ablation import plan
+from experiments.ablation import report
+from spad_jax import records
+# pylint: enable=wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Base config; --config.<key>=... overrides apply to every '
+    'run.', lock_config=False)
+flags.DEFINE_string('out', None, 'Study folder (workdirs and results).')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Values of config.seed.')
+flags.DEFINE_list('arms', list(plan.ARMS),
+                  f'Arms to run, of {list(plan.ARMS)}.')
+flags.DEFINE_integer('folds', 0, 'k >= 2: repeat every run over k '
+                     'patient-level folds (data.num_folds); 0: the config\'s '
+                     'single split.')
+flags.DEFINE_list('sweeps', [], f'Sensitivity sweeps of the full model, of '
+                  f'{list(plan.SWEEPS)}.')
+flags.DEFINE_list('lambdas', ['0', '0.01', '0.05', '0.2', '1.0'],
+                  'spad.pas_lambda values of the lambda sweep.')
+flags.DEFINE_list('anchors', ['0.1', '0.3', '0.5', '0.7', '0.9'],
+                  'spad.anchor_ratio values of the anchor sweep.')
+flags.DEFINE_list('sweep_seeds', ['0'], 'Seeds of the sweep runs.')
+flags.DEFINE_integer('sweep_epochs', 0, 'train.num_epochs of the sweep runs '
+                     '(0: the same budget as the arms, so the config\'s own '
+                     'value reuses the full arm\'s run).')
+flags.DEFINE_integer('qualitative_cases', 4, 'Test cases in '
+                     'qualitative.png (0: no figure).')
+flags.DEFINE_bool('report_only', False, 'Rebuild results and plots from '
+                  'finished runs; train nothing.')
+flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent compilation '
+                    'cache (runs that differ only in seed compile once): a '
+                    'folder, "auto" (<out>/.jax_cache) or "" (off).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.out:
+    raise app.UsageError('--out is required')
+  logging.get_absl_handler().addFilter(records.QuietLibraries())
+  from spad_jax import config_validation  # pylint: disable=g-import-not-at-top
+  base = FLAGS.config
+  seeds = [int(s) for s in FLAGS.seeds]
+  sweep_values = {'lambda': [float(v) for v in FLAGS.lambdas],
+                  'anchor': [float(v) for v in FLAGS.anchors]}
+  sweep_seeds = [int(s) for s in FLAGS.sweep_seeds]
+  try:
+    runs = plan.plan_runs(base, FLAGS.out, FLAGS.arms, seeds, FLAGS.folds,
+                          FLAGS.sweeps, sweep_values, sweep_seeds,
+                          FLAGS.sweep_epochs)
+    for run in runs:  # Every run's config, before any work.
+      config_validation.validate(run.config)
+    checked = set()
+    for run in runs:
+      key = (run.config.data.num_folds, run.config.data.fold)
+      if key not in checked:
+        config_validation.validate_data(run.config)
+        checked.add(key)
+  except (ValueError, config_validation.ConfigError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  os.makedirs(FLAGS.out, exist_ok=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = FLAGS.compilation_cache
+  if cache:
+    cache = os.path.join(FLAGS.out, '.jax_cache') if cache == 'auto' else cache
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(cache))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  complete = True
+  if not FLAGS.report_only:
+    try:
+      complete = plan.execute(runs)
+    except plan.StudyError as e:  # A workdir with another config.
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+  meta = {'command': ' '.join(['python -m experiments.ablation.main'] +
+                             sys.argv[1:]),
+          'config_file': config_flags.get_config_filename(FLAGS['config']),
+          'folds': FLAGS.folds, 'sweeps': list(FLAGS.sweeps),
+          'sweep_values': {s: sweep_values[s] for s in FLAGS.sweeps},
+          'sweep_seeds': sweep_seeds,
+          'sweep_epochs': FLAGS.sweep_epochs or base.train.num_epochs,
+          'complete': complete}
+  results = report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
+                          sweep_values, meta, FLAGS.qualitative_cases)
+  print(report.markdown(results))
+  print(f'Wrote {FLAGS.out}/results.json, results.md, curves.png, '
+        'schedule.png' + ''.join(f', sweep_{s}.png' for s in FLAGS.sweeps) +
+        (', qualitative.png' if results['meta']['qualitative_cases'] else ''))
+  return 0 if complete else 3
+
+
+if __name__ == '__main__':
+  app.run(main)

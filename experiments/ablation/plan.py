@@ -1,0 +1,246 @@
+"""The study's runs: arms, sweeps, seeds and folds as configs and workdirs;
+training the runs not done yet; reading a finished run back."""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from spad_jax import config_keys
+from spad_jax import files
+from spad_jax import formatting
+
+# name: (label, overrides, paper's AMD-SD (mIoU %, mDice %), Table 3).
+ARMS = {
+    'baseline': ('baseline CCDM', {'spad.scd': False, 'spad.bcd': False},
+                 (69.79, 82.20)),
+    'scd_pas': ('ScD + PaS', {'spad.scd': True, 'spad.bcd': False,
+                              'spad.pas': True}, (70.93, 83.00)),
+    'bcd_pas': ('BcD + PaS', {'spad.scd': False, 'spad.bcd': True,
+                              'spad.pas': True}, (71.04, 83.06)),
+    'scd_bcd_nopas': ('ScD + BcD w/o PaS', {'spad.scd': True,
+                                            'spad.bcd': True,
+                                            'spad.pas': False},
+                      (44.07, 61.17)),
+    'full': ('full SPAD', {'spad.scd': True, 'spad.bcd': True,
+                           'spad.pas': True}, (71.51, 83.39)),
+}
+
+# name: (config key, label) of the sensitivity sweeps (paper's Fig. 6),
+# run on the full model.
+SWEEPS = {
+    'lambda': ('spad.pas_lambda', 'PaS decay λ'),
+    'anchor': ('spad.anchor_ratio', 'anchor ratio'),
+}
+
+
+class StudyError(ValueError):
+  """A study that cannot go on as asked (e.g. a workdir of another budget)."""
+
+
+@dataclasses.dataclass
+class Run:
+  group: str  # 'arm' or 'sweep_<name>'.
+  name: str  # Arm name, or the sweep value as text.
+  seed: int
+  fold: Optional[int]
+  overrides: Dict[str, Any]  # Dotted config key -> value (seed/fold too).
+  workdir: str
+  config: Any = None
+  same_as: Optional[str] = None  # Workdir of an identical earlier run.
+
+
+def value_label(value: float) -> str:
+  """A sweep value as its run's name and folder (``0.05``, ``1``)."""
+  return f'{value:g}'
+
+
+def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
+              folds: int = 0, sweeps: Sequence[str] = (),
+              sweep_values: Optional[Dict[str, Sequence[float]]] = None,
+              sweep_seeds: Sequence[int] = (0,),
+              sweep_epochs: int = 0) -> List[Run]:
+  """Every run of the study, in execution order (arms seed-major, so every
+  arm has a first seed early, then the sweeps). Identical configs share a
+  workdir (``same_as``)."""
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    raise ValueError(f'unknown arm(s) {unknown}; expected some of '
+                     f'{list(ARMS)}')
+  unknown = [s for s in sweeps if s not in SWEEPS]
+  if unknown:
+    raise ValueError(f'unknown sweep(s) {unknown}; expected some of '
+                     f'{list(SWEEPS)}')
+  fold_list = list(range(folds)) if folds else [None]
+
+  def make(group, name, seed, fold, overrides, workdir):
+    over = dict(overrides)
+    over['seed'] = int(seed)
+    if fold is not None:
+      over['data.num_folds'] = int(folds)
+      over['data.fold'] = int(fold)
+      workdir = os.path.join(workdir, f'fold{fold}')
+    cfg = base.copy_and_resolve_references()
+    for key, value in over.items():
+      config_keys.set_value(cfg, key, value)
+    return Run(group, name, int(seed), fold, over, workdir, cfg)
+
+  runs = []
+  for seed in seeds:
+    for arm in arms:
+      for fold in fold_list:
+        runs.append(make('arm', arm, seed, fold, ARMS[arm][1],
+                         os.path.join(out, arm, f'seed{seed}')))
+  for sweep in sweeps:
+    key = SWEEPS[sweep][0]
+    for value in (sweep_values or {})[sweep]:
+      over = dict(ARMS['full'][1])
+      over[key] = float(value)
+      if sweep_epochs:
+        over['train.num_epochs'] = int(sweep_epochs)
+      for seed in sweep_seeds:
+        for fold in fold_list:
+          runs.append(make(f'sweep_{sweep}', value_label(value), seed, fold,
+                           over, os.path.join(out, f'sweep_{sweep}',
+                                              value_label(value),
+                                              f'seed{seed}')))
+  seen = {}
+  for run in runs:
+    key = run.config.to_json_best_effort(sort_keys=True)
+    if key in seen:
+      run.same_as = seen[key]
+      run.workdir = seen[key]
+    else:
+      seen[key] = run.workdir
+  return runs
+
+
+def check_workdir(run: Run) -> None:
+  """Stops when ``run.workdir`` was started with a different config."""
+  path = os.path.join(run.workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(run.config.to_json_best_effort())
+  if old != new:
+    changed = sorted(config_keys.flat_diff(old, new))
+    raise StudyError(
+        f'{run.workdir} was started with a different config (differs in '
+        f'{", ".join(changed)}); a study keeps one budget per folder: use '
+        'another --out, or delete that workdir.')
+
+
+def is_done(run: Run) -> bool:
+  return os.path.exists(os.path.join(run.workdir, 'metrics.json'))
+
+
+def execute(runs: Sequence[Run], train_fn=None) -> bool:
+  """Trains and evaluates the runs not done yet; True when all are done.
+
+  Logs progress and an ETA over the runs (mean time of the runs trained in
+  this invocation). A run stopped early (SIGTERM, ``max_steps_per_run``)
+  stops the study: run the command again to resume.
+  """
+  if train_fn is None:
+    from spad_jax import train  # pylint: disable=g-import-not-at-top
+    train_fn = train.train_and_evaluate
+  unique = [r for r in runs if r.same_as is None]
+  for run in unique:
+    check_workdir(run)
+  todo = [r for r in unique if not is_done(r)]
+  logging.info('Study: %d runs (%d distinct), %d already done, %d to train.',
+               len(runs), len(unique), len(unique) - len(todo), len(todo))
+  durations = []
+  for i, run in enumerate(todo):
+    logging.info('=== Study run %d/%d: %s %s seed %d%s -> %s', i + 1,
+                 len(todo), run.group, run.name, run.seed,
+                 '' if run.fold is None else f' fold {run.fold}', run.workdir)
+    begin = time.time()
+    resumed = os.path.isdir(os.path.join(run.workdir, 'checkpoints'))
+    result = train_fn(run.config, run.workdir)
+    seconds = time.time() - begin
+    if result is None:
+      logging.warning('Run %s stopped before its end; run the same study '
+                      'command again to resume.', run.workdir)
+      return False
+    files.write_json(os.path.join(run.workdir, 'study_run.json'),
+                     {'seconds': seconds, 'resumed': resumed,
+                      'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
+                      'overrides': run.overrides})
+    durations.append(seconds)
+    left = len(todo) - i - 1
+    eta = left * float(np.mean(durations))
+    logging.info('=== Study run %d/%d done in %.0f s (mDice %s); %d left, '
+                 'ETA %s.', i + 1, len(todo), seconds,
+                 formatting.number(result.get('mDice'), 4, missing='—'),
+                 left, formatting.hms(eta))
+  return True
+
+
+# ------------------------------------------------------------ reading back
+
+
+def read_log(workdir: str) -> Dict[str, List]:
+  """``train_log.jsonl`` as sorted (step, value) lists; a resumed run's
+  repeated steps keep their last value."""
+  path = os.path.join(workdir, 'train_log.jsonl')
+  series = {}
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      row = json.loads(line)
+      for key, value in row.items():
+        if key in ('step', 'time'):
+          continue
+        series.setdefault(key, {})[int(row['step'])] = value
+  return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def collect_run(run: Run) -> Dict[str, Any]:
+  """One run's record: overrides, metrics, timing (None if not finished)."""
+  out = {'group': run.group, 'name': run.name, 'seed': run.seed,
+         'fold': run.fold, 'overrides': run.overrides,
+         'workdir': run.workdir, 'same_as': run.same_as, 'done': False}
+  path = os.path.join(run.workdir, 'metrics.json')
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    m = json.load(f)
+  pcm = m.get('per_case_mean') or {}
+  out.update({
+      'done': True, 'mIoU': m.get('mIoU'), 'mDice': m.get('mDice'),
+      'HD95': pcm.get('HD95'), 'ASSD': pcm.get('ASSD'),
+      'case_Dice': pcm.get('Dice'),
+      # Class-cases scored with the image diagonal as HD95: missed (label
+      # only) and spurious (prediction only), summed over classes.
+      'missed': sum(c.get('missed', 0) for c in
+                    (pcm.get('per_class') or {}).values()),
+      'spurious': sum(c.get('spurious', 0) for c in
+                      (pcm.get('per_class') or {}).values()),
+      'per_class': m.get('per_class'),
+      'per_case_classes': pcm.get('per_class'),
+      'checkpoint': m.get('checkpoint'),
+      'checkpoint_step': m.get('checkpoint_step'),
+      'num_test_cases': m.get('num_cases'), 'split': m.get('split'),
+      'eval_seconds': m.get('seconds'),
+  })
+  timing = os.path.join(run.workdir, 'study_run.json')
+  if os.path.exists(timing):
+    with open(timing) as f:
+      t = json.load(f)
+    out['seconds'] = t.get('seconds')
+    out['resumed'] = t.get('resumed')
+  log = read_log(run.workdir)
+  if log.get('steps_per_sec'):
+    rates = [v for _, v in log['steps_per_sec']]
+    out['train_steps_per_sec'] = float(np.median(rates))
+  return out

@@ -1,0 +1,475 @@
+"""The study's report: results.json, results.md, the plots and the
+qualitative figure (sampled from the arms' checkpoints)."""
+
+import dataclasses
+import functools
+import os
+import platform
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from experiments.ablation import plan
+from experiments.ablation import stats
+from spad_jax import files
+from spad_jax import formatting
+
+# Rows of the qualitative figure (paper's Fig. 5): arm, row label.
+QUALITATIVE_ROWS = (('full', 'full SPAD'), ('bcd_pas', 'w/o ScD\n(BcD+PaS)'),
+                    ('scd_pas', 'w/o BcD\n(ScD+PaS)'),
+                    ('baseline', 'baseline\n(CCDM)'))
+
+# Numbers in the tables: a dash where there is none.
+_number = functools.partial(formatting.number, missing='—')
+
+
+def budget_of(config) -> Dict[str, Any]:
+  """What a run costs and sees, for the report."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  setup = train_state.Setup.from_config(config)
+  shapes = train_state.abstract_train_state(config, setup.model).params
+  params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+  d, t = config.data, config.train
+  return {
+      'data': d.name, 'root': d.root, 'image_size': d.image_size,
+      'split_seed': d.split_seed, 'val_fraction': d.val_fraction,
+      'test_fraction': d.test_fraction, 'num_folds': d.num_folds,
+      'model_params': params,
+      'model': {'base_channels': config.model.base_channels,
+                'channel_mult': list(config.model.channel_mult),
+                'num_res_blocks': config.model.num_res_blocks,
+                'attention_resolutions': list(
+                    config.model.attention_resolutions)},
+      'diffusion_steps': config.diffusion.num_steps,
+      'batch_size': t.batch_size, 'num_epochs': t.num_epochs,
+      'learning_rate': t.learning_rate, 'lr_schedule': t.lr_schedule,
+      'eval_every_epochs': t.eval_every_epochs,
+      'eval_num_steps': config.eval.num_steps,
+      'eval_num_samples': config.eval.num_samples,
+      'eval_checkpoint': config.eval.checkpoint,
+      'spad': {k: config.spad[k] for k in (
+          'sigma0', 'pas_lambda', 'k0', 'k_gamma', 'anchor_ratio',
+          'band_width', 'components')},
+  }
+
+
+def machine() -> Dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  return {'platform': platform.platform(), 'processor': platform.processor(),
+          'cpu_count': os.cpu_count(),
+          'load_average': list(os.getloadavg()) if hasattr(
+              os, 'getloadavg') else None,
+          'devices': [str(d) for d in jax.devices()],
+          'jax': jax.__version__, 'python': platform.python_version(),
+          'git_revision': train_state.git_revision()}
+
+
+def markdown(results: Dict[str, Any]) -> str:
+  meta, arms = results['meta'], results['arms']
+  b = meta['budget']
+  unit = 'pixels of the original image'
+  fold_note = (f'{b["num_folds"]}-fold patient-level cross-validation, each '
+               'seed\'s value the mean over its folds' if meta['folds'] else
+               f'one patient-level split (data.split_seed = '
+               f'{b["split_seed"]}), fixed for every seed')
+  lines = [
+      f'# SPAD ablation: {b["data"]} at {b["image_size"]}²', '',
+      f'Budget: {b["num_epochs"]} epochs, batch {b["batch_size"]}, '
+      f'{b["model_params"] / 1e6:.2f} M-parameter UNet, T = '
+      f'{b["diffusion_steps"]}, lr {b["learning_rate"]:g} '
+      f'({b["lr_schedule"]}), test with {b["eval_num_steps"]} sampling steps '
+      f'x {b["eval_num_samples"]} sample(s), {b["eval_checkpoint"]} '
+      f'checkpoint (EMA). Seeds {meta["seeds"]} (config.seed: init, noise, '
+      f'masks, data order); {fold_note}.',
+      f'Machine: {meta["machine"]["cpu_count"]} CPU cores, '
+      f'{", ".join(sorted(set(meta["machine"]["devices"])))}, jax '
+      f'{meta["machine"]["jax"]}; {meta["date"]}.', '',
+      f'`{meta["command"]}`', '',
+      'mIoU / mDice: dataset-level, foreground classes, in %. HD95: mean per '
+      f'case and foreground class, {unit} (a class missed or spurious in a '
+      'case counts the image diagonal). Missed / spurious: test cases (x '
+      'classes) where a class of the label was not predicted at all / was '
+      'predicted but is absent from the label, mean over seeds. Mean ± '
+      'sample std over seeds.', '',
+      '| arm | seeds | mIoU | mDice | HD95 | missed / spurious | paper mIoU '
+      '/ mDice (AMD-SD, not this data) |',
+      '|---|---:|---:|---:|---:|---:|---:|']
+  for arm, e in arms.items():
+    lines.append(
+        f'| {e["label"]} | {e["mIoU"]["n"]} | '
+        f'{formatting.mean_std(e["mIoU"], 2, 100)} | '
+        f'{formatting.mean_std(e["mDice"], 2, 100)} | '
+        f'{formatting.mean_std(e["HD95"], 1)} | '
+        f'{_number(e["missed"]["mean"], 1)} / '
+        f'{_number(e["spurious"]["mean"], 1)} | '
+        f'{e["paper_amdsd"]["mIoU"]:.2f} / {e["paper_amdsd"]["mDice"]:.2f} |')
+  seeds = meta['seeds']
+  if len(seeds) > 1:
+    lines += ['', 'mDice (%) per seed' + (' (mean over folds)' if
+                                          meta['folds'] else '') + ':', '',
+              '| arm | ' + ' | '.join(f'seed {s}' for s in seeds) + ' |',
+              '|---|' + '---:|' * len(seeds)]
+    for arm, e in arms.items():
+      per_seed = stats.seed_values([r for r in results['runs']
+                                    if r['group'] == 'arm' and
+                                    r['name'] == arm], 'mDice')
+      lines.append(f'| {e["label"]} | ' + ' | '.join(
+          _number(per_seed.get(s), 2, 100) for s in seeds) + ' |')
+  if any('vs_baseline' in e for e in arms.values()):
+    lines += [
+        '', 'Paired differences to the baseline, per seed (arm − baseline, '
+        'same seed), mean and 95 % Student-t interval over seeds '
+        '(mean ± t·sd/√n, n − 1 degrees of freedom). A simple reading aid: '
+        'it treats seeds as the only source of variation and the tested '
+        'patients as given.', '',
+        '| arm | n | Δ mIoU (pts) | Δ mDice (pts) | Δ HD95 (px) | '
+        'per-seed Δ mDice |', '|---|---:|---:|---:|---:|---|']
+    for arm, e in arms.items():
+      if 'vs_baseline' not in e:
+        continue
+      v = e['vs_baseline']
+
+      def ci(p, scale):
+        if p['mean'] is None:
+          return '—'
+        if p['ci_low'] is None:
+          return _number(p['mean'], 2, scale)
+        return (f'{_number(p["mean"], 2, scale)} '
+                f'[{_number(p["ci_low"], 2, scale)}, '
+                f'{_number(p["ci_high"], 2, scale)}]')
+
+      per_seed = ', '.join(f'{100 * x:+.2f}' for x in v['mDice']['diffs'])
+      lines.append(f'| {e["label"]} | {v["mDice"]["n"]} | '
+                   f'{ci(v["mIoU"], 100)} | {ci(v["mDice"], 100)} | '
+                   f'{ci(v["HD95"], 1)} | {per_seed} |')
+  for sweep, s in results['sweeps'].items():
+    lines += ['', f'Sweep of {s["label"]} (`{s["key"]}`, full SPAD, seeds '
+              f'{meta["sweep_seeds"]}, {meta["sweep_epochs"]} epochs):', '',
+              f'| {s["key"]} | seeds | mIoU | mDice | HD95 |',
+              '|---:|---:|---:|---:|---:|']
+    for row in s['rows']:
+      reused = ' (= full SPAD run)' if row['reused'] else ''
+      lines.append(f'| {row["value"]:g}{reused} | {row["mDice"]["n"]} | '
+                   f'{formatting.mean_std(row["mIoU"], 2, 100)} | '
+                   f'{formatting.mean_std(row["mDice"], 2, 100)} | '
+                   f'{formatting.mean_std(row["HD95"], 1)} |')
+  done = [r for r in results['runs'] if r.get('seconds') and not r['same_as']]
+  if done:
+    secs = [r['seconds'] for r in done]
+    rates = [r['train_steps_per_sec'] for r in done
+             if r.get('train_steps_per_sec')]
+    lines += ['', f'Timing: {len(done)} runs trained, '
+              f'{formatting.hms(sum(secs))} in all; per run (training, '
+              f'evaluation, compilation) median '
+              f'{np.median(secs):.0f} s (min {min(secs):.0f}, max '
+              f'{max(secs):.0f}); median training rate '
+              f'{np.median(rates) if rates else float("nan"):.2f} steps/s.']
+  return '\n'.join(lines) + '\n'
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _mean_curve(logs: Sequence[Dict[str, List]], key: str):
+  """Mean over runs at the steps all of them logged."""
+  curves = [dict(log[key]) for log in logs if log.get(key)]
+  if not curves:
+    return None, None
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  return (np.asarray(steps),
+          np.asarray([np.mean([c[s] for c in curves]) for s in steps]))
+
+
+def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
+                title: str) -> None:
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  any_val = False
+  for arm in arms:
+    logs = [plan.read_log(r.workdir) for r in runs
+            if r.group == 'arm' and r.name == arm and plan.is_done(r)]
+    n = len(logs)
+    steps, loss = _mean_curve(logs, 'loss')
+    if steps is not None:
+      axes[0].plot(steps, loss, label=f'{plan.ARMS[arm][0]} (n={n})')
+    steps, val = _mean_curve(logs, 'val_mDice')
+    if steps is not None:
+      any_val = True
+      axes[1].plot(steps, val, 'o-', ms=3,
+                   label=f'{plan.ARMS[arm][0]} (n={n})')
+  axes[0].set_yscale('log')
+  axes[0].set_xlabel('step')
+  axes[0].set_ylabel('training loss (KL, per image; log scale)')
+  if axes[0].lines:
+    axes[0].legend(fontsize=7)
+  axes[1].set_xlabel('step')
+  axes[1].set_ylabel('val mDice (foreground)')
+  if not any_val:
+    axes[1].text(0.5, 0.5, 'no validation\n(train.eval_every_epochs = 0)',
+                 ha='center', va='center', transform=axes[1].transAxes)
+  else:
+    axes[1].legend(fontsize=7)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.suptitle(title + ' — mean over seeds', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_schedule(path: str, config, runs: Sequence[plan.Run],
+                  title: str) -> None:
+  """σ(e) with and without PaS and k(e), from ``perturb``'s functions with
+  the config's values; the values the full arm's first run logged on top."""
+  from spad_jax import perturb  # pylint: disable=g-import-not-at-top
+  plt = _plt()
+  s = config.spad
+  epochs = np.arange(config.train.num_epochs)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  axes[0].plot(epochs, [perturb.pas_sigma(e, s.sigma0, s.pas_lambda)
+                        for e in epochs],
+               label=f'PaS: σ0/(1+λe), σ0={s.sigma0:g}, λ={s.pas_lambda:g}')
+  axes[0].plot(epochs, np.full(len(epochs), s.sigma0), '--',
+               label='PaS off (ScD+BcD w/o PaS): σ0')
+  n_fg = config.data.num_classes - 1
+  axes[1].plot(epochs, [perturb.num_targets(e, s.k0, s.k_gamma, 10 ** 6)
+                        for e in epochs],
+               label=f'k(e) = max(1, round(K0/(1+γe))), K0={s.k0:g}, '
+               f'γ={s.k_gamma:g}')
+  if not s.components:
+    axes[1].axhline(n_fg, color='gray', ls=':', label=f'cap here: {n_fg} '
+                    'foreground class(es) = targets per image')
+  full = [r for r in runs if r.group == 'arm' and r.name == 'full' and
+          plan.is_done(r)]
+  if full:
+    log = plan.read_log(full[0].workdir)
+    if log.get('sigma') and log.get('epoch'):
+      ep = dict(log['epoch'])
+      pts = [(ep[k], v) for k, v in log['sigma'] if k in ep]
+      axes[0].plot([p[0] for p in pts], [p[1] for p in pts], 'k.', ms=4,
+                   label='logged by the full arm\'s training')
+    if log.get('k_targets') and log.get('epoch'):
+      ep = dict(log['epoch'])
+      pts = [(ep[k], v) for k, v in log['k_targets'] if k in ep]
+      axes[1].plot([p[0] for p in pts], [p[1] for p in pts], 'k.', ms=4,
+                   label='logged k (capped by the data)')
+  axes[0].set_ylabel('σ(e): image noise std')
+  axes[1].set_ylabel('k(e): perturbed targets per image')
+  for ax in axes:
+    ax.set_xlabel('epoch e')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_ylim(bottom=0)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_sweep(path: str, sweep: Dict[str, Any], title: str,
+               log_x: bool = False, baseline: Optional[float] = None,
+               spread: Optional[Sequence[float]] = None) -> None:
+  """Test mDice vs the swept value; ``baseline``: the baseline arm's mDice
+  on the sweep seeds (a line), ``spread``: the full arm's min and max over
+  the study's seeds (a band: the seed noise at this budget)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  if spread is not None:
+    ax.axhspan(100 * spread[0], 100 * spread[1], color='tab:purple',
+               alpha=0.12, label='full SPAD (config values), min–max over '
+               'seeds')
+  if baseline is not None:
+    ax.axhline(100 * baseline, color='gray', ls='--',
+               label='baseline CCDM, sweep seed(s)')
+  xs, means, stds = [], [], []
+  for row in sweep['rows']:
+    d = row['mDice']
+    if d['mean'] is None:
+      continue
+    xs.append(row['value'])
+    means.append(100 * d['mean'])
+    stds.append(100 * (d['std'] or 0.0))
+    ax.plot([row['value']] * len(d['values']),
+            [100 * v for v in d['values']], '.', color='gray', ms=5)
+  if xs:
+    ax.errorbar(xs, means, yerr=stds, fmt='o-', capsize=3,
+                label='mean ± std over seeds' if any(stds) else 'one seed')
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  if log_x:
+    ax.set_xscale('symlog', linthresh=0.01)
+  ax.set_xlabel(f'{sweep["label"]} ({sweep["key"]})')
+  ax.set_ylabel('test mDice (%)')
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def pick_cases(source, n: int) -> List[int]:
+  """``n`` cases spread evenly over the upper half of the cases with
+  foreground ranked by its area (largest first): large and mid-sized
+  lesions, not only the largest one's neighbours."""
+  area = [int((lab > 0).sum()) for lab in source.labels]
+  order = sorted((i for i in range(len(area)) if area[i]),
+                 key=lambda i: (-area[i], i))
+  if len(order) < n:  # Too few with foreground: fill up with the others.
+    order += [i for i in range(len(area)) if not area[i]]
+    return sorted(order[:n])
+  top = order[:max(n, (len(order) + 1) // 2)]
+  picks = np.unique(np.round(np.linspace(0, len(top) - 1, n)).astype(int))
+  return sorted(top[i] for i in picks)
+
+
+def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
+                title: str) -> Optional[List[str]]:
+  """Rows image / ground truth / full / w/o ScD / w/o BcD / baseline (the
+  arms run), columns the test cases with most foreground; predictions of
+  each arm's first seed (first fold), EMA parameters, same sampling keys.
+  Returns the case ids shown (None when no arm is done)."""
+  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
+  import cv2  # pylint: disable=g-import-not-at-top
+  chosen = []
+  for arm, label in QUALITATIVE_ROWS:
+    done = [r for r in runs if r.group == 'arm' and r.name == arm and
+            plan.is_done(r)]
+    if done:
+      first = min(done, key=lambda r: (r.seed, r.fold or 0))
+      chosen.append((arm, label, first))
+  if not chosen or num_cases <= 0:
+    return None
+  ref = chosen[0][2]
+  seed, fold = ref.seed, ref.fold
+  chosen = [(a, l, r) for a, l, r in chosen if r.seed == seed and
+            r.fold == fold]
+  config = ref.config
+  source = sources.load_split(config, config.eval.split)
+  idx = pick_cases(source, num_cases)
+  sub = dataclasses.replace(
+      source, images=source.images[idx], labels=source.labels[idx],
+      ids=[source.ids[i] for i in idx],
+      original_sizes=source.original_sizes[idx])
+  k = config.data.num_classes
+  # Same model and keys for all arms.
+  setup = train_state.Setup.from_config(config)
+  predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
+  preds = {}
+  for arm, _, run in chosen:
+    state = evaluate.load_state(run.config, run.workdir, setup)
+    out = evaluate.sample_split(run.config, state.ema_params, setup, sub,
+                                num_shown=len(idx), predict=predict)
+    preds[arm] = np.stack(out['shown']['preds'])
+
+  def tile(i, label_map=None):
+    h, w = sub.original_sizes[i]
+    size = (max(1, round(160 * w / max(h, w))), max(1, round(160 * h / max(
+        h, w))))
+    rgb = cv2.resize(visualize.gray_rgb(np.asarray(sub.images[i], np.float32)),
+                     size, interpolation=cv2.INTER_AREA)
+    if label_map is None:
+      return rgb
+    near = cv2.resize(label_map.astype(np.uint8), size,
+                      interpolation=cv2.INTER_NEAREST)
+    return visualize.overlay_rgb(rgb, near, k, alpha=0.6)
+
+  plt = _plt()
+  rows = [('image', None), ('ground truth', 'gt')] + [
+      (label, arm) for arm, label, _ in chosen]
+  fig, axes = plt.subplots(len(rows), len(idx),
+                           figsize=(1.9 * len(idx) + 0.6, 1.75 * len(rows)),
+                           squeeze=False)
+  for c, i in enumerate(range(len(idx))):
+    for r, (row_label, what) in enumerate(rows):
+      ax = axes[r, c]
+      if what is None:
+        ax.imshow(tile(i))
+        ax.set_title(sub.ids[i], fontsize=8)
+      elif what == 'gt':
+        ax.imshow(tile(i, sub.labels[i]))
+      else:
+        pred = preds[what][i]
+        ax.imshow(tile(i, pred))
+        dices = [metrics.dice(pred == cls, sub.labels[i] == cls)
+                 for cls in range(1, k)]
+        dices = [d for d in dices if not np.isnan(d)]
+        if dices:
+          ax.text(0.02, 0.97, f'Dice {np.mean(dices):.2f}', color='white',
+                  fontsize=7, va='top', transform=ax.transAxes,
+                  bbox={'facecolor': 'black', 'alpha': 0.5, 'pad': 1,
+                        'lw': 0})
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c == 0:
+        ax.set_ylabel(row_label, fontsize=8)
+  fig.suptitle(f'{title} — seed {seed}' + ('' if fold is None else
+                                           f', fold {fold}'), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return list(sub.ids)
+
+
+def report(out: str, runs: Sequence[plan.Run], arms: Sequence[str],
+           seeds: Sequence[int], sweeps: Sequence[str],
+           sweep_values: Dict[str, Sequence[float]], meta_extra: Dict,
+           qualitative_cases: int = 4) -> Dict[str, Any]:
+  """Writes results.json, results.md and the plots; returns the results."""
+  records = [plan.collect_run(r) for r in runs]
+  first = next((r for r in runs if r.group == 'arm'), runs[0])
+  budget = budget_of(first.config)
+  results = {
+      'meta': dict(meta_extra, date=time.strftime('%Y-%m-%d'),
+                   seeds=list(seeds), arms=list(arms),
+                   budget=budget, machine=machine(),
+                   note=('seeds vary config.seed (init, diffusion noise, '
+                         'SPAD masks and noise, data order); the '
+                         'patient-level split is fixed by '
+                         'data.split_seed')),
+      'arms': stats.summarize(records, arms),
+      'sweeps': stats.summarize_sweeps(records, sweeps, sweep_values),
+      'runs': records,
+  }
+  title = (f'{budget["data"]} {budget["image_size"]}², '
+           f'{budget["num_epochs"]} epochs, {budget["model_params"] / 1e6:.2f}'
+           f' M params')
+  plot_curves(os.path.join(out, 'curves.png'), runs, arms, title)
+  plot_schedule(os.path.join(out, 'schedule.png'), first.config, runs,
+                f'SPAD schedules over {first.config.train.num_epochs} epochs')
+  sweep_seeds = meta_extra.get('sweep_seeds', [])
+  base_runs = [r for r in records if r['group'] == 'arm' and
+               r['name'] == 'baseline' and r['seed'] in sweep_seeds]
+  base_values = list(stats.seed_values(base_runs, 'mDice').values())
+  full_values = results['arms'].get('full', {}).get('mDice', {}).get(
+      'values') or []
+  same_budget = meta_extra.get('sweep_epochs') == budget['num_epochs']
+  for sweep, s in results['sweeps'].items():
+    plot_sweep(os.path.join(out, f'sweep_{sweep}.png'), s,
+               f'{title}, sweep epochs {meta_extra.get("sweep_epochs")}',
+               log_x=sweep == 'lambda',
+               baseline=(float(np.mean(base_values)) if base_values and
+                         same_budget else None),
+               spread=((min(full_values), max(full_values)) if
+                       len(full_values) > 1 and same_budget else None))
+  try:
+    shown = qualitative(os.path.join(out, 'qualitative.png'), runs,
+                        qualitative_cases, title)
+  except FileNotFoundError as e:  # A checkpoint missing: report the rest.
+    logging.warning('No qualitative figure: %s', e)
+    shown = None
+  results['meta']['qualitative_cases'] = shown
+  files.write_json(os.path.join(out, 'results.json'), results)
+  files.write_atomic(os.path.join(out, 'results.md'), markdown(results))
+  return results

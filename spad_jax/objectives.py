@@ -1,0 +1,115 @@
+"""What one training example is trained on: its time step, noisy label and
+image-noise key, and its loss, for each ``model.kind`` (DESIGN §1).
+
+- ``diffusion``: ``t`` from ``diffusion.t_sampling`` (``timesteps.py``),
+  ``x_t ~ q(x_t | x0)``, loss ``L_t + λ·w(t)·CE`` (``diffusion.hybrid_loss``;
+  ``λ = 0`` is the paper's KL), weighted by ``1/(T·π(t))`` under importance
+  sampling.
+- ``deterministic``: the same UNet with ``x_t`` and ``t`` fixed
+  (``unet.fixed_inputs``), loss per-pixel CE + ``train.dice_weight``·soft
+  Dice.
+
+Every example's randomness comes from its own key (``fold_in`` of the step
+key and its global index), so a step is the same on any device count.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from spad_jax import diffusion
+from spad_jax import timesteps
+from spad_jax.models import unet
+
+
+class Inputs(NamedTuple):
+  """The per-device batch's model inputs and loss weights."""
+  xt_onehot: jnp.ndarray  # [B, H, W, K]
+  t: jnp.ndarray  # [B] int32
+  eps_keys: jax.Array  # [B] keys of the SPAD image noise.
+  weight: Any  # Loss weight per example (or 1.0).
+  probs: Optional[jnp.ndarray]  # π(t) under importance sampling, else None.
+
+
+def soft_dice_loss(x0_onehot: jnp.ndarray, p_hat: jnp.ndarray) -> jnp.ndarray:
+  """Per-example ``1 − mean_c 2Σp̂g/(Σp̂+Σg)`` over foreground classes ``c``
+  (a class absent from label and prediction counts as a perfect match)."""
+  axes = tuple(range(1, x0_onehot.ndim - 1))
+  g, p = x0_onehot[..., 1:], p_hat[..., 1:]
+  inter = jnp.sum(g * p, axis=axes)
+  total = jnp.sum(g + p, axis=axes)
+  dice = (2.0 * inter + 1e-6) / (total + 1e-6)
+  return 1.0 - jnp.mean(dice, axis=-1)
+
+
+def make_inputs_fn(config, schedule: diffusion.Schedule) -> Callable:
+  """``inputs(loss_history, step_key, keys, first, x0) -> Inputs``.
+
+  ``keys`` are the examples' keys ``[B]``, ``first`` the global index of
+  this device's first example, ``x0`` the one-hot labels ``[B, H, W, K]``.
+  """
+  num_classes = config.data.num_classes
+  num_t = config.diffusion.num_steps
+  sampler = config.diffusion.t_sampling
+  global_batch = config.train.batch_size
+
+  def example_noise(key, x0_onehot, t_given):
+    k_t, k_x, k_eps = jax.random.split(key, 3)
+    t = timesteps.uniform(k_t, num_t) if t_given is None else t_given
+    xt = diffusion.sample_categorical(
+        k_x, diffusion.q_probs(x0_onehot, t, schedule))
+    return t, xt, k_eps
+
+  def draw_times(loss_history, step_key, keys, first):
+    """(t or None for per-example uniform draws, weights, π or None)."""
+    if sampler == 'stratified':
+      t_all = timesteps.stratified(jax.random.fold_in(step_key, 1 << 29),
+                                   global_batch, num_t)
+      return (jax.lax.dynamic_slice(t_all, (first,), (keys.shape[0],)), 1.0,
+              None)
+    if sampler == 'importance':
+      probs = timesteps.importance_probs(loss_history,
+                                         config.diffusion.importance_uniform)
+      # Own key per example (not k_t), so uniform draws before the switch
+      # and importance draws after it are independent of x_t's key.
+      t = jax.vmap(lambda k: timesteps.draw(jax.random.fold_in(k, 7), probs))(
+          keys)
+      return t, timesteps.importance_weight(t, probs), probs
+    return None, 1.0, None
+
+  def inputs(loss_history, step_key, keys, first, x0) -> Inputs:
+    if config.model.kind == 'deterministic':
+      eps_keys = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
+      xt_onehot, t = unet.fixed_inputs(x0)
+      return Inputs(xt_onehot, t, eps_keys, 1.0, None)
+    t_given, weight, probs = draw_times(loss_history, step_key, keys, first)
+    t, xt, eps_keys = jax.vmap(
+        example_noise, in_axes=(0, 0, None if t_given is None else 0))(
+            keys, x0, t_given)
+    xt_onehot = jax.nn.one_hot(xt, num_classes, dtype=jnp.float32)
+    return Inputs(xt_onehot, t, eps_keys, weight, probs)
+
+  return inputs
+
+
+def make_loss_fn(config, schedule: diffusion.Schedule) -> Callable:
+  """``loss(x0, xt_onehot, p_hat, t) -> [B]`` per-example losses (unweighted;
+  the importance weight is applied by the caller)."""
+  if config.model.kind == 'deterministic':
+    dice_weight = config.train.dice_weight
+
+    def loss(x0, xt_onehot, p_hat, t):
+      del xt_onehot, t
+      pixels = x0.shape[1] * x0.shape[2]
+      return (diffusion.cross_entropy(x0, p_hat) / pixels +
+              dice_weight * soft_dice_loss(x0, p_hat))
+    return loss
+
+  ce_lambda = float(config.diffusion.ce_lambda)
+  ce_weighting = config.diffusion.ce_weighting
+
+  def loss(x0, xt_onehot, p_hat, t):
+    return diffusion.hybrid_loss(x0, xt_onehot, p_hat, t, schedule, ce_lambda,
+                                 ce_weighting)
+  return loss
