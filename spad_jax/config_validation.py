@@ -16,10 +16,19 @@ def validate(config) -> None:
 
   def check(ok: bool, key: str, message: str):
     if not ok:
-      errors.append(f'config.{key} = {config_keys.get(config, key)!r}: {message}')
+      errors.append(f'config.{key} = {config_keys.get(config, key)!r}: '
+                    f'{message}')
 
-  d, m, s, t, e = (config.data, config.model, config.spad, config.train,
-                   config.eval)
+  for check_section in (_check_data, _check_model, _check_objective,
+                        _check_spad, _check_train, _check_eval):
+    check_section(config, check)
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+
+
+def _check_data(config, check) -> None:
+  """data.*: data set, splits, loaders, augmentations."""
+  d = config.data
   check(d.name in DATASETS, 'data.name', f'unknown data set; expected one of '
         f'{list(DATASETS)}')
   check(d.image_size >= 8, 'data.image_size', 'must be at least 8')
@@ -55,6 +64,10 @@ def validate(config) -> None:
   check(0 <= a.translate <= 0.5, 'data.augment.translate', 'must be in [0, 0.5]')
   check(0 <= a.bias <= 1, 'data.augment.bias', 'must be in [0, 1]')
 
+
+def _check_model(config, check) -> None:
+  """model.*: UNet sizes and kind."""
+  d, m = config.data, config.model
   levels = len(m.channel_mult)
   check(levels >= 1, 'model.channel_mult', 'needs at least one level')
   check(levels >= 1 and d.image_size % (2 ** (levels - 1)) == 0,
@@ -69,6 +82,11 @@ def validate(config) -> None:
   from spad_jax import timesteps  # pylint: disable=g-import-not-at-top
   check(m.kind in ('diffusion', 'deterministic'), 'model.kind',
         "unknown model kind; expected 'diffusion' or 'deterministic'")
+
+
+def _check_objective(config, check) -> None:
+  """diffusion.*: T, the hybrid loss and the timestep sampler."""
+  from spad_jax import timesteps  # pylint: disable=g-import-not-at-top
   df = config.diffusion
   check(df.num_steps >= 1, 'diffusion.num_steps', 'must be >= 1')
   check(df.ce_lambda >= 0, 'diffusion.ce_lambda',
@@ -82,6 +100,10 @@ def validate(config) -> None:
   check(0 < df.importance_uniform <= 1, 'diffusion.importance_uniform',
         'must be in (0, 1] (keeps every t reachable)')
 
+
+def _check_spad(config, check) -> None:
+  """spad.*: SPAD perturbations."""
+  d, s = config.data, config.spad
   check(s.sigma0 >= 0, 'spad.sigma0', 'noise std must be >= 0')
   check(s.pas_lambda >= 0, 'spad.pas_lambda', 'PaS decay must be >= 0')
   check(s.k0 >= 0, 'spad.k0', 'initial target count K0 must be >= 0')
@@ -101,6 +123,10 @@ def validate(config) -> None:
           'between adjacent classes; set --config.spad.bcd_per_class=True '
           '(or spad.bcd_complete=True)')
 
+
+def _check_train(config, check) -> None:
+  """train.*: optimisation, logging, checkpoints."""
+  t = config.train
   check(t.batch_size >= 1, 'train.batch_size', 'must be >= 1')
   check(t.num_epochs >= 1, 'train.num_epochs', 'must be >= 1')
   check(t.learning_rate > 0, 'train.learning_rate', 'must be > 0')
@@ -123,15 +149,16 @@ def validate(config) -> None:
         'eval.checkpoint', "must be 'auto', 'best' or 'latest'")
   check(t.max_nonfinite_steps >= 1, 'train.max_nonfinite_steps', 'must be >= 1')
 
+
+def _check_eval(config, check) -> None:
+  """eval.*: sampling and evaluation."""
+  e = config.eval
   check(1 <= e.num_steps <= config.diffusion.num_steps, 'eval.num_steps',
         f'must be in [1, diffusion.num_steps = {config.diffusion.num_steps}]')
   check(e.num_samples >= 1, 'eval.num_samples', 'must be >= 1')
   check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   check(e.split in ('train', 'val', 'test'), 'eval.split',
         "must be 'train', 'val' or 'test'")
-  if errors:
-    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
-
 
 def validate_data(config, training: bool = True) -> None:
   """Reads and checks the data set of ``config`` (every split, every file).

@@ -60,6 +60,18 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
   make_inputs = objectives.make_inputs_fn(config, schedule)
   example_loss = objectives.make_loss_fn(config, schedule)
 
+  def apply_model(params, xt_onehot, image, t, keys):
+    if not config.model.dropout:
+      return model.apply({'params': params}, xt_onehot, image, t, train=True)
+    # Dropout masks from each example's own key (not one key per device), so
+    # a step is the same on any device count; vmap keeps the convolutions
+    # batched.
+    def one(x, img, ti, key):
+      return model.apply({'params': params}, x[None], img[None], ti[None],
+                         train=True,
+                         rngs={'dropout': jax.random.fold_in(key, 1 << 30)})[0]
+    return jax.vmap(one)(xt_onehot, image, t, keys)
+
   def train_step(state: train_state.TrainState, batch, train_key):
     per_device = batch['label'].shape[0]
     step_key = jax.random.fold_in(train_key, state.step)
@@ -77,12 +89,9 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
                                 batch['label'].shape)
       image = jax.vmap(perturb.perturb_image, in_axes=(0, 0, None, 0))(
           image, mask, sigma, inputs.eps_keys)
-    dropout_key = jax.random.fold_in(step_key, 1 << 30)
-    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
 
     def loss_fn(params):
-      logits = model.apply({'params': params}, inputs.xt_onehot, image,
-                           inputs.t, train=True, rngs={'dropout': dropout_key})
+      logits = apply_model(params, inputs.xt_onehot, image, inputs.t, keys)
       p_hat = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       per_example = example_loss(x0, inputs.xt_onehot, p_hat, inputs.t)
       return jnp.mean(inputs.weight * per_example), per_example

@@ -5,6 +5,9 @@
 
 Trains the tiny config (validation each epoch), evaluates, and saves this
 process's final parameters and EMA parameters to OUT.npz.
+
+With NUM_PROCESSES 1 it runs alone, without jax.distributed (COORDINATOR is
+ignored): the single-process reference of the same global batch and steps.
 """
 
 import os
@@ -18,8 +21,10 @@ import numpy as np
 
 
 def main(coordinator, num_processes, process_id, workdir, out_path):
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
+  if int(num_processes) > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, int(num_processes),
+                               int(process_id))
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
   import tiny_config  # pylint: disable=g-import-not-at-top

@@ -1,14 +1,38 @@
 """Config files load, overrides reach the config, bad values stop early."""
 
+import ast
 import importlib
+import os
 
 import pytest
 
+from conftest import ROOT
 from spad_jax import config_validation
 
 
-@pytest.mark.parametrize('name', ['default', 'demo', 'amdsd', 'cxrs',
-                                  'duke_dme'])
+def config_modules():
+  """Every configs/*.py that defines ``get_config`` (read with ast, so a new
+  config file is covered without editing this list)."""
+  folder = os.path.join(ROOT, 'configs')
+  names = []
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith('.py'):
+      continue
+    with open(os.path.join(folder, name)) as f:
+      tree = ast.parse(f.read())
+    if any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
+           for node in tree.body):
+      names.append(name[:-3])
+  return names
+
+
+def test_config_discovery_finds_the_known_configs():
+  assert {'default', 'demo', 'amdsd', 'cxrs', 'duke_dme', 'duke_dme_cpu',
+          'duke_dme_study_cpu'} <= set(config_modules())
+  assert '__init__' not in config_modules()
+
+
+@pytest.mark.parametrize('name', config_modules())
 def test_configs_load_and_validate(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   config_validation.validate(config)
