@@ -764,12 +764,8 @@ def main(argv):
   meta.update(epochs=epochs, eval_every_epochs=FLAGS.eval_every_epochs,
               config_file=config_flags.get_config_filename(FLAGS['config']))
   os.makedirs(out, exist_ok=True)
-  import jax  # pylint: disable=g-import-not-at-top
-  cache = FLAGS.compilation_cache
-  if cache:
-    cache = os.path.join(out, '.jax_cache') if cache == 'auto' else cache
-    jax.config.update('jax_compilation_cache_dir', os.path.abspath(cache))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  train_state.use_compilation_cache(FLAGS.compilation_cache, out)
   machine['devices'] = _device()
   complete = execute(runs, lambda: report(out, variants, seeds, meta))
   report(out, variants, seeds, dict(meta, complete=complete))

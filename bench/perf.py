@@ -30,13 +30,14 @@ Timings are the best of ``--repeats`` runs of ``--iters`` steps after an
 untimed compile/warm-up call.
 """
 
-import json
 import os
 import platform
 import time
 
 from absl import app
 from absl import flags
+
+from spad_jax import files  # numpy only: safe before torch/TensorFlow.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('preset', 'cpu', ['gpu', 'cpu', 'tiny'],
@@ -474,126 +475,158 @@ def markdown(result) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  del argv
+class _Report:
+  """perf.json / perf.md in --out, rewritten after every section, and
+  timestamped progress lines."""
+
+  def __init__(self, result):
+    self.result = result
+    self.started = time.perf_counter()
+
+  def say(self, text):
+    print(f'[{time.perf_counter() - self.started:7.1f} s] {text}', flush=True)
+
+  def save(self):
+    files.write_json(os.path.join(FLAGS.out, 'perf.json'), self.result)
+    files.write_atomic(os.path.join(FLAGS.out, 'perf.md'),
+                       markdown(self.result))
+
+
+def _preset():
   preset = dict(PRESETS[FLAGS.preset])
   for name in ('sizes', 'batches', 'sample_steps'):
     if getattr(FLAGS, name):
       preset[name] = [int(v) for v in getattr(FLAGS, name)]
   if FLAGS.dtypes:
     preset['dtypes'] = list(FLAGS.dtypes)
+  return preset
+
+
+def _has_torch(sections) -> bool:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    if 'torch' in sections:
+      raise app.UsageError('--sections has torch but PyTorch is not '
+                           'installed: pip install -r '
+                           'bench/requirements-torch.txt, or leave it out')
+    return False
+  return True
+
+
+def _train_section(report, preset, grid, sections, iters, peak):
+  rows = report.result['train'] = []
+  for i, (size, batch, dtype) in enumerate(grid):
+    report.say(f'train {i + 1}/{len(grid)}: {size}² batch {batch} {dtype}')
+    ours = {}
+    if 'train' in sections:
+      for spad in (False, True):
+        ours[spad] = jax_train(preset, size, batch, dtype, spad, iters,
+                               FLAGS.repeats, peak)
+        rows.append(ours[spad])
+        report.say(f'  jax SPAD {"on " if spad else "off"}: '
+                   f'{ours[spad]["images_per_s"]:.1f} img/s')
+      report.result.setdefault('spad_overhead', []).append(
+          {'size': size, 'batch': batch, 'dtype': dtype, 'overhead':
+           1 - ours[True]['images_per_s'] / ours[False]['images_per_s']})
+    if 'torch' in sections:
+      ref = torch_train(preset, size, batch, dtype, iters, FLAGS.repeats,
+                        FLAGS.torch_compile)
+      rows.append(ref)
+      report.say(f'  torch ({ref["note"]}): {ref["images_per_s"]:.1f} img/s')
+      for r in ours.values():
+        r['vs_torch'] = r['images_per_s'] / ref['images_per_s']
+    report.save()
+
+
+def _sampling_section(report, preset, have_torch):
+  rows = report.result['sampling'] = []
+  size = preset['sample_size']
+  for steps in preset['sample_steps']:
+    for batch, n in preset['sample_settings']:
+      report.say(f'sampling {steps} steps, batch {batch}, ensemble {n}')
+      dtype = preset['dtypes'][-1]
+      runs = [('jax', jax_sampling(preset, size, steps, batch, n,
+                                   FLAGS.repeats, dtype))]
+      if have_torch:
+        runs.append(('torch', torch_sampling(
+            preset, size, steps, batch, n, FLAGS.repeats, dtype,
+            FLAGS.torch_compile)))
+      for fw, r in runs:
+        rows.append({'framework': fw, 'steps': steps, 'batch': batch,
+                     'ensemble': n, 'size': size, 'dtype': dtype,
+                     'ms_per_image': 1000 * r['sec'] / r['images'],
+                     'images_per_s': r['images'] / r['sec'],
+                     'compile_s': r['compile_s'],
+                     'compiled': r.get('compiled', True)})
+      if have_torch:
+        rows[-2]['vs_torch'] = rows[-2]['images_per_s'] / rows[-1][
+            'images_per_s']
+      report.say('  ' + ', '.join(f'{r["framework"]} {r["ms_per_image"]:.1f} '
+                                  'ms/image' for r in rows[-len(runs):]))
+      report.save()
+
+
+def _pipeline_section(report):
+  result = report.result
+  report.say(f'pipeline ({FLAGS.data_config}, numpy loader, '
+             f'{os.cpu_count()} workers)')
+  try:
+    result['pipeline'] = pipeline_rows(
+        FLAGS.data_config, 20 if FLAGS.preset == 'tiny' else 400,
+        FLAGS.data_root)
+  except (FileNotFoundError, OSError, ValueError) as e:
+    result['pipeline_skipped'] = f'{type(e).__name__}: {e}'
+    report.say(f'  skipped: {result["pipeline_skipped"]}')
+  if result.get('pipeline') and result.get('train'):
+    fastest = max(r['images_per_s'] for r in result['train']
+                  if r['framework'] == 'jax')
+    result['pipeline_headroom'] = result['pipeline'][1][
+        'images_per_s'] / fastest
+  report.save()
+
+
+def _profile_section(report, preset, grid, iters):
+  size, batch, dtype = grid[-1]
+  report.say(f'profile {size}² batch {batch} {dtype}')
+  measured = [r['ms_per_step'] for r in report.result.get('train', [])
+              if r['framework'] == 'jax' and r['spad'] and
+              (r['size'], r['batch'], r['dtype']) == (size, batch, dtype)]
+  report.result['profile'] = profile_parts(
+      preset, size, batch, dtype, iters, FLAGS.repeats,
+      os.path.join(FLAGS.out, 'trace') if FLAGS.trace else None,
+      measured[0] if measured else None)
+  report.save()
+
+
+def main(argv):
+  del argv
+  preset = _preset()
   iters = FLAGS.iters or preset['iters']
   sections = set(FLAGS.sections)
   unknown = sections - {'train', 'torch', 'sampling', 'pipeline', 'profile'}
   if unknown:
     raise app.UsageError(f'--sections: unknown {sorted(unknown)}')
-  have_torch = True
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    have_torch = False
-    if 'torch' in sections:
-      raise app.UsageError('--sections has torch but PyTorch is not '
-                           'installed: pip install -r '
-                           'bench/requirements-torch.txt, or leave it out')
+  have_torch = _has_torch(sections)
   meta = versions()
   meta['preset'] = FLAGS.preset
   peak = FLAGS.peak_tflops or PEAK_TFLOPS.get(meta['device_kind'], 0.0)
   meta['peak_tflops'] = peak or None
-  result = {'meta': meta}
+  report = _Report({'meta': meta})
   os.makedirs(FLAGS.out, exist_ok=True)
-  started = time.perf_counter()
-
-  def say(text):
-    print(f'[{time.perf_counter() - started:7.1f} s] {text}', flush=True)
-
-  def save():
-    with open(os.path.join(FLAGS.out, 'perf.json'), 'w') as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(FLAGS.out, 'perf.md'), 'w') as f:
-      f.write(markdown(result))
-
   grid = [(s, b, d) for s in preset['sizes'] for b in preset['batches']
           for d in preset['dtypes']]
   if 'train' in sections or 'torch' in sections:
-    rows = result['train'] = []
-    for i, (size, batch, dtype) in enumerate(grid):
-      say(f'train {i + 1}/{len(grid)}: {size}² batch {batch} {dtype}')
-      ours = {}
-      if 'train' in sections:
-        for spad in (False, True):
-          ours[spad] = jax_train(preset, size, batch, dtype, spad, iters,
-                                 FLAGS.repeats, peak)
-          rows.append(ours[spad])
-          say(f'  jax SPAD {"on " if spad else "off"}: '
-              f'{ours[spad]["images_per_s"]:.1f} img/s')
-        result.setdefault('spad_overhead', []).append(
-            {'size': size, 'batch': batch, 'dtype': dtype, 'overhead':
-             1 - ours[True]['images_per_s'] / ours[False]['images_per_s']})
-      if 'torch' in sections:
-        ref = torch_train(preset, size, batch, dtype, iters, FLAGS.repeats,
-                          FLAGS.torch_compile)
-        rows.append(ref)
-        say(f'  torch ({ref["note"]}): {ref["images_per_s"]:.1f} img/s')
-        for r in ours.values():
-          r['vs_torch'] = r['images_per_s'] / ref['images_per_s']
-      save()
+    _train_section(report, preset, grid, sections, iters, peak)
   if 'sampling' in sections:
-    rows = result['sampling'] = []
-    size = preset['sample_size']
-    for steps in preset['sample_steps']:
-      for batch, n in preset['sample_settings']:
-        say(f'sampling {steps} steps, batch {batch}, ensemble {n}')
-        dtype = preset['dtypes'][-1]
-        runs = [('jax', jax_sampling(preset, size, steps, batch, n,
-                                     FLAGS.repeats, dtype))]
-        if have_torch:
-          runs.append(('torch', torch_sampling(
-              preset, size, steps, batch, n, FLAGS.repeats, dtype,
-              FLAGS.torch_compile)))
-        for fw, r in runs:
-          rows.append({'framework': fw, 'steps': steps, 'batch': batch,
-                       'ensemble': n, 'size': size, 'dtype': dtype,
-                       'ms_per_image': 1000 * r['sec'] / r['images'],
-                       'images_per_s': r['images'] / r['sec'],
-                       'compile_s': r['compile_s'],
-                       'compiled': r.get('compiled', True)})
-        if have_torch:
-          rows[-2]['vs_torch'] = rows[-2]['images_per_s'] / rows[-1][
-              'images_per_s']
-        say('  ' + ', '.join(f'{r["framework"]} {r["ms_per_image"]:.1f} '
-                             'ms/image' for r in rows[-len(runs):]))
-        save()
+    _sampling_section(report, preset, have_torch)
   if 'pipeline' in sections:
-    say(f'pipeline ({FLAGS.data_config}, numpy loader, '
-        f'{os.cpu_count()} workers)')
-    try:
-      result['pipeline'] = pipeline_rows(
-          FLAGS.data_config, 20 if FLAGS.preset == 'tiny' else 400,
-          FLAGS.data_root)
-    except (FileNotFoundError, OSError, ValueError) as e:
-      result['pipeline_skipped'] = f'{type(e).__name__}: {e}'
-      say(f'  skipped: {result["pipeline_skipped"]}')
-    if result.get('pipeline') and result.get('train'):
-      fastest = max(r['images_per_s'] for r in result['train']
-                    if r['framework'] == 'jax')
-      result['pipeline_headroom'] = result['pipeline'][1][
-          'images_per_s'] / fastest
-    save()
+    _pipeline_section(report)
   if 'profile' in sections:
-    size, batch, dtype = grid[-1]
-    say(f'profile {size}² batch {batch} {dtype}')
-    measured = [r['ms_per_step'] for r in result.get('train', [])
-                if r['framework'] == 'jax' and r['spad'] and
-                (r['size'], r['batch'], r['dtype']) == (size, batch, dtype)]
-    result['profile'] = profile_parts(
-        preset, size, batch, dtype, iters, FLAGS.repeats,
-        os.path.join(FLAGS.out, 'trace') if FLAGS.trace else None,
-        measured[0] if measured else None)
-    save()
-  save()
-  say(f'wrote {FLAGS.out}/perf.json and perf.md')
-  print(markdown(result))
+    _profile_section(report, preset, grid, iters)
+  report.save()
+  report.say(f'wrote {FLAGS.out}/perf.json and perf.md')
+  print(markdown(report.result))
 
 
 if __name__ == '__main__':

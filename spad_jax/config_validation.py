@@ -78,8 +78,6 @@ def _check_model(config, check) -> None:
   check(m.dtype in ('float32', 'bfloat16'), 'model.dtype',
         "must be 'float32' or 'bfloat16'")
   check(0 <= m.dropout < 1, 'model.dropout', 'must be in [0, 1)')
-
-  from spad_jax import timesteps  # pylint: disable=g-import-not-at-top
   check(m.kind in ('diffusion', 'deterministic'), 'model.kind',
         "unknown model kind; expected 'diffusion' or 'deterministic'")
 

@@ -21,7 +21,6 @@ import csv
 import glob
 import io
 import itertools
-import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -373,19 +372,43 @@ def evaluate(config, workdir: str, state=None, setup=None,
   run = sample_split(config, state.ema_params, setup, source,
                      num_shown=config.eval.num_grid_cases, on_case=on_case,
                      return_samples=bool(sets))
-  seconds, shown = run['seconds'], run['shown']
   tables, multi = _merge_processes(tables), _merge_processes(multi)
+  result = _summary(config, workdir, state, source, run, tables)
+  if sets:
+    result['multi_annotation'] = _multi_summary(multi, source.ids)
+  if jax.process_index() == 0:
+    _write_outputs(config, workdir, result, source, tables, run['shown'],
+                   extremes)
+  pcm = result['per_case_mean']
+  logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
+               '(%.1f s, checkpoint step %d)', split,
+               formatting.percent(result['mIoU']),
+               formatting.percent(result['mDice']),
+               formatting.percent(pcm['Dice']), formatting.number(pcm['HD95']),
+               formatting.number(pcm['ASSD']), run['seconds'],
+               result['checkpoint_step'])
+  if sets:
+    logging.info('%s: GED %s over %d cases with several annotations.', split,
+                 formatting.number(result['multi_annotation']['GED']),
+                 len(sets))
+  return result
+
+
+def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
+  """metrics.json's content: dataset-level metrics, per-case means, the
+  checkpoint and sampling settings, timing."""
   result = metrics.summarize_confusion(run['confusion'],
                                        list(source.class_names))
+  seconds = run['seconds']
   sampling_seconds = seconds - run['scoring_seconds']
   result.update({
-      'split': split, 'num_cases': len(source),
+      'split': config.eval.split, 'num_cases': len(source),
       'checkpoint_step': int(jax.device_get(state.step)),
       'checkpoint': train_state.resolve_checkpoint(config, workdir),
       'params': 'ema',
       'model_kind': config.model.kind,
       'sampling': ({'num_steps': config.eval.num_steps,
-                    'num_samples': n_samples,
+                    'num_samples': config.eval.num_samples,
                     'diffusion_steps': config.diffusion.num_steps}
                    if config.model.kind == 'diffusion' else
                    {'forward_passes': 1}),
@@ -397,27 +420,23 @@ def evaluate(config, workdir: str, state=None, setup=None,
       'scoring_seconds': run['scoring_seconds'],
       'seconds_per_image': sampling_seconds / max(len(source), 1),
   })
-  if sets:
-    result['multi_annotation'] = _multi_summary(multi, source.ids)
-  # A softmax has an entropy even from one pass; one diffusion sample not.
-  show_entropy = n_samples > 1 or config.model.kind == 'deterministic'
-  if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, 'metrics.json'), result,
-                     keep_previous=True)
-    write_per_case_csv(os.path.join(workdir, 'per_case.csv'), source.ids,
-                       tables, source.class_names)
-    visualize.grid_png(shown['images'], shown['labels'], shown['preds'],
-             shown['entropy'] if show_entropy else None, k,
-             os.path.join(workdir, 'eval_grid.png'),
-             scale=max(1, 256 // config.data.image_size))
-    write_overlays(os.path.join(workdir, 'overlays'), extremes, source, k,
-                   with_entropy=show_entropy)
-  pcm = result['per_case_mean']
-  logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
-               '(%.1f s, checkpoint step %d)', split, formatting.percent(result['mIoU']),
-               formatting.percent(result['mDice']), formatting.percent(pcm['Dice']), formatting.number(pcm['HD95']),
-               formatting.number(pcm['ASSD']), seconds, result['checkpoint_step'])
-  if sets:
-    logging.info('%s: GED %s over %d cases with several annotations.', split,
-                 formatting.number(result['multi_annotation']['GED']), len(sets))
   return result
+
+
+def _write_outputs(config, workdir, result, source, tables, shown,
+                   extremes) -> None:
+  """metrics.json, per_case.csv, eval_grid.png and overlays/ (process 0)."""
+  k = config.data.num_classes
+  # A softmax has an entropy even from one pass; one diffusion sample not.
+  show_entropy = (config.eval.num_samples > 1 or
+                  config.model.kind == 'deterministic')
+  files.write_json(os.path.join(workdir, 'metrics.json'), result,
+                   keep_previous=True)
+  write_per_case_csv(os.path.join(workdir, 'per_case.csv'), source.ids,
+                     tables, source.class_names)
+  visualize.grid_png(shown['images'], shown['labels'], shown['preds'],
+                     shown['entropy'] if show_entropy else None, k,
+                     os.path.join(workdir, 'eval_grid.png'),
+                     scale=max(1, 256 // config.data.image_size))
+  write_overlays(os.path.join(workdir, 'overlays'), extremes, source, k,
+                 with_entropy=show_entropy)

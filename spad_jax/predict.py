@@ -187,32 +187,15 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
   devices = jax.local_device_count()
   summary = Summary()
   os.makedirs(output_dir, exist_ok=True)
-  todo, stems = [], {}
-  for path in paths:
-    stem = split_name(path)[0]
-    if stem in stems:  # a.png and a.jpg would write the same outputs.
-      summary.failed.append((path, f'same name stem as {stems[stem]}; rename '
-                                   'one of them'))
-      logging.error('skipping %s: same stem as %s', path, stems[stem])
-      continue
-    stems[stem] = path
-    if not overwrite and any(os.path.exists(p) for p in output_paths(
-        output_dir, path, save_npy).values()):
-      summary.skipped.append(path)
-      continue
-    todo.append(path)
-  if summary.skipped:
-    logging.warning('%d input(s) already have outputs in %s and are skipped '
-                    '(pass --overwrite to replace them).',
-                    len(summary.skipped), output_dir)
-  if config.eval.num_samples < 2:
+  todo = _select_inputs(paths, output_dir, overwrite, save_npy, summary)
+  if (config.eval.num_samples < 2 and
+      config.model.kind == 'diffusion'):
     logging.warning('eval.num_samples = 1: the uncertainty maps are all zero; '
                     'pass e.g. --config.eval.num_samples=8 for an ensemble.')
   if not todo:
     return summary
 
-  predict_fn = predict_fn or evaluate.make_predict_fn(config, setup.model,
-                                                      setup.schedule)
+  predict_fn = predict_fn or evaluate.predictor(config, setup)
   params = train_state.replicate(params)
   key = setup.keys()[2]
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
@@ -256,6 +239,31 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
     finish(*pending)
   summary.seconds = time.time() - start
   return summary
+
+
+def _select_inputs(paths, output_dir, overwrite, save_npy,
+                   summary: Summary) -> List[str]:
+  """The paths to predict: duplicate stems are failed, inputs whose outputs
+  exist are skipped (unless ``overwrite``); both recorded in ``summary``."""
+  todo, stems = [], {}
+  for path in paths:
+    stem = split_name(path)[0]
+    if stem in stems:  # a.png and a.jpg would write the same outputs.
+      summary.failed.append((path, f'same name stem as {stems[stem]}; rename '
+                                   'one of them'))
+      logging.error('skipping %s: same stem as %s', path, stems[stem])
+      continue
+    stems[stem] = path
+    if not overwrite and any(os.path.exists(p) for p in output_paths(
+        output_dir, path, save_npy).values()):
+      summary.skipped.append(path)
+      continue
+    todo.append(path)
+  if summary.skipped:
+    logging.warning('%d input(s) already have outputs in %s and are skipped '
+                    '(pass --overwrite to replace them).',
+                    len(summary.skipped), output_dir)
+  return todo
 
 
 def predict_folder(config, workdir: str, input_dir: str, output_dir: str,

@@ -245,3 +245,14 @@ class Setup:
   def keys(self):
     """(init, train, eval) keys, fixed by the seed."""
     return jax.random.split(self.root_key, 3)
+
+
+def use_compilation_cache(setting: str, out_dir: str) -> None:
+  """JAX's persistent compilation cache for drivers of many runs (runs that
+  differ only in seed then compile once): ``setting`` is a folder, ``'auto'``
+  (``<out_dir>/.jax_cache``) or ``''`` (off)."""
+  if not setting:
+    return
+  folder = os.path.join(out_dir, '.jax_cache') if setting == 'auto' else setting
+  jax.config.update('jax_compilation_cache_dir', os.path.abspath(folder))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -130,12 +130,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     return 2
   os.makedirs(FLAGS.out, exist_ok=True)
-  import jax  # pylint: disable=g-import-not-at-top
-  cache = FLAGS.compilation_cache
-  if cache:
-    cache = os.path.join(FLAGS.out, '.jax_cache') if cache == 'auto' else cache
-    jax.config.update('jax_compilation_cache_dir', os.path.abspath(cache))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  train_state.use_compilation_cache(FLAGS.compilation_cache, FLAGS.out)
   complete = True
   if not FLAGS.report_only:
     try:
