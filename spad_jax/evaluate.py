@@ -41,7 +41,7 @@ from spad_jax.data import pipeline
 from spad_jax.data import sources
 from spad_jax.models import unet
 
-AXIS = 'batch'
+AXIS = train_state.AXIS
 
 
 def make_predict_fn(config, model, schedule, return_samples: bool = False):
@@ -223,26 +223,6 @@ def case_spacing(original_size, image_size: int,
           original_size[1] / image_size * base[1])
 
 
-# Per-case columns of ``multi_annotation`` (cases with several annotations).
-MULTI_FIELDS = ('GED', 'cross', 'sample_diversity', 'annotation_diversity',
-                'sample_variance', 'annotation_variance',
-                'variance_correlation', 'num_annotations')
-
-
-def multi_annotation_row(samples: np.ndarray, annotations: np.ndarray,
-                         num_classes: int) -> np.ndarray:
-  """``MULTI_FIELDS`` of one case: GED terms, mean per-pixel variances of the
-  samples and of the annotations, and their correlation over pixels (does the
-  model vary where the raters disagree? NaN where either is constant)."""
-  ged = metrics.generalized_energy_distance(samples, annotations, num_classes)
-  var_s = metrics.pixel_variance(samples, num_classes).ravel()
-  var_a = metrics.pixel_variance(annotations, num_classes).ravel()
-  corr = (np.corrcoef(var_s, var_a)[0, 1] if var_s.std() > 0 and
-          var_a.std() > 0 else np.nan)
-  return np.array([ged[f] for f in MULTI_FIELDS[:4]] +
-                  [var_s.mean(), var_a.mean(), corr, len(annotations)])
-
-
 class Extremes:
   """The ``k`` highest- and lowest-scoring cases seen, with their outputs."""
 
@@ -319,19 +299,6 @@ def _merge_processes(local: np.ndarray) -> np.ndarray:
   return merged
 
 
-def _multi_summary(rows: np.ndarray, ids: Sequence[str]) -> Dict[str, Any]:
-  has = ~np.isnan(rows[:, 0])
-  out = {'num_cases': int(has.sum())}
-  for i, f in enumerate(MULTI_FIELDS):
-    vals = rows[has, i][~np.isnan(rows[has, i])]
-    out[f] = float(vals.mean()) if len(vals) else None
-  out['per_case'] = {ids[n]: {f: None if np.isnan(rows[n, i]) else
-                              float(rows[n, i])
-                              for i, f in enumerate(MULTI_FIELDS)}
-                     for n in np.flatnonzero(has)}
-  return out
-
-
 def evaluate(config, workdir: str, state=None, setup=None,
              num_extremes: int = 3) -> Dict[str, Any]:
   """Samples ``config.eval.split``; writes metrics.json, per_case.csv,
@@ -354,7 +321,7 @@ def evaluate(config, workdir: str, state=None, setup=None,
                len(source), split, config.eval.num_steps, n_samples,
                f'; {len(sets)} with several annotations' if sets else '')
   tables = np.full((len(source), k - 1, len(metrics.CASE_FIELDS)), np.nan)
-  multi = np.full((len(source), len(MULTI_FIELDS)), np.nan)
+  multi = np.full((len(source), len(metrics.MULTI_FIELDS)), np.nan)
   extremes = Extremes(num_extremes)
 
   def on_case(index, out):
@@ -366,7 +333,7 @@ def evaluate(config, workdir: str, state=None, setup=None,
                  {'prediction': out['prediction'].copy(),  # Not the batch.
                   'entropy': out['entropy'].copy()})
     if source.ids[index] in sets:
-      multi[index] = multi_annotation_row(out['samples'],
+      multi[index] = metrics.multi_annotation_row(out['samples'],
                                           sets[source.ids[index]], k)
 
   run = sample_split(config, state.ema_params, setup, source,
@@ -375,7 +342,7 @@ def evaluate(config, workdir: str, state=None, setup=None,
   tables, multi = _merge_processes(tables), _merge_processes(multi)
   result = _summary(config, workdir, state, source, run, tables)
   if sets:
-    result['multi_annotation'] = _multi_summary(multi, source.ids)
+    result['multi_annotation'] = metrics.summarize_multi(multi, source.ids)
   if jax.process_index() == 0:
     _write_outputs(config, workdir, result, source, tables, run['shown'],
                    extremes)

@@ -11,7 +11,7 @@ Several annotations per case: ``generalized_energy_distance`` (d = 1 − IoU,
 Kohl et al. 2018) and ``pixel_variance`` across samples or annotations.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -214,3 +214,38 @@ def pixel_variance(maps: np.ndarray, num_classes: int) -> np.ndarray:
   """
   frac = np.stack([(maps == c).mean(axis=0) for c in range(num_classes)], -1)
   return 1.0 - np.sum(frac ** 2, axis=-1)
+
+
+# Per-case columns of ``multi_annotation`` (cases with several annotations).
+MULTI_FIELDS = ('GED', 'cross', 'sample_diversity', 'annotation_diversity',
+                'sample_variance', 'annotation_variance',
+                'variance_correlation', 'num_annotations')
+
+
+def multi_annotation_row(samples: np.ndarray, annotations: np.ndarray,
+                         num_classes: int) -> np.ndarray:
+  """``MULTI_FIELDS`` of one case: GED terms, mean per-pixel variances of the
+  samples and of the annotations, and their correlation over pixels (does the
+  model vary where the raters disagree? NaN where either is constant)."""
+  ged = generalized_energy_distance(samples, annotations, num_classes)
+  var_s = pixel_variance(samples, num_classes).ravel()
+  var_a = pixel_variance(annotations, num_classes).ravel()
+  corr = (np.corrcoef(var_s, var_a)[0, 1] if var_s.std() > 0 and
+          var_a.std() > 0 else np.nan)
+  return np.array([ged[f] for f in MULTI_FIELDS[:4]] +
+                  [var_s.mean(), var_a.mean(), corr, len(annotations)])
+
+
+def summarize_multi(rows: np.ndarray, ids: Sequence[str]) -> Dict[str, Any]:
+  """``multi_annotation`` of metrics.json: means of the ``MULTI_FIELDS`` rows
+  over the cases that have them (NaN rows: one annotation), and per case."""
+  has = ~np.isnan(rows[:, 0])
+  out = {'num_cases': int(has.sum())}
+  for i, f in enumerate(MULTI_FIELDS):
+    vals = rows[has, i][~np.isnan(rows[has, i])]
+    out[f] = float(vals.mean()) if len(vals) else None
+  out['per_case'] = {ids[n]: {f: None if np.isnan(rows[n, i]) else
+                              float(rows[n, i])
+                              for i, f in enumerate(MULTI_FIELDS)}
+                     for n in np.flatnonzero(has)}
+  return out

@@ -1,6 +1,7 @@
 """SPAD: the training-time perturbation of the conditioning image (DESIGN §2).
 
-This module is the whole algorithm, from a label map to the perturbed image;
+This module is the whole algorithm, from a label map to the perturbed image
+(in one file, ≈480 lines with this walkthrough, so it reads top-down);
 ``data/pipeline.py`` only schedules it (which cases and epochs a batch
 holds, when an epoch's masks are computed and how long they are kept) and
 ``train.py`` applies the merge. How the masks of a training batch are made:

@@ -1,5 +1,9 @@
 """Training: the pmapped SPAD/CCDM train step, the loop, validation.
 
+(About 430 lines: the step and the loop that drives it stay together; what
+an example is trained on is in objectives.py, the state and checkpoints in
+train_state.py.)
+
 Keys are explicit: every example draws its time step, noisy label and image
 noise from ``fold_in(fold_in(train_key, step), global_example_index)``, so a
 step gives the same numbers on 1 or many devices for the same global batch.
