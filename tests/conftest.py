@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import numpy
+
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,3 +23,58 @@ def run_main(args, devices: int = 1, timeout: int = 600):
 @pytest.fixture
 def main_runner():
   return run_main
+
+
+# Train-step variants compared across device counts (tests/train_steps.py):
+# name -> overrides. Two steps each: dropout first shows in the second
+# update (it sits before zero-initialised convolutions).
+STEP_VARIANTS = {
+    'base': 'base',
+    'dropout': 'model.dropout=0.2',
+    'bf16': 'model.dtype=bfloat16',
+    'importance_hybrid': ('diffusion.t_sampling=importance,'
+                          'diffusion.importance_history=2,'
+                          'diffusion.ce_lambda=0.5,'
+                          'diffusion.ce_weighting=stage'),
+    'stratified': 'diffusion.t_sampling=stratified',
+    'deterministic': 'model.kind=deterministic',
+}
+NUM_STEPS = 2
+
+
+def train_steps(out_dir, devices: int, names):
+  """Runs tests/train_steps.py on ``devices`` emulated devices; returns
+  {name: {'loss', 'init', 'step1', 'step2', 'history_counts'?, ...}}."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  out = os.path.join(str(out_dir), f'steps_{devices}.npz')
+  run = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tests', 'train_steps.py'), out,
+       str(NUM_STEPS)] + [STEP_VARIANTS[n] for n in names], cwd=ROOT,
+      env=env, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  data = dict(numpy.load(out))
+  result = {}
+  for i, name in enumerate(names):
+    entry = {'loss': data[f'{i}/loss']}
+    for part in ['init'] + [f'step{k}' for k in range(1, NUM_STEPS + 1)]:
+      prefix = f'{i}/{part}'
+      entry[part] = {k[len(prefix):]: v for k, v in data.items()
+                     if k.startswith(prefix + '[')}
+    for k, v in data.items():
+      if k.startswith(f'{i}/history_'):
+        entry[k[len(f'{i}/'):]] = v
+    result[name] = entry
+  return result
+
+
+@pytest.fixture(scope='session')
+def steps_on_1_device(tmp_path_factory):
+  return train_steps(tmp_path_factory.mktemp('steps1'), 1,
+                     list(STEP_VARIANTS))
+
+
+@pytest.fixture(scope='session')
+def steps_on_4_devices(tmp_path_factory):
+  return train_steps(tmp_path_factory.mktemp('steps4'), 4,
+                     [n for n in STEP_VARIANTS if n != 'bf16'])

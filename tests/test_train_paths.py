@@ -1,13 +1,7 @@
 """Training paths beyond the happy path: SIGTERM stop and resume, skipped
 non-finite updates and the abort, learning-rate schedules, dropout and
-bfloat16 steps, eval.checkpoint=best without a best checkpoint.
-
-Also a script (the step runs need their own XLA device count):
-  python tests/test_train_paths.py OUT.npz NUM_STEPS VARIANT [VARIANT ...]
-trains NUM_STEPS pmapped steps of the tiny config from the same init for each
-VARIANT ('base' or comma-separated section.key=value overrides) and saves,
-per variant i, the losses ``i/loss``, the initial and the final parameters
-(``i/init...``, ``i/params...``).
+bfloat16 steps (from conftest's shared step runs), eval.checkpoint=best
+without a best checkpoint.
 """
 
 import math
@@ -17,99 +11,15 @@ import subprocess
 import sys
 import time
 
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_TESTS)
-if __name__ == '__main__':
-  sys.path[:0] = [_ROOT, _TESTS]
+import numpy as np
+import pytest
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+from conftest import ROOT
+from test_train import checkpoint_steps
+from test_train import load_checkpoint
+from test_train import read_log
 
 TINY = '--config=tests/tiny_config.py'
-
-
-# ------------------------------------------------------------------ the script
-
-
-def _literal(text):
-  import ast  # pylint: disable=g-import-not-at-top
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def run_steps(out_path, num_steps, variants):
-  import jax  # pylint: disable=g-import-not-at-top
-  from spad_jax import train  # pylint: disable=g-import-not-at-top
-  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
-  from spad_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
-  import tiny_config  # pylint: disable=g-import-not-at-top
-  out = {}
-  for i, variant in enumerate(variants):
-    config = tiny_config.get_config()
-    for item in ([] if variant == 'base' else variant.split(',')):
-      key, value = item.split('=', 1)
-      section, field = key.split('.')
-      config[section][field] = _literal(value)
-    setup = train_state.Setup.from_config(config)
-    init_key, train_key, _ = setup.keys()
-    examples = pipeline.TrainExamples(
-        sources.load_split(config, 'train'), config,
-        local_device_count=jax.local_device_count())
-    state = train_state.create_train_state(config, setup.model, init_key, 10)
-    step = train.p_train_step(config, setup.model, setup.schedule,
-                              examples.steps_per_epoch)
-    for path, value in jax.tree_util.tree_flatten_with_path(
-        jax.device_get(state.params))[0]:
-      out[f'{i}/init{jax.tree_util.keystr(path)}'] = np.asarray(value)
-    state = train_state.replicate(state)
-    keys = train_state.replicate(train_key)
-    losses = []
-    for batch in pipeline.numpy_train_batches(examples, 0, num_steps):
-      state, metrics = step(state, batch, keys)
-      losses.append(np.asarray(jax.device_get(metrics['loss'][0])))
-    out[f'{i}/loss'] = np.stack(losses)
-    params = jax.device_get(train_state.unreplicate(state.params))
-    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-      out[f'{i}/params{jax.tree_util.keystr(path)}'] = np.asarray(value)
-  np.savez(out_path, **out)
-
-
-def steps_in_subprocess(tmp_path, devices, num_steps, variants, name):
-  """{variant index: {'loss': [num_steps], 'params': {path: array}}}."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  out = tmp_path / f'{name}.npz'
-  run = subprocess.run(
-      ['nice', sys.executable, os.path.join(_TESTS, 'test_train_paths.py'),
-       str(out), str(num_steps)] + list(variants), cwd=_ROOT, env=env,
-      capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  data = dict(np.load(out))
-  result = {}
-  for i in range(len(variants)):
-    result[i] = {
-        'loss': data[f'{i}/loss'],
-        'params': {k[len(f'{i}/params'):]: v for k, v in data.items()
-                   if k.startswith(f'{i}/params')},
-        'init': {k[len(f'{i}/init'):]: v for k, v in data.items()
-                 if k.startswith(f'{i}/init')}}
-  return result
-
-
-if __name__ == '__main__':
-  run_steps(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
-  sys.exit(0)
-
-# ------------------------------------------------------------------- the tests
-
-import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
-
-from conftest import ROOT  # pylint: disable=g-import-not-at-top
-from test_train import checkpoint_steps  # pylint: disable=g-import-not-at-top
-from test_train import load_checkpoint  # pylint: disable=g-import-not-at-top
-from test_train import read_log  # pylint: disable=g-import-not-at-top
 
 
 def tiny_config():
@@ -340,21 +250,6 @@ def test_eval_checkpoint_best_without_best_checkpoint(main_runner, tmp_path):
 # ------------------------------------------------- dropout and bfloat16 steps
 
 
-@pytest.fixture(scope='module')
-def one_device_steps(tmp_path_factory):
-  """Two steps on 1 device: float32 (0), dropout 0.2 (1), bfloat16 (2)."""
-  return steps_in_subprocess(
-      tmp_path_factory.mktemp('steps1'), 1, 2,
-      ['base', 'model.dropout=0.2', 'model.dtype=bfloat16'], 'd1')
-
-
-@pytest.fixture(scope='module')
-def four_device_steps(tmp_path_factory):
-  """The same two steps on 4 devices: float32 (0), dropout 0.2 (1)."""
-  return steps_in_subprocess(tmp_path_factory.mktemp('steps4'), 4, 2,
-                             ['base', 'model.dropout=0.2'], 'd4')
-
-
 def is_dropout_target(key):
   """The convs right after each ResBlock's dropout (zero-initialised)."""
   return key.startswith("['ResBlock_") and key.endswith(
@@ -365,7 +260,7 @@ def relative_distance(a, b, run, keys):
   """||a - b|| / ||run's update||, over ``keys`` (float64)."""
   flat = lambda p: np.concatenate([p[k].astype(np.float64).ravel()
                                    for k in sorted(keys)])
-  update = np.linalg.norm(flat(run['params']) - flat(run['init']))
+  update = np.linalg.norm(flat(run['step2']) - flat(run['init']))
   return np.linalg.norm(flat(a) - flat(b)) / update
 
 
@@ -379,46 +274,46 @@ def relative_distance(a, b, run, keys):
 # kernels, not elementwise.
 
 
-def test_dropout_changes_the_second_update(one_device_steps):
-  base, drop = one_device_steps[0], one_device_steps[1]
-  keys = [k for k in base['params'] if is_dropout_target(k)]
+def test_dropout_changes_the_second_update(steps_on_1_device):
+  base, drop = steps_on_1_device['base'], steps_on_1_device['dropout']
+  keys = [k for k in base['step2'] if is_dropout_target(k)]
   assert len(keys) >= 8
   # Measured 0.60 (dropout 0.2 vs 0, the same keys and batches).
-  assert relative_distance(drop['params'], base['params'], base, keys) > 0.1
+  assert relative_distance(drop['step2'], base['step2'], base, keys) > 0.1
   assert np.all(np.isfinite(drop['loss']))
 
 
 def test_two_steps_same_on_1_and_4_devices_without_dropout(
-    one_device_steps, four_device_steps):
+    steps_on_1_device, steps_on_4_devices):
   """The control for the dropout test below: without dropout, 1 and 4
   devices agree on these kernels (measured 7e-7; over all parameters Adam
   turns rounding of near-zero gradients into ~1e-2, see test_train)."""
-  one, four = one_device_steps[0], four_device_steps[0]
+  one, four = steps_on_1_device['base'], steps_on_4_devices['base']
   np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-5)
-  keys = [k for k in one['params'] if is_dropout_target(k)]
-  assert relative_distance(four['params'], one['params'], one, keys) < 1e-4
+  keys = [k for k in one['step2'] if is_dropout_target(k)]
+  assert relative_distance(four['step2'], one['step2'], one, keys) < 1e-4
 
 
-def test_dropout_steps_same_on_1_and_4_devices(one_device_steps,
-                                               four_device_steps):
+def test_dropout_steps_same_on_1_and_4_devices(steps_on_1_device,
+                                               steps_on_4_devices):
   """Dropout masks come from each example's key, so they do not depend on
   the device count (measured 0.40 when the key was per device)."""
-  one, four = one_device_steps[1], four_device_steps[1]
+  one, four = steps_on_1_device['dropout'], steps_on_4_devices['dropout']
   np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-5)
-  keys = [k for k in one['params'] if is_dropout_target(k)]
-  assert relative_distance(four['params'], one['params'], one, keys) < 1e-4
+  keys = [k for k in one['step2'] if is_dropout_target(k)]
+  assert relative_distance(four['step2'], one['step2'], one, keys) < 1e-4
 
 
-def test_bfloat16_steps_are_finite_float32_and_close(one_device_steps):
+def test_bfloat16_steps_are_finite_float32_and_close(steps_on_1_device):
   """model.dtype=bfloat16: activations in bf16, loss maths and parameters
   float32 (configs/default.py)."""
-  base, bf16 = one_device_steps[0], one_device_steps[2]
+  base, bf16 = steps_on_1_device['base'], steps_on_1_device['bf16']
   assert bf16['loss'].dtype == np.float32
   assert np.all(np.isfinite(bf16['loss']))
-  assert all(v.dtype == np.float32 for v in bf16['params'].values())
-  assert all(np.all(np.isfinite(v)) for v in bf16['params'].values())
-  keys = list(bf16['params'])
-  assert max(np.abs(bf16['params'][k] - bf16['init'][k]).max()
+  assert all(v.dtype == np.float32 for v in bf16['step2'].values())
+  assert all(np.all(np.isfinite(v)) for v in bf16['step2'].values())
+  keys = list(bf16['step2'])
+  assert max(np.abs(bf16['step2'][k] - bf16['init'][k]).max()
              for k in keys) > 1e-3  # The steps changed the parameters.
   # Step 2's loss goes through the bf16 network (step 1's logits come from a
   # zero-initialised conv). bf16 keeps 8 significant bits (relative rounding
@@ -430,4 +325,4 @@ def test_bfloat16_steps_are_finite_float32_and_close(one_device_steps):
   np.testing.assert_allclose(bf16['loss'][1], base['loss'][1], rtol=1e-3)
   # The parameters follow the float32 run: measured distance 0.04 of the
   # update (Adam's first updates are nearly sign(g): a few signs flip).
-  assert relative_distance(bf16['params'], base['params'], base, keys) < 0.2
+  assert relative_distance(bf16['step2'], base['step2'], base, keys) < 0.2
