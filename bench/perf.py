@@ -148,12 +148,12 @@ def jax_train(preset, size, batch, dtype, spad, iters, repeats, peak):
   setup = train_state.Setup.from_config(config)
   ndev = jax.local_device_count()
   state = train_state.replicate(train_state.create_train_state(
-      config, setup.model, jax.random.PRNGKey(0), 10_000))
+      config, setup.model, jax.random.key(0), 10_000))
   p_step = train.p_train_step(config, setup.model, setup.schedule, 1000)
   batch_np = random_batch(np.random.default_rng(0), ndev, batch, size,
                           config.data.num_classes)
   dev_batch = jax.pmap(lambda x: x)(batch_np)
-  key = train_state.replicate(jax.random.PRNGKey(1))
+  key = train_state.replicate(jax.random.key(1))
   t0 = time.perf_counter()
   compiled = p_step.lower(state, dev_batch, key).compile()
   compile_s = time.perf_counter() - t0
@@ -272,14 +272,14 @@ def jax_sampling(preset, size, steps, batch, n, repeats, dtype):
   config.eval.num_steps = steps
   config.eval.num_samples = n
   setup = train_state.Setup.from_config(config)
-  state = train_state.create_train_state(config, setup.model, jax.random.PRNGKey(0),
-                                   1)
+  state = train_state.create_train_state(config, setup.model,
+                                         jax.random.key(0), 1)
   params = train_state.replicate(state.ema_params)
   predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
   ndev = jax.local_device_count()
   images = np.random.default_rng(0).normal(
       size=(ndev, batch, size, size, 1)).astype(np.float32)  # batch per device
-  key = jax.random.PRNGKey(0)
+  key = jax.random.key(0)
   t0 = time.perf_counter()
   jax.block_until_ready(predict(params, images, key, 0))
   compile_s = time.perf_counter() - t0
@@ -359,7 +359,7 @@ def profile_parts(preset, size, batch, dtype, iters, repeats, trace_dir,
   config = bench_config(preset, size, batch, dtype, True)
   setup = train_state.Setup.from_config(config)
   params = train_state.create_train_state(config, setup.model,
-                                    jax.random.PRNGKey(0), 1).params
+                                    jax.random.key(0), 1).params
   rng = np.random.default_rng(0)
   xt = jax.nn.one_hot(rng.integers(0, 4, (batch, size, size)), 4)
   image = jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32)

@@ -95,7 +95,7 @@ def test_torch_reference_matches_the_unet():
     ref = torch_unet.UNet(4, 1, image_size=32, **kw)
     ours = unet.UNet(num_classes=4, **kw)
     shapes = jax.eval_shape(lambda: ours.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 4)),
+        jax.random.key(0), jnp.zeros((1, 32, 32, 4)),
         jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,), jnp.int32)))['params']
     assert sum(p.numel() for p in ref.parameters()) == sum(
         x.size for x in jax.tree.leaves(shapes))

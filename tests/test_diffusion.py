@@ -142,11 +142,11 @@ def test_sampler_recovers_x0_with_oracle_model(schedule):
   uneven = np.array([50, 49, 31, 7, 2, 0])
   for times in [diffusion.time_sequence(50, n) for n in (1, 3, 50)] + [uneven]:
     out = jax.jit(lambda key: diffusion.sample(oracle, image, key, schedule,
-                                               k, times))(jax.random.PRNGKey(0))
+                                               k, times))(jax.random.key(0))
     np.testing.assert_array_equal(out['labels'], labels)
     np.testing.assert_array_equal(out['sample'], labels)
   with pytest.raises(ValueError, match='decrease strictly'):
-    diffusion.sample(oracle, image, jax.random.PRNGKey(0), schedule, k,
+    diffusion.sample(oracle, image, jax.random.key(0), schedule, k,
                      [50, 20, 20, 0])
 
 
@@ -188,7 +188,7 @@ def test_jump_posterior_sampling_is_consistent(schedule, t, s):
   """x_t ~ q(x_t|x0), x_s ~ q(x_s|x_t,x0) gives x_s ~ q(x_s|x0) for any jump."""
   k, n = 3, 60000
   x0 = jnp.broadcast_to(jnp.eye(k)[1], (n, k))
-  key_t, key_s = jax.random.split(jax.random.PRNGKey(t * 100 + s))
+  key_t, key_s = jax.random.split(jax.random.key(t * 100 + s))
   xt = diffusion.sample_categorical(key_t, diffusion.q_probs(x0, t, schedule))
   post = diffusion.posterior_probs(jax.nn.one_hot(xt, k), x0, t, s, schedule)
   xs = diffusion.sample_categorical(key_s, post)
@@ -206,7 +206,7 @@ def test_sampler_final_sample_follows_fixed_p_hat(schedule):
   for steps in (1, 7, 50):
     out = jax.jit(lambda key: diffusion.sample(
         model, image, key, schedule, k,
-        diffusion.time_sequence(50, steps)))(jax.random.PRNGKey(steps))
+        diffusion.time_sequence(50, steps)))(jax.random.key(steps))
     counts = np.bincount(np.asarray(out['sample']).ravel(), minlength=k)
     expected = counts.sum() * np.asarray(p_fixed)
     assert chi_square(counts, expected) < 13.8, (steps, counts, expected)
@@ -229,7 +229,7 @@ def test_bfloat16_network_float32_loss(schedule):
   x0 = jax.nn.one_hot(jnp.zeros((2, 8, 8), jnp.int32), 3)
   image = jnp.ones((2, 8, 8, 1))
   t = jnp.array([1, 30])
-  params = model.init(jax.random.PRNGKey(0), x0, image, t)['params']
+  params = model.init(jax.random.key(0), x0, image, t)['params']
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
 
   def loss(params):

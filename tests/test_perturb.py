@@ -70,7 +70,7 @@ def test_boundary_band_along_transitions_only():
 def test_perturb_image_changes_only_inside_mask():
   image = jnp.zeros((2, 8, 8, 1))
   mask = jnp.zeros((2, 8, 8), jnp.uint8).at[:, 2:5, 2:5].set(1)
-  out = perturb.perturb_image(image, mask, 0.5, jax.random.PRNGKey(0))
+  out = perturb.perturb_image(image, mask, 0.5, jax.random.key(0))
   changed = np.asarray(out[..., 0] != 0)
   np.testing.assert_array_equal(changed, np.asarray(mask, bool))
 

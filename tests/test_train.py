@@ -277,7 +277,7 @@ def test_init_compiled_unoptimised_gives_the_same_parameters():
   spec.loader.exec_module(tiny)
   config = tiny.get_config()
   model = unet.create_model(config)
-  key = jax.random.PRNGKey(3)
+  key = jax.random.key(3)
   ours = train_state.create_train_state(config, model, key, 10).params
   s, k = config.data.image_size, config.data.num_classes
   optimised = jax.jit(lambda key: model.init(
