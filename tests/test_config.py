@@ -62,6 +62,12 @@ def test_default_holds_design_defaults():
     ('spad.k0', -1, 'config.spad.k0'),
     ('data.name', 'mnist', 'config.data.name'),
     ('eval.num_steps', 1000, 'config.eval.num_steps'),
+    ('diffusion.ce_lambda', -0.5, 'config.diffusion.ce_lambda'),
+    ('diffusion.t_sampling', 'sobol', 'config.diffusion.t_sampling'),
+    ('diffusion.ce_weighting', 'late', 'config.diffusion.ce_weighting'),
+    ('model.kind', 'gan', 'config.model.kind'),
+    ('diffusion.importance_history', 0, 'config.diffusion.importance_history'),
+    ('train.dice_weight', -1.0, 'config.train.dice_weight'),
 ])
 def test_invalid_values_are_named(key, value, needle):
   config = importlib.import_module('configs.demo').get_config()
