@@ -138,10 +138,15 @@ def test_convergence_bench_end_to_end(tmp_path):
   summary = data['summary']
   assert list(summary) == ['kl', 'hybrid']
   assert summary['kl']['seeds_done'] == [0]
-  assert summary['hybrid']['overrides'] == {'diffusion.ce_lambda': 1.0}
+  # Every variant pins every objective key (the base config may recommend
+  # another objective); the Markdown shows only what differs from the paper.
+  assert summary['hybrid']['overrides'] == {
+      'model.kind': 'diffusion', 'diffusion.ce_lambda': 1.0,
+      'diffusion.ce_weighting': 'constant', 'diffusion.t_sampling': 'uniform'}
+  assert summary['kl']['overrides']['diffusion.ce_lambda'] == 0.0
 
   md = open(out / 'convergence.md').read()
-  assert '| variant |' in md and '| hybrid |' in md
+  assert '| variant |' in md and '| hybrid | `diffusion.ce_lambda=1.0` |' in md
   assert 'bench/convergence.py' in md and 'steps to 90%' in md
   for name in ('convergence_steps.png', 'convergence_minutes.png',
                'convergence_loss.png'):
