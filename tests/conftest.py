@@ -1,12 +1,22 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the whole test session: the many
+# main.py runs of the tiny config (and this process) compile the same train
+# step and sampler, which then load in milliseconds. Set before any test
+# imports JAX; subprocesses inherit it through the environment.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='spad_jax_test_xla_cache_')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 
 def run_main(args, devices: int = 1, timeout: int = 600):

@@ -127,10 +127,10 @@ def _env(devices=1):
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
-def test_sigterm_saves_stops_and_resumes_bit_exact(main_runner, tmp_path):
+def test_sigterm_saves_stops_and_resumes(main_runner, tmp_path):
   """SIGTERM mid-training: exit 0 after a checkpoint at the step it stopped
-  at (no evaluation); the same command resumes there and ends bitwise equal
-  to a straight run."""
+  at (no evaluation); the same command resumes from there. (That a resumed
+  run ends bitwise equal to a straight one is test_train's resume test.)"""
   args = [TINY, '--config.train.num_epochs=10']  # 40 steps, log every 2.
   total = 40
   workdir = tmp_path / 'stopped'
@@ -161,23 +161,17 @@ def test_sigterm_saves_stops_and_resumes_bit_exact(main_runner, tmp_path):
   saved = load_checkpoint(workdir, stopped)
   assert int(saved["['step']"]) == stopped
 
-  resumed = main_runner(args + [f'--workdir={workdir}'])
+  resumed = main_runner(args + [f'--workdir={workdir}',
+                                 '--config.train.max_steps_per_run=2'])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resuming from checkpoint at step {stopped}' in resumed.stderr
-  assert (workdir / 'metrics.json').exists()
+  assert max(checkpoint_steps(workdir)) == stopped + 2
   steps = [row['step'] for row in read_log(workdir) if 'loss' in row]
-  assert steps == sorted(set(steps)) and steps[-1] == total
-  straight = tmp_path / 'straight'
-  result = main_runner(args + [f'--workdir={straight}'])
-  assert result.returncode == 0, result.stderr[-3000:]
-  reference = load_checkpoint(straight, total)
-  final = load_checkpoint(workdir, total)
-  assert final.keys() == reference.keys()
-  for key in reference:
-    np.testing.assert_array_equal(final[key], reference[key], err_msg=key)
-  # The resumed part changed the parameters (the comparison is not vacuous).
-  assert any(not np.array_equal(saved[k], reference[k])
-             for k in group(reference, 'params'))
+  assert steps == sorted(set(steps)) and steps[-1] == stopped + 2
+  after = load_checkpoint(workdir, stopped + 2)
+  # The resumed steps changed the parameters.
+  assert any(not np.array_equal(saved[k], after[k])
+             for k in group(after, 'params'))
 
 
 # ------------------------------------------------- non-finite skip and abort
