@@ -6,6 +6,8 @@ r"""spad_jax entry point.
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \
       --input=scans/ --output=predictions/ --config.eval.num_samples=8
+  python main.py --config=configs/demo.py --workdir=runs/demo \
+      --mode=robustness --config.eval.num_samples=4
 
 A second run in the same workdir resumes from its latest checkpoint.
 Multi-host: pass --coordinator_address/--num_processes/--process_id on every
@@ -27,10 +29,12 @@ config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict',
-                                    'visualize'],
+                                    'visualize', 'robustness'],
                   'train (then evaluate), evaluate a trained workdir, '
-                  'predict on new images, or visualize the SPAD masks of a '
-                  'few training cases (writes <workdir>/spad_masks.png).')
+                  'predict on new images, visualize the SPAD masks of a '
+                  'few training cases (writes <workdir>/spad_masks.png), or '
+                  'evaluate under every image corruption and severity '
+                  '(robustness: <workdir>/robustness.{json,csv,png}).')
 flags.DEFINE_string('input', None, '--mode=predict: folder of images (png, '
                     'jpg, bmp, tif; no labels needed).')
 flags.DEFINE_string('output', None, '--mode=predict: folder for <stem>_label.'
@@ -72,10 +76,10 @@ def main(argv):
   from spad_jax import config_validation  # pylint: disable=g-import-not-at-top
   try:
     config_validation.validate(config)
-    if FLAGS.mode in ('train', 'evaluate', 'visualize'):
+    if FLAGS.mode in ('train', 'evaluate', 'visualize', 'robustness'):
       # Every file read and checked before the workdir is touched.
-      config_validation.validate_data(config,
-                                      training=FLAGS.mode != 'evaluate')
+      config_validation.validate_data(
+          config, training=FLAGS.mode not in ('evaluate', 'robustness'))
   except config_validation.ConfigError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
@@ -107,6 +111,13 @@ def main(argv):
     else:
       if not os.path.isdir(FLAGS.workdir):
         raise FileNotFoundError(f'--workdir {FLAGS.workdir} does not exist')
+      if FLAGS.mode == 'robustness':
+        from spad_jax import robustness  # pylint: disable=g-import-not-at-top
+        robustness.robustness(config, FLAGS.workdir)
+        if jax.process_index() == 0:
+          print(f'wrote {os.path.join(FLAGS.workdir, "robustness.csv")}, '
+                'robustness.json, robustness.png, corruption_examples.png')
+        return 0
       result = evaluate.evaluate(config, FLAGS.workdir)
   except (folder.DataError, FileNotFoundError, FloatingPointError,
           ValueError) as e:
@@ -119,7 +130,7 @@ def main(argv):
     fmt = lambda x: 'n/a' if x is None else f'{x:.4f}'
     print(f'{config.eval.split}: mIoU {fmt(result["mIoU"])}  '
           f'mDice {fmt(result["mDice"])}  (foreground classes; '
-          f'{os.path.join(FLAGS.workdir, "metrics.json")})')
+          f'{os.path.join(evaluate.output_dir(config, FLAGS.workdir), "metrics.json")})')
   return 0
 
 

@@ -40,9 +40,9 @@ from absl import flags
 from spad_jax import files  # numpy only: safe before torch/TensorFlow.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('preset', 'cpu', ['gpu', 'cpu', 'tiny'],
-                  'Size grid: gpu (the issue''s), cpu (this machine), tiny '
-                  '(seconds; the test).')
+flags.DEFINE_enum('preset', 'cpu', ['gpu', 'cpu', 'demo', 'tiny'],
+                  'Size grid: gpu (the issue''s), cpu (this machine), demo '
+                  '(configs/demo.py\'s UNet), tiny (seconds; the test).')
 flags.DEFINE_list('sections', ['train', 'torch', 'sampling', 'pipeline',
                                'profile'], 'What to measure.')
 flags.DEFINE_list('sizes', None, 'Image sizes (default: from the preset).')
@@ -75,6 +75,12 @@ PRESETS = {
     'cpu': dict(sizes=[64], batches=[8], dtypes=['float32'],
                 sample_steps=[10, 25], sample_size=64,
                 sample_settings=SAMPLE_SETTINGS, iters=3, model={}),
+    # configs/demo.py's UNet (≈0.8 M parameters) at its size and batch.
+    'demo': dict(sizes=[64], batches=[8], dtypes=['float32'],
+                 sample_steps=[10], sample_size=64,
+                 sample_settings=SAMPLE_SETTINGS, iters=5,
+                 model=dict(base_channels=16, channel_mult=(1, 2, 2, 4),
+                            num_res_blocks=1, attention_resolutions=(8,))),
     # A toy UNet: exercises every code path in seconds (tests/test_bench.py).
     'tiny': dict(sizes=[32], batches=[4], dtypes=['float32'],
                  sample_steps=[2], sample_size=32,
@@ -139,7 +145,8 @@ def step_flops(compiled):
 # ----------------------------------------------------------------- JAX train
 
 
-def jax_train(preset, size, batch, dtype, spad, iters, repeats, peak):
+def jax_train_runner(preset, size, batch, dtype, spad):
+  """(run(n): n train steps, blocking at the end; compile_s; flops)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
@@ -157,7 +164,6 @@ def jax_train(preset, size, batch, dtype, spad, iters, repeats, peak):
   t0 = time.perf_counter()
   compiled = p_step.lower(state, dev_batch, key).compile()
   compile_s = time.perf_counter() - t0
-  flops = step_flops(compiled)
   state, _ = compiled(state, dev_batch, key)  # Warm-up.
   jax.block_until_ready(state)
 
@@ -167,6 +173,11 @@ def jax_train(preset, size, batch, dtype, spad, iters, repeats, peak):
       state, metrics = compiled(state, dev_batch, key)
     jax.block_until_ready((state, metrics))
 
+  return run, compile_s, step_flops(compiled)
+
+
+def jax_train(preset, size, batch, dtype, spad, iters, repeats, peak):
+  run, compile_s, flops = jax_train_runner(preset, size, batch, dtype, spad)
   sec = best_time(run, iters, repeats)
   steps_per_s = iters / sec
   row = {'framework': 'jax', 'size': size, 'batch': batch, 'dtype': dtype,
@@ -221,7 +232,8 @@ def warm_up(call, model, run_model, compiled, note, compile_mode):
   return run_model, compiled, note, time.perf_counter() - t0
 
 
-def torch_train(preset, size, batch, dtype, iters, repeats, compile_mode):
+def torch_train_runner(preset, size, batch, dtype, compile_mode):
+  """(run(n): n train steps, synchronised at the end; info dict)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch_unet  # pylint: disable=g-import-not-at-top
   dev = torch_device()
@@ -253,17 +265,23 @@ def torch_train(preset, size, batch, dtype, iters, repeats, compile_mode):
       step(run_model)
     sync()
 
+  return run, {'compile_s': compile_s, 'compiled': compiled, 'note': note}
+
+
+def torch_train(preset, size, batch, dtype, iters, repeats, compile_mode):
+  run, info = torch_train_runner(preset, size, batch, dtype, compile_mode)
   sec = best_time(run, iters, repeats)
-  return {'framework': 'torch', 'size': size, 'batch': batch, 'dtype': dtype,
-          'spad': False, 'images_per_s': batch * iters / sec,
-          'ms_per_step': 1000 * sec / iters, 'compile_s': compile_s,
-          'compiled': compiled, 'note': note}
+  return dict({'framework': 'torch', 'size': size, 'batch': batch,
+               'dtype': dtype, 'spad': False,
+               'images_per_s': batch * iters / sec,
+               'ms_per_step': 1000 * sec / iters}, **info)
 
 
 # ------------------------------------------------------------------ sampling
 
 
-def jax_sampling(preset, size, steps, batch, n, repeats, dtype):
+def jax_sampling_runner(preset, size, steps, batch, n, dtype):
+  """(run(k): k sampled batches, blocking at the end; compile_s; images)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -289,9 +307,15 @@ def jax_sampling(preset, size, steps, batch, n, repeats, dtype):
       out = predict(params, images, key, i)
     jax.block_until_ready(out)
 
+  return run, compile_s, batch * ndev
+
+
+def jax_sampling(preset, size, steps, batch, n, repeats, dtype):
+  run, compile_s, images = jax_sampling_runner(preset, size, steps, batch, n,
+                                               dtype)
   sec = best_time(run, 1, repeats)
   return {'framework': 'jax', 'compile_s': compile_s, 'sec': sec,
-          'images': batch * ndev}
+          'images': images}
 
 
 def torch_sampling(preset, size, steps, batch, n, repeats, dtype,
@@ -504,7 +528,10 @@ def _preset():
 
 def _has_torch(sections) -> bool:
   try:
+    # torch._dynamo (torch.compile) segfaults when imported after
+    # TensorFlow, which spad_jax's input pipeline loads: import it first.
     import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch._dynamo  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     if 'torch' in sections:
       raise app.UsageError('--sections has torch but PyTorch is not '

@@ -139,6 +139,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 8  # Global.
   config.eval.split = 'test'
   config.eval.num_grid_cases = 6  # Cases shown in the PNG grid.
+  # Equal-mass bins of the calibration error (ECE/MCE, reliability diagram).
+  config.eval.ece_bins = 15
+  # Evaluate on degraded images (spad_jax/data/corruptions.py: none,
+  # gaussian_noise, speckle, blur, contrast, gamma, resample, jpeg) at
+  # severity 1..5; results go to <workdir>/corruptions/<name>_s<severity>/.
+  config.eval.corruption = 'none'
+  config.eval.severity = 1
   # Physical size (row, column), e.g. mm, of one pixel of the original images
   # for HD95/ASSD; () reports distances in original-image pixels.
   config.eval.spacing = ()

@@ -1,6 +1,7 @@
 """Checks a config before any work starts; every problem names its key."""
 
 from spad_jax import config_keys
+from spad_jax.data import corruptions
 from spad_jax.data.sources import DATASETS
 from spad_jax.data.sources import FOLDER_DATASETS
 from spad_jax.data.sources import READERS
@@ -157,6 +158,11 @@ def _check_eval(config, check) -> None:
   check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   check(e.split in ('train', 'val', 'test'), 'eval.split',
         "must be 'train', 'val' or 'test'")
+  check(e.ece_bins >= 2, 'eval.ece_bins', 'must be >= 2')
+  check(e.corruption in corruptions.NAMES, 'eval.corruption',
+        f'unknown corruption {e.corruption!r}; expected one of '
+        f'{", ".join(corruptions.NAMES)}')
+  check(1 <= e.severity <= 5, 'eval.severity', 'must be in 1..5')
 
 def validate_data(config, training: bool = True) -> None:
   """Reads and checks the data set of ``config`` (every split, every file).

@@ -18,6 +18,7 @@ units of the original image: its pixels, or ``eval.spacing`` per pixel.
 """
 
 import csv
+import dataclasses
 import glob
 import io
 import itertools
@@ -31,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spad_jax import calibration
 from spad_jax import diffusion
 from spad_jax import formatting
 from spad_jax import files
 from spad_jax import metrics
 from spad_jax import train_state
 from spad_jax import visualize
+from spad_jax.data import corruptions
 from spad_jax.data import pipeline
 from spad_jax.data import sources
 from spad_jax.models import unet
@@ -49,7 +52,9 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
 
   ``params`` and ``images`` are per device; ``key`` and ``batch_index`` are
   shared. Runs ``eval.num_samples`` chains per image in one batched call.
-  The ensemble has ``soft``, ``prediction`` and ``entropy``; with
+  The ensemble has ``soft`` (the chains' vote), ``prediction`` and
+  ``entropy``, and ``prob``: the mean over chains of the final ``p̂``, the
+  soft map calibration is measured on; with
   ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
   label map, for GED and variances).
   """
@@ -74,6 +79,8 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
     out = diffusion.sample(denoise, tiled, key, schedule, num_classes, times)
     labels = out['labels'].reshape((n, b) + out['labels'].shape[1:])
     result = diffusion.ensemble(labels, num_classes)
+    result['prob'] = jnp.mean(
+        out['probs'].reshape((n, b) + out['probs'].shape[1:]), axis=0)
     if return_samples:
       result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
     return result
@@ -95,7 +102,8 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
     entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, diffusion.LOG_EPS)),
                        axis=-1)
     prediction = jnp.argmax(soft, axis=-1)
-    result = {'soft': soft, 'prediction': prediction, 'entropy': entropy}
+    result = {'soft': soft, 'prediction': prediction, 'entropy': entropy,
+              'prob': soft}
     if return_samples:
       result['samples'] = jnp.repeat(prediction[:, None], n,
                                      axis=1).astype(jnp.uint8)
@@ -270,17 +278,22 @@ def write_overlays(directory: str, extremes: Extremes, source,
 
 
 def write_per_case_csv(path: str, ids: Sequence[str], tables: np.ndarray,
-                       class_names: Sequence[str]) -> int:
-  """One row per (case, scored foreground class); returns the row count."""
+                       class_names: Sequence[str],
+                       uncertainty: Optional[np.ndarray] = None) -> int:
+  """One row per (case, scored foreground class); returns the row count.
+  ``uncertainty``: the case's mean normalised entropy, on each of its rows."""
   rows = 0
   text = io.StringIO(newline='')
   writer = csv.writer(text)
-  writer.writerow(('case', 'class') + metrics.CASE_FIELDS)
-  for case_id, table in zip(ids, tables):
+  writer.writerow(('case', 'class') + metrics.CASE_FIELDS +
+                  (('mean_uncertainty',) if uncertainty is not None else ()))
+  for i, (case_id, table) in enumerate(zip(ids, tables)):
     for c, row in enumerate(table):
       if np.isnan(row[0]):  # Absent from label and prediction: skipped.
         continue
       values = [f'{v:.6g}' for v in row[:4]] + [int(v) for v in row[4:]]
+      if uncertainty is not None:
+        values.append(f'{uncertainty[i]:.6g}')
       writer.writerow([case_id, class_names[c + 1]] + values)
       rows += 1
   files.write_atomic(path, text.getvalue())
@@ -299,17 +312,40 @@ def _merge_processes(local: np.ndarray) -> np.ndarray:
   return merged
 
 
+def output_dir(config, workdir: str) -> str:
+  """Where evaluate writes: the workdir, or for a corrupted evaluation its
+  own folder (the clean metrics.json stays)."""
+  if config.eval.corruption == 'none':
+    return workdir
+  return os.path.join(workdir, 'corruptions',
+                      f'{config.eval.corruption}_s{config.eval.severity}')
+
+
+def load_eval_source(config, split: str):
+  """``split`` of the data set, degraded by ``eval.corruption`` if set."""
+  source = sources.load_split(config, split)
+  if config.eval.corruption == 'none':
+    return source
+  return dataclasses.replace(source, images=corruptions.corrupt_model_images(
+      source.images, source.ids, config.eval.corruption,
+      config.eval.severity, config.seed))
+
+
 def evaluate(config, workdir: str, state=None, setup=None,
-             num_extremes: int = 3) -> Dict[str, Any]:
+             num_extremes: int = 3, out_dir: Optional[str] = None
+             ) -> Dict[str, Any]:
   """Samples ``config.eval.split``; writes metrics.json, per_case.csv,
-  eval_grid.png and the overlays of the ``num_extremes`` best/worst cases."""
+  eval_grid.png, reliability.png, coverage.png and the overlays of the
+  ``num_extremes`` best/worst cases to ``out_dir`` (default
+  ``output_dir(config, workdir)``)."""
   from spad_jax.data import annotations  # pylint: disable=g-import-not-at-top
   case_spacing((1, 1), 1, config.eval.spacing)  # Fail before sampling.
   setup = setup or train_state.Setup.from_config(config)
   if state is None:
     state = load_state(config, workdir, setup)
   split = config.eval.split
-  source = sources.load_split(config, split)
+  source = load_eval_source(config, split)
+  out_dir = out_dir or output_dir(config, workdir)
   k = config.data.num_classes
   n_samples = config.eval.num_samples
   sets = annotations.for_source(config, source)
@@ -322,6 +358,8 @@ def evaluate(config, workdir: str, state=None, setup=None,
                f'; {len(sets)} with several annotations' if sets else '')
   tables = np.full((len(source), k - 1, len(metrics.CASE_FIELDS)), np.nan)
   multi = np.full((len(source), len(metrics.MULTI_FIELDS)), np.nan)
+  uncertainty = np.full((len(source), 1), np.nan)  # Mean per case.
+  calib = calibration.Accumulator(k)
   extremes = Extremes(num_extremes)
 
   def on_case(index, out):
@@ -335,17 +373,30 @@ def evaluate(config, workdir: str, state=None, setup=None,
     if source.ids[index] in sets:
       multi[index] = metrics.multi_annotation_row(out['samples'],
                                           sets[source.ids[index]], k)
+    uncertainty[index] = calib.add(out['prob'], out['prediction'],
+                                   source.labels[index])
 
   run = sample_split(config, state.ema_params, setup, source,
                      num_shown=config.eval.num_grid_cases, on_case=on_case,
                      return_samples=bool(sets))
   tables, multi = _merge_processes(tables), _merge_processes(multi)
+  uncertainty = _merge_processes(uncertainty)[:, 0]
+  if jax.process_count() > 1:  # Each process's histograms, summed.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    gathered = multihost_utils.process_allgather(calib.arrays())
+    calib = calibration.Accumulator(k)
+    calib.merge({name: np.asarray(v).sum(axis=0)
+                 for name, v in gathered.items()})
   result = _summary(config, workdir, state, source, run, tables)
+  result.update(calib.summary(config.eval.ece_bins, list(source.class_names)))
+  result['uncertainty']['case_dice_spearman'] = calibration.spearman(
+      uncertainty, [metrics.case_score(t) for t in tables])
   if sets:
     result['multi_annotation'] = metrics.summarize_multi(multi, source.ids)
   if jax.process_index() == 0:
-    _write_outputs(config, workdir, result, source, tables, run['shown'],
-                   extremes)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_outputs(config, out_dir, result, source, tables, run['shown'],
+                   extremes, uncertainty)
   pcm = result['per_case_mean']
   logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
                '(%.1f s, checkpoint step %d)', split,
@@ -354,6 +405,14 @@ def evaluate(config, workdir: str, state=None, setup=None,
                formatting.percent(pcm['Dice']), formatting.number(pcm['HD95']),
                formatting.number(pcm['ASSD']), run['seconds'],
                result['checkpoint_step'])
+  cal, unc = result['calibration'], result['uncertainty']
+  logging.info('%s: ECE %s  MCE %s  Brier %s  NLL %s; uncertainty flags '
+               'errors with AUROC %s, AUPRC %s.', split,
+               formatting.number(cal['ece'], 4), formatting.number(cal['mce'], 4),
+               formatting.number(cal['brier'], 4),
+               formatting.number(cal['nll'], 4),
+               formatting.number(unc['error_auroc']),
+               formatting.number(unc['error_auprc']))
   if sets:
     logging.info('%s: GED %s over %d cases with several annotations.', split,
                  formatting.number(result['multi_annotation']['GED']),
@@ -374,6 +433,10 @@ def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
       'checkpoint': train_state.resolve_checkpoint(config, workdir),
       'params': 'ema',
       'model_kind': config.model.kind,
+      'corruption': {'name': config.eval.corruption,
+                     'severity': (config.eval.severity
+                                  if config.eval.corruption != 'none'
+                                  else 0)},
       'sampling': ({'num_steps': config.eval.num_steps,
                     'num_samples': config.eval.num_samples,
                     'diffusion_steps': config.diffusion.num_steps}
@@ -390,20 +453,25 @@ def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
   return result
 
 
-def _write_outputs(config, workdir, result, source, tables, shown,
-                   extremes) -> None:
-  """metrics.json, per_case.csv, eval_grid.png and overlays/ (process 0)."""
+def _write_outputs(config, out_dir, result, source, tables, shown,
+                   extremes, uncertainty) -> None:
+  """metrics.json, per_case.csv, eval_grid.png, reliability.png,
+  coverage.png and overlays/ (process 0)."""
   k = config.data.num_classes
   # A softmax has an entropy even from one pass; one diffusion sample not.
   show_entropy = (config.eval.num_samples > 1 or
                   config.model.kind == 'deterministic')
-  files.write_json(os.path.join(workdir, 'metrics.json'), result,
+  files.write_json(os.path.join(out_dir, 'metrics.json'), result,
                    keep_previous=True)
-  write_per_case_csv(os.path.join(workdir, 'per_case.csv'), source.ids,
-                     tables, source.class_names)
+  write_per_case_csv(os.path.join(out_dir, 'per_case.csv'), source.ids,
+                     tables, source.class_names, uncertainty)
+  calibration.plot_reliability(result['calibration'],
+                               os.path.join(out_dir, 'reliability.png'))
+  calibration.plot_coverage(result['uncertainty'],
+                            os.path.join(out_dir, 'coverage.png'))
   visualize.grid_png(shown['images'], shown['labels'], shown['preds'],
                      shown['entropy'] if show_entropy else None, k,
-                     os.path.join(workdir, 'eval_grid.png'),
+                     os.path.join(out_dir, 'eval_grid.png'),
                      scale=max(1, 256 // config.data.image_size))
-  write_overlays(os.path.join(workdir, 'overlays'), extremes, source, k,
+  write_overlays(os.path.join(out_dir, 'overlays'), extremes, source, k,
                  with_entropy=show_entropy)

@@ -39,6 +39,7 @@ from spad_jax import files
 from spad_jax import formatting
 from spad_jax import train_state
 from spad_jax import visualize
+from spad_jax.data import corruptions
 from spad_jax.data import folder
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.nii',
@@ -154,10 +155,17 @@ def read_batches(paths: Sequence[str], config, summary: Summary, gb: int,
   path and the image as read, for the outputs).
   """
   size, channels = config.data.image_size, config.data.channels
+  corruption, severity = config.eval.corruption, config.eval.severity
+
   def flush(items):
     batch = np.zeros((gb, size, size, channels), np.float32)
-    for i, (_, image) in enumerate(items):
+    for i, (path, image) in enumerate(items):
       batch[i] = model_input(image, size)
+      if corruption != 'none':  # The same code, seeds, rounding as evaluate.
+        stem = os.path.splitext(os.path.basename(path))[0]
+        batch[i] = corruptions.corrupt_model_images(
+            batch[i][None].astype(np.float16), [stem], corruption, severity,
+            config.seed)[0]
     return {'image': batch.reshape((devices, gb // devices) + batch.shape[1:]),
             'valid': np.arange(gb) < len(items), 'items': items}
 

@@ -18,6 +18,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
       prefix='spad_jax_test_xla_cache_')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
+# The package's XLA:CPU flags (spad_jax/xla_flags.py) must reach this process
+# before any test computes with JAX, whichever test module is imported first.
+import spad_jax  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+
 
 def run_main(args, devices: int = 1, timeout: int = 600):
   """Runs main.py in a subprocess (own XLA device count); returns the result."""

@@ -7,6 +7,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+from scipy import stats
 
 from conftest import run_main
 from spad_jax.data import synthetic
@@ -132,7 +133,29 @@ def test_evaluate_writes_per_case_ged_and_overlays(trained, tmp_path):
   with open(os.path.join(trained, 'per_case.csv')) as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == ['case', 'class', 'Dice', 'IoU', 'HD95', 'ASSD',
-                           'missed', 'spurious']
+                           'missed', 'spurious', 'mean_uncertainty']
+  # Calibration and uncertainty sections (their maths: test_calibration.py).
+  cal, unc = metrics['calibration'], metrics['uncertainty']
+  assert cal['pixels'] == 4 * 16 * 16
+  for key in ('ece', 'mce', 'brier', 'nll'):
+    assert np.isfinite(cal[key]) and cal[key] >= 0, key
+  assert cal['ece'] <= cal['mce']
+  assert set(cal['per_class']) == set(CLASSES)
+  assert unc['error_auroc'] is None or 0 <= unc['error_auroc'] <= 1
+  assert unc['coverage'][0]['coverage'] == 1.0
+  for png in ('reliability.png', 'coverage.png'):
+    assert cv2.imread(os.path.join(trained, png)) is not None, png
+  # The case-level correlation is the one of the CSV's columns.
+  by_case = {}
+  for r in rows:
+    by_case.setdefault(r['case'], (float(r['mean_uncertainty']), []))[1].append(
+        float(r['Dice']))
+  u = [v[0] for v in by_case.values()]
+  d = [np.mean(v[1]) for v in by_case.values()]
+  assert all(0 <= x <= 1 for x in u)
+  if unc['case_dice_spearman'] is not None:
+    assert unc['case_dice_spearman'] == pytest.approx(
+        stats.spearmanr(u, d).statistic)
   # Labels as the model saw them (nearest-neighbour to 16²).
   labels = {f'case{i}': cv2.resize(synthetic_case(i, sizes[i], seed=7)[1],
                                    (16, 16), interpolation=cv2.INTER_NEAREST)
@@ -277,3 +300,35 @@ def test_nifti_inputs_are_listed_with_their_stems(tmp_path):
   assert out['label'].endswith('/scan_label.png')
   read = folder.read_image(images[0], 1)[..., 0]
   np.testing.assert_allclose(read, image / 11, atol=1e-4)
+
+
+def test_corrupted_evaluation_and_the_robustness_sweep(trained):
+  clean = os.path.join(trained, 'metrics.json')
+  before = open(clean).read() if os.path.exists(clean) else None
+  result = run_main([TINY, f'--workdir={trained}', '--mode=evaluate',
+                     '--config.eval.corruption=blur',
+                     '--config.eval.severity=3'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = os.path.join(trained, 'corruptions', 'blur_s3')
+  metrics = json.load(open(os.path.join(out, 'metrics.json')))
+  assert metrics['corruption'] == {'name': 'blur', 'severity': 3}
+  assert os.path.exists(os.path.join(out, 'per_case.csv'))
+  # The clean evaluation's outputs are untouched.
+  assert (open(clean).read() if os.path.exists(clean) else None) == before
+  # The sweep: every corruption x severity plus clean, in one command;
+  # blur_s3 (same checkpoint and sampler) is reused, not sampled again.
+  stamp = os.path.getmtime(os.path.join(out, 'metrics.json'))
+  result = run_main([TINY, f'--workdir={trained}', '--mode=robustness'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.getmtime(os.path.join(out, 'metrics.json')) == stamp
+  with open(os.path.join(trained, 'robustness.csv')) as f:
+    rows = list(csv.DictReader(f))
+  from spad_jax.data import corruptions  # pylint: disable=g-import-not-at-top
+  assert [(r['corruption'], int(r['severity'])) for r in rows] == (
+      [('none', 0)] + [(n, s) for n in corruptions.SEVERITIES
+                       for s in range(1, 6)])
+  row = next(r for r in rows if r['corruption'] == 'blur' and
+             r['severity'] == '3')
+  assert float(row['mDice']) == pytest.approx(metrics['mDice'], abs=1e-6)
+  for png in ('robustness.png', 'corruption_examples.png'):
+    assert cv2.imread(os.path.join(trained, png)) is not None, png

@@ -27,7 +27,9 @@ PACKAGE_DIR = os.path.join(ROOT, PACKAGE)
 # predict.py is an entry point's library (--mode=predict): layer 5. A module
 # missing from this table fails test_every_module_has_a_layer: place it.
 LAYERS = {
-    'spad_jax': 1,  # The (empty) package __init__.
+    'spad_jax': 1,  # The package __init__ (applies xla_flags).
+    'spad_jax.xla_flags': 1,
+    'spad_jax.calibration': 1,
     'spad_jax.data': 1,  # The whole subpackage.
     'spad_jax.diffusion': 1,
     'spad_jax.perturb': 1,
@@ -45,6 +47,7 @@ LAYERS = {
     'spad_jax.evaluate': 3,
     'spad_jax.train': 4,
     'spad_jax.predict': 5,
+    'spad_jax.robustness': 5,  # --mode=robustness.
 }
 
 

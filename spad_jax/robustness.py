@@ -1,0 +1,167 @@
+"""``--mode=robustness``: evaluate one trained model under every corruption.
+
+Loads the checkpoint and compiles the sampler once, then evaluates the clean
+split and every corruption × severity (``data/corruptions.py``). Each
+evaluation writes its own folder ``<workdir>/corruptions/<name>_s<k>/``
+(metrics.json, per_case.csv, PNGs); the sweep writes
+
+  <workdir>/robustness.json   every row, and the settings
+  <workdir>/robustness.csv    one row per (corruption, severity)
+  <workdir>/robustness.png    mDice against severity, one line per corruption
+  <workdir>/corruption_examples.png  one test image at every severity
+
+An evaluation whose metrics.json exists for the same checkpoint step and
+sampling settings is reused, so a stopped sweep resumes where it stopped.
+"""
+
+import csv
+import io
+import json
+import os
+import time
+from typing import Any, Dict, List
+
+from absl import logging
+import numpy as np
+
+from spad_jax import evaluate
+from spad_jax import files
+from spad_jax import formatting
+from spad_jax import train_state
+from spad_jax.data import corruptions
+
+FIELDS = ('corruption', 'severity', 'mDice', 'mIoU', 'case_Dice', 'HD95',
+          'ece', 'brier', 'error_auroc', 'seconds')
+
+
+def _row(name: str, severity: int, m: Dict[str, Any]) -> Dict[str, Any]:
+  return {'corruption': name, 'severity': severity, 'mDice': m['mDice'],
+          'mIoU': m['mIoU'], 'case_Dice': m['per_case_mean']['Dice'],
+          'HD95': m['per_case_mean']['HD95'],
+          'ece': m['calibration']['ece'], 'brier': m['calibration']['brier'],
+          'error_auroc': m['uncertainty']['error_auroc'],
+          'seconds': m['seconds']}
+
+
+def _reusable(path: str, step: int, config) -> Dict[str, Any]:
+  """The metrics at ``path`` if they are of this checkpoint and sampler."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    m = json.load(f)
+  same = (m.get('checkpoint_step') == step and
+          m.get('sampling', {}).get('num_steps') == config.eval.num_steps and
+          m.get('sampling', {}).get('num_samples') == config.eval.num_samples)
+  return m if same and 'calibration' in m else {}
+
+
+def sweep(config, workdir: str) -> List[Dict[str, Any]]:
+  """Every (corruption, severity) plus the clean split; returns the rows."""
+  setup = train_state.Setup.from_config(config)
+  state = evaluate.load_state(config, workdir, setup)
+  import jax  # pylint: disable=g-import-not-at-top
+  step = int(jax.device_get(state.step))
+  plan = [('none', 0)] + [(n, s) for n in corruptions.SEVERITIES
+                          for s in range(1, 6)]
+  rows, start, fresh = [], time.time(), 0
+  for i, (name, severity) in enumerate(plan):
+    cfg = config.copy_and_resolve_references()
+    cfg.eval.corruption = name
+    cfg.eval.severity = max(severity, 1)
+    out = (os.path.join(workdir, 'corruptions', 'none_s0') if name == 'none'
+           else evaluate.output_dir(cfg, workdir))
+    metrics = _reusable(os.path.join(out, 'metrics.json'), step, cfg)
+    if not metrics:
+      metrics = evaluate.evaluate(cfg, workdir, state=state, setup=setup,
+                                  out_dir=out)
+      fresh += 1
+    rows.append(_row(name, severity, metrics))
+    elapsed = time.time() - start
+    left = (elapsed / max(fresh, 1)) * (len(plan) - i - 1) if fresh else None
+    logging.info('robustness %d/%d: %s severity %d: mDice %s (ETA %s)',
+                 i + 1, len(plan), name, severity,
+                 formatting.percent(rows[-1]['mDice']), formatting.hms(left))
+    if jax.process_index() == 0:
+      _write(config, workdir, rows, step)
+  return rows
+
+
+def _write(config, workdir: str, rows: List[Dict[str, Any]],
+           step: int) -> None:
+  files.write_json(os.path.join(workdir, 'robustness.json'), {
+      'checkpoint_step': step, 'split': config.eval.split,
+      'sampling': {'num_steps': config.eval.num_steps,
+                   'num_samples': config.eval.num_samples},
+      'severities': {k: list(v) for k, v in corruptions.SEVERITIES.items()},
+      'rows': rows})
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, FIELDS)
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: ('' if r[k] is None else
+                         f'{r[k]:.6g}' if isinstance(r[k], float) else r[k])
+                     for k in FIELDS})
+  files.write_atomic(os.path.join(workdir, 'robustness.csv'), text.getvalue())
+  plot(rows, os.path.join(workdir, 'robustness.png'))
+
+
+def plot(rows: List[Dict[str, Any]], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  clean = [r['mDice'] for r in rows if r['corruption'] == 'none']
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for i, name in enumerate(corruptions.SEVERITIES):
+    mine = [r for r in rows if r['corruption'] == name and
+            r['mDice'] is not None]
+    if mine:
+      ax.plot([0] + [r['severity'] for r in mine],
+              clean[:1] + [r['mDice'] for r in mine], 'o-', ms=3,
+              color=f'C{i}', label=name)
+  ax.set_xlabel('severity (0 = clean)')
+  ax.set_ylabel('test mDice')
+  ax.set_xticks(range(6))
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def examples_png(config, path: str, case: int = 0) -> str:
+  """One image of ``eval.split`` at every corruption and severity."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  source = evaluate.load_eval_source(config, config.eval.split)
+  image = (source.images[case, ..., 0].astype(np.float32) + 1) / 2
+  case_id = source.ids[case]
+  tiles = []
+  for name in corruptions.SEVERITIES:
+    row = [image]
+    for severity in range(1, 6):
+      rng = corruptions.case_seed(config.seed, name, severity, case_id)
+      row.append(corruptions.corrupt(image[..., None], name, severity,
+                                     rng)[..., 0])
+    tiles.append(np.concatenate(row, axis=1))
+  grid = np.concatenate(tiles, axis=0)
+  scale = max(1, 128 // image.shape[0])
+  grid = cv2.resize(grid, None, fx=scale, fy=scale,
+                    interpolation=cv2.INTER_NEAREST)
+  label_w = 120
+  canvas = np.full((grid.shape[0], grid.shape[1] + label_w), 255, np.uint8)
+  canvas[:, label_w:] = np.round(grid * 255).astype(np.uint8)
+  tile_h = grid.shape[0] // len(corruptions.SEVERITIES)
+  for i, name in enumerate(corruptions.SEVERITIES):
+    cv2.putText(canvas, name, (4, i * tile_h + tile_h // 2),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1, cv2.LINE_AA)
+  ok, data = cv2.imencode('.png', canvas)
+  assert ok
+  files.write_atomic(path, data.tobytes())
+  return path
+
+
+def robustness(config, workdir: str) -> List[Dict[str, Any]]:
+  """The sweep, then the examples picture; returns the rows."""
+  rows = sweep(config, workdir)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    examples_png(config, os.path.join(workdir, 'corruption_examples.png'))
+  return rows
