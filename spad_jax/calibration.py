@@ -30,7 +30,8 @@ import numpy as np
 
 FINE_BINS = 2000
 LOG_EPS = 1e-8  # DESIGN §1's clamp inside logarithms.
-COVERAGES = (1.0, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
+COVERAGES = (1.0, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6,
+             0.5)
 
 
 def _fine_index(values: np.ndarray) -> np.ndarray:
@@ -109,7 +110,10 @@ class Accumulator:
         'brier': float(self.sums[1] / pixels),
         'nll': float(self.sums[2] / pixels),
         'num_bins': num_bins, 'binning': 'equal-mass', 'pixels': int(pixels),
-        'per_class': per_class, 'reliability': top['bins']}
+        'per_class': per_class, 'reliability': top['bins'],
+        # Equal-width bins for the diagram: equal-mass ones all sit near
+        # confidence 1 when most pixels are easy background.
+        'reliability_equal_width': equal_width_bins(self.top, 10)}
     conf = self.by_uncertainty
     errors = conf.sum(axis=(1, 2)) - np.trace(conf, axis1=1, axis2=2)
     rights = np.trace(conf, axis1=1, axis2=2)
@@ -147,6 +151,18 @@ def reliability(hist: np.ndarray, num_bins: int) -> Dict[str, Any]:
                    'accuracy': float(a)})
     start = end + 1
   return {'ece': float(ece), 'mce': float(mce), 'bins': bins}
+
+
+def equal_width_bins(hist: np.ndarray, num_bins: int) -> list:
+  """Count, mean confidence and accuracy in ``num_bins`` equal-width bins."""
+  out = []
+  for part in np.array_split(np.arange(FINE_BINS), num_bins):
+    n = hist[0, part].sum()
+    out.append({'low': float(part[0] / FINE_BINS),
+                'high': float((part[-1] + 1) / FINE_BINS), 'count': int(n),
+                'confidence': float(hist[1, part].sum() / n) if n else None,
+                'accuracy': float(hist[2, part].sum() / n) if n else None})
+  return out
 
 
 def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> Optional[float]:
@@ -215,35 +231,55 @@ def _pyplot():
 
 
 def plot_reliability(calibration: Dict[str, Any], path: str) -> None:
-  """Reliability diagram: accuracy against confidence per equal-mass bin."""
+  """Reliability diagram (equal-width bins) over the pixels' histogram."""
   plt = _pyplot()
-  bins = calibration['reliability']
-  conf = [b['confidence'] for b in bins]
-  acc = [b['accuracy'] for b in bins]
-  fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+  bins = [b for b in calibration['reliability_equal_width'] if b['count']]
+  fig, (ax, hist) = plt.subplots(
+      2, 1, figsize=(4.2, 5.2), dpi=120, sharex=True,
+      gridspec_kw={'height_ratios': [3, 1]})
   ax.plot([0, 1], [0, 1], color='0.6', lw=1, ls='--', label='calibrated')
-  ax.plot(conf, acc, 'o-', color='C0', label='model')
-  ax.set_xlabel('confidence (max p, equal-mass bins)')
+  ax.plot([b['confidence'] for b in bins], [b['accuracy'] for b in bins],
+          'o-', color='C0', label='model')
   ax.set_ylabel('accuracy')
-  ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
-  ax.set_title(f'ECE {calibration["ece"]:.4f}  MCE {calibration["mce"]:.4f}',
-               fontsize=10)
+  ax.set_title(f'ECE {calibration["ece"]:.4f}  MCE {calibration["mce"]:.4f} '
+               f'({calibration["num_bins"]} equal-mass bins)', fontsize=9)
   ax.legend(loc='upper left', fontsize=8)
+  hist.bar([(b['low'] + b['high']) / 2 for b in bins],
+           [b['count'] for b in bins],
+           width=[b['high'] - b['low'] for b in bins], color='0.7')
+  hist.set_yscale('log')
+  hist.set_ylabel('pixels')
+  hist.set_xlabel('confidence (max p)')
+  hist.set_xlim(0, 1)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
 
 def plot_coverage(uncertainty: Dict[str, Any], path: str) -> None:
-  """Foreground Dice of the kept pixels against the kept fraction."""
+  """Error rate and foreground Dice of the kept pixels against the kept
+  fraction (log scale of the dropped fraction)."""
   plt = _pyplot()
-  rows = [r for r in uncertainty['coverage'] if r['mDice'] is not None]
-  fig, ax = plt.subplots(figsize=(4.2, 3.4), dpi=120)
-  ax.plot([r['coverage'] for r in rows], [r['mDice'] for r in rows], 'o-')
-  ax.invert_xaxis()
-  ax.set_xlabel('coverage (most uncertain pixels dropped first)')
-  ax.set_ylabel('mDice of the kept pixels')
+  rows = [r for r in uncertainty['coverage'] if r['coverage'] < 1]
+  dropped = [1 - r['coverage'] for r in rows]
+  fig, ax = plt.subplots(figsize=(4.6, 3.4), dpi=120)
+  ax.plot(dropped, [1 - r['accuracy'] for r in rows], 'o-', color='C3',
+          label='error rate of kept pixels')
+  ax.axhline(uncertainty['error_rate'], color='C3', lw=0.8, ls=':',
+             label='error rate, all pixels')
+  ax.set_xscale('log')
+  ax.set_xlabel('fraction dropped (most uncertain first)')
+  ax.set_ylabel('error rate')
+  twin = ax.twinx()
+  twin.plot(dropped, [r['mDice'] if r['mDice'] is not None else float('nan')
+                      for r in rows], 's--', color='C0', ms=3,
+            label='mDice of kept pixels')
+  twin.set_ylabel('mDice of kept pixels', color='C0')
+  twin.set_ylim(0, 1)
+  lines = ax.get_legend_handles_labels()
+  more = twin.get_legend_handles_labels()
+  ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
   auroc = uncertainty['error_auroc']
   ax.set_title('error AUROC ' + (f'{auroc:.3f}' if auroc is not None
                                   else 'n/a (no errors)'), fontsize=10)

@@ -353,9 +353,12 @@ def evaluate(config, workdir: str, state=None, setup=None,
     logging.warning('%d %s cases have several annotations; GED and sample '
                     'variances need eval.num_samples > 1.', len(sets), split)
     sets = {}
-  logging.info('Evaluating %d %s cases: %d sampling steps, %d sample(s) each%s.',
+  logging.info('Evaluating %d %s cases: %d sampling steps, %d sample(s) each%s%s.',
                len(source), split, config.eval.num_steps, n_samples,
-               f'; {len(sets)} with several annotations' if sets else '')
+               f'; {len(sets)} with several annotations' if sets else '',
+               '' if config.eval.corruption == 'none' else
+               f'; images degraded by {config.eval.corruption}, severity '
+               f'{config.eval.severity}')
   tables = np.full((len(source), k - 1, len(metrics.CASE_FIELDS)), np.nan)
   multi = np.full((len(source), len(metrics.MULTI_FIELDS)), np.nan)
   uncertainty = np.full((len(source), 1), np.nan)  # Mean per case.

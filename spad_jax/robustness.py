@@ -29,6 +29,7 @@ from spad_jax import files
 from spad_jax import formatting
 from spad_jax import train_state
 from spad_jax.data import corruptions
+from spad_jax.data import sources
 
 FIELDS = ('corruption', 'severity', 'mDice', 'mIoU', 'case_Dice', 'HD95',
           'ece', 'brier', 'error_auroc', 'seconds')
@@ -130,7 +131,7 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
 def examples_png(config, path: str, case: int = 0) -> str:
   """One image of ``eval.split`` at every corruption and severity."""
   import cv2  # pylint: disable=g-import-not-at-top
-  source = evaluate.load_eval_source(config, config.eval.split)
+  source = sources.load_split(config, config.eval.split)  # Clean images.
   image = (source.images[case, ..., 0].astype(np.float32) + 1) / 2
   case_id = source.ids[case]
   tiles = []

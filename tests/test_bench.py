@@ -110,3 +110,60 @@ def test_torch_reference_matches_the_unet():
   labels = torch_unet.sample(ref, torch.randn(2, 1, 32, 32), abar, 4,
                              diffusion.time_sequence(20, 3))
   assert labels.shape == (2, 32, 32)
+
+
+# Each bench defines its flags at import: one process per bench.
+_SPEEDUPS = r'''
+import sys
+sys.path.insert(0, 'bench')
+import numpy as np
+import xla_flags
+# Speed-ups: the other setting takes exactly half the time in every round.
+rng = np.random.default_rng(0)
+rows = []
+for rnd in range(3):
+  base = rng.uniform(0.9, 1.1, 8)
+  rows.append({'setting': 'xla_defaults', 'round': rnd, 'step_s': list(base)})
+  rows.append({'setting': 'fast', 'round': rnd, 'step_s': list(base / 2)})
+point, lo, hi = xla_flags.speedups(rows, 'step_s')['fast']
+assert abs(point - 2.0) < 1e-9 and lo <= 2.0 <= hi, (point, lo, hi)
+assert xla_flags.speedups(rows, 'step_s')['xla_defaults'][0] == 1.0
+print('OK')
+'''
+_CENSUS = r'''
+import sys
+sys.path.insert(0, 'bench')
+import conv_layers
+# The HLO census: kinds from the window, library from the calling fusion.
+hlo = """HloModule m
+
+%fused_computation (param_0: f32[8,8,8,4], param_1: f32[3,3,4,4]) -> f32[8,8,8,4] {
+  ROOT %c = f32[8,8,8,4]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+ENTRY %main (x: f32[8,8,8,4], w: f32[3,3,4,4]) -> f32[4,3,3,4] {
+  %ynn_fusion = f32[8,8,8,4]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation
+  %transpose_copy_fusion.1 = f32[4,8,8,8]{3,2,1,0} fusion(%x), kind=kLoop, calls=%other
+  %conv.2 = f32[8,8,8,4]{3,2,1,0} convolution(%x, %w), window={size=3x3 pad=2_1x2_1 lhs_dilate=2x2}, dim_labels=b01f_01io->b01f
+  ROOT %conv.3 = f32[4,3,3,4]{3,2,1,0} convolution(%transpose_copy_fusion.1, %x), window={size=8x8 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+"""
+census = conv_layers.summarize_hlo(hlo)
+got = {(c['kind'], c['library']): c['count'] for c in census['convolutions']}
+assert got == {('forward or input gradient', 'ynn'): 1,
+               ('input gradient of a strided conv (lhs_dilate)', 'xla'): 1,
+               ('kernel gradient', 'xla'): 1}, got
+assert census['layout_ops'] == {'transpose_copy_fusion': 1}, census
+print('OK')
+'''
+
+
+def test_flag_and_census_helpers():
+  """bench/xla_flags.py's speed-ups and bench/conv_layers.py's HLO census
+  on inputs with known answers (a subprocess: the benches define flags)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  for script in (_SPEEDUPS, _CENSUS):
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith('OK')
