@@ -165,7 +165,13 @@ def checkpoint_manager(workdir: str, keep: int,
   folder = {'latest': 'checkpoints', 'best': 'best_checkpoint'}[kind]
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep if kind == 'latest' else 1, create=True,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=True,
+      # Orbax names its cross-process barriers by step only: both managers
+      # saving the same step (a validation on a checkpoint step) then join
+      # one barrier twice and a multi-process run deadlocks ("Barrier
+      # _async_write_complete.8 is already ongoing").
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=folder))
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), folder),
                                options=options)
 
