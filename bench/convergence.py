@@ -513,9 +513,8 @@ def _mean_curve(curves, x_key, y_key):
 
 def plot(path: str, runs, variants, series: str, x_key: str, y_key: str,
          xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   colors = plt.get_cmap('tab10')
   for i, variant in enumerate(variants):

@@ -1,17 +1,38 @@
-r"""Speed vs accuracy of the sampler for a trained workdir.
+r"""How the sampler's accuracy moves with steps, samples and sampler options.
 
-For every (sampling steps, ensemble size) pair, samples the evaluation split
-with the EMA parameters and records mDice/mIoU and wall time per image
-(compilation excluded: one untimed warm-up batch per setting).
+For every (sampler, sampling steps, ensemble size) setting, samples the
+evaluation split with the EMA parameters and records mDice/mIoU, per-case
+HD95, calibration (ECE, NLL of the soft map), the GED of the samples against
+the label (ensembles) and wall time per image (compilation excluded: one
+untimed warm-up batch per setting):
 
   python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo
+  python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo \
+      --samplers=ancestral,x0_resample,ancestral:0.5,ancestral:1:2 \
+      --steps=1,3,10,25 --samples=1,4,16 --diagnose_steps=10,25
 
-Writes ``<out>/sampling_curve.json``, ``.md`` (table) and ``.png`` (plot);
-``<out>`` defaults to ``<workdir>/bench``. Step counts above the model's
-``diffusion.num_steps`` are skipped and listed as such.
+A sampler is ``name[:temperature[:mode_last[:ensemble]]]``
+(``eval.sampler``, ``eval.temperature``, ``eval.mode_last``,
+``eval.ensemble``; plain ``ancestral`` is DESIGN §1's exact sampler with
+majority-vote ensembles).
+
+``--diagnose_steps`` also runs, per sampler and step count, one traced chain
+per case and reports for every step ``t``:
+
+- the step's prediction (argmax ``p̂``) against the label: foreground mDice,
+  NLL of the label under ``p̂`` and its ECE, on the chain's own ``x_t`` and on
+  ``x_t ~ q(x_t | label)`` drawn at the same ``t`` (the training
+  distribution). Their gap is the exposure bias;
+- the fraction of ``x_t`` pixels that differ from the label, own vs q;
+- how many pixels change class from the previous step's prediction, and how
+  many of those changes fix an error or create one.
+
+Writes ``<out>/sampling_curve.{json,md,png}`` and, with diagnosis,
+``<out>/sampling_diagnosis.png``; ``<out>`` defaults to
+``<workdir>/bench``. Step counts above the model's ``diffusion.num_steps``
+are skipped and listed as such.
 """
 
-import json
 import os
 import time
 
@@ -19,6 +40,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import numpy as np
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config the workdir was '
@@ -27,47 +49,234 @@ flags.DEFINE_string('workdir', None, 'Trained workdir (has checkpoints/).')
 flags.DEFINE_list('steps', ['1', '5', '10', '25', '50', '250'],
                   'Sampling step counts.')
 flags.DEFINE_list('samples', ['1', '4', '16'], 'Ensemble sizes.')
+flags.DEFINE_list('samplers', ['ancestral'], 'Samplers, each '
+                  'name[:temperature[:mode_last[:ensemble]]].')
+flags.DEFINE_list('diagnose_steps', [], 'Step counts whose chains are traced '
+                  'step by step (exposure bias, changes per step).')
 flags.DEFINE_string('out', None, 'Output folder (default <workdir>/bench).')
 flags.DEFINE_integer('max_cases', 0, 'Use only the first N cases (0: all).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def run(config, workdir, steps, samples, max_cases=0):
-  """Returns the list of result rows (one per setting, skipped ones too)."""
-  import jax  # pylint: disable=g-import-not-at-top
+def parse_sampler(spec: str) -> dict:
+  """``'x0_resample:0.5:2:mean'`` -> the four ``eval.*`` sampler keys."""
+  parts = spec.split(':')
+  if not 1 <= len(parts) <= 4:
+    raise ValueError(f'--samplers: {spec!r} is not name[:temperature'
+                     '[:mode_last[:ensemble]]]')
+  try:
+    return {'sampler': parts[0],
+            'temperature': float(parts[1]) if len(parts) > 1 else 1.0,
+            'mode_last': int(parts[2]) if len(parts) > 2 else 0,
+            'ensemble': parts[3] if len(parts) > 3 else 'vote'}
+  except ValueError as e:
+    raise ValueError(f'--samplers: {spec!r}: {e}') from None
+
+
+def sampler_name(options: dict) -> str:
+  name = options['sampler']
+  if options['temperature'] != 1.0 or options['mode_last']:
+    name += f' τ={options["temperature"]:g}'
+  if options['mode_last']:
+    name += f' mode×{options["mode_last"]}'
+  if options['ensemble'] != 'vote':
+    name += f' {options["ensemble"]}'
+  return name
+
+
+def _configured(config, options, num_steps, num_samples):
+  from spad_jax import config_validation  # pylint: disable=g-import-not-at-top
+  cfg = config.copy_and_resolve_references()
+  cfg.eval.num_steps, cfg.eval.num_samples = num_steps, num_samples
+  for key, value in options.items():
+    cfg.eval[key] = value
+  config_validation.validate(cfg)  # Names a bad sampler before any work.
+  return cfg
+
+
+def score_setting(cfg, state, setup, source) -> dict:
+  """Samples ``source`` once with ``cfg``; accuracy, calibration, GED, time."""
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  k, n = cfg.data.num_classes, cfg.eval.num_samples
+  tables = np.full((len(source), k - 1, len(metrics.CASE_FIELDS)), np.nan)
+  geds = []
+  calib = calibration.Accumulator(k)
+  ensemble = n > 1
+  # Each chain alone (one sample per case): their spread is the noise of a
+  # single-sample figure; the mean p̂'s argmax is the 'mean' ensemble rule.
+  chain_conf = np.zeros((n, k, k), np.int64)
+  mean_conf = np.zeros((k, k), np.int64)
+
+  def on_case(index, out):
+    label = source.labels[index]
+    tables[index] = metrics.case_metrics(out['prediction'], label, k)
+    calib.add(out['prob'], out['prediction'], label)
+    mean_conf[:] += metrics.confusion_counts(out['prob'].argmax(-1), label, k)
+    if ensemble:
+      geds.append(metrics.generalized_energy_distance(
+          out['samples'], label[None], k)['GED'])
+      for j in range(n):
+        chain_conf[j] += metrics.confusion_counts(out['samples'][j], label, k)
+
+  begin = time.time()
+  out = evaluate.sample_split(cfg, state.ema_params, setup, source,
+                              warmup=True, on_case=on_case,
+                              return_samples=ensemble)
+  summary = metrics.summarize_confusion(out['confusion'],
+                                        list(source.class_names))
+  cases = metrics.summarize_cases(tables, list(source.class_names))
+  calib = calib.summary(cfg.eval.ece_bins, list(source.class_names))
+  names = list(source.class_names)
+  chains = ([metrics.summarize_confusion(c, names)['mDice'] for c in chain_conf]
+            if ensemble else [summary['mDice']])
+  return {'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
+          'mDice_mean_prob': metrics.summarize_confusion(mean_conf,
+                                                         names)['mDice'],
+          'chain_mDice': float(np.mean(chains)),
+          'chain_mDice_sd': float(np.std(chains, ddof=1)) if ensemble else None,
+          'HD95': cases['HD95'],
+          'ece': calib['calibration']['ece'],
+          'nll': calib['calibration']['nll'],
+          'error_auroc': calib['uncertainty']['error_auroc'],
+          'GED': float(np.mean(geds)) if geds else None,
+          'ms_per_image': 1000 * out['seconds'] / len(source),
+          'images_per_sec': len(source) / out['seconds'],
+          'compile_and_run_seconds': time.time() - begin}
+
+
+def diagnose(cfg, state, setup, source) -> list:
+  """Per step of ``cfg``'s chain: own-chain vs q(x_t|x0) prediction quality,
+  and the changes of the prediction (one chain per case, one device)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
+  from spad_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  k, schedule, model = cfg.data.num_classes, setup.schedule, setup.model
+  params = state.ema_params
+  times = diffusion.time_sequence(cfg.diffusion.num_steps, cfg.eval.num_steps)
+  steps = len(times) - 1
+
+  self_condition = cfg.model.self_condition
+
+  def denoise(xt_onehot, image, t, p_prev=None):
+    return jax.nn.softmax(model.apply({'params': params}, xt_onehot, image,
+                                      t, p_prev=p_prev).astype(jnp.float32),
+                          axis=-1)
+
+  @jax.jit
+  def chain(images, key):
+    return diffusion.sample(denoise, images, key, schedule, k, times,
+                            sampler=cfg.eval.sampler,
+                            temperature=cfg.eval.temperature,
+                            mode_last=cfg.eval.mode_last,
+                            self_condition=self_condition, trace=True)
+
+  @jax.jit
+  def on_q(images, labels, t, key):
+    """p̂ on x_t ~ q(x_t | label), with a self-conditioned model's own
+    first estimate on the same x_t (as in training)."""
+    tt = jnp.full((images.shape[0],), t, jnp.int32)
+    x_q = diffusion.sample_categorical(
+        key, diffusion.q_probs(jax.nn.one_hot(labels, k), t, schedule))
+    xq_onehot = jax.nn.one_hot(x_q, k)
+    p_prev = denoise(xq_onehot, images, tt) if self_condition else None
+    return denoise(xq_onehot, images, tt, p_prev), x_q
+
+  kinds = ('own', 'q')
+  conf = {kind: np.zeros((steps, k, k), np.int64) for kind in kinds}
+  calib = {kind: [calibration.Accumulator(k) for _ in range(steps)]
+           for kind in kinds}
+  input_errors = {kind: np.zeros(steps) for kind in kinds}
+  changes = np.zeros((steps, 3), np.int64)  # changed, fixed, created.
+  pixels = 0
+  key = setup.keys()[2]
+  bs = cfg.eval.batch_size
+  for start in range(0, len(source), bs):
+    images = jnp.asarray(source.images[start:start + bs], jnp.float32)
+    labels = np.asarray(source.labels[start:start + bs], np.int32)
+    out = jax.device_get(chain(images, jax.random.fold_in(key, start)))
+    previous = None
+    for i in range(steps):
+      x_own, p_own = out['trace_input'][i], out['trace_prob'][i]
+      p_q, x_q = jax.device_get(on_q(
+          images, labels, int(times[i]),
+          jax.random.fold_in(jax.random.fold_in(key, start), 10_000 + i)))
+      for kind, prob, x_t in (('own', p_own, x_own), ('q', p_q, x_q)):
+        pred = prob.argmax(-1)
+        conf[kind][i] += metrics.confusion_counts(pred, labels, k)
+        input_errors[kind][i] += np.sum(x_t != labels)
+        for j in range(len(labels)):
+          calib[kind][i].add(prob[j], pred[j], labels[j])
+      pred = p_own.argmax(-1)
+      if previous is not None:
+        changed = pred != previous
+        changes[i] += (changed.sum(), np.sum(changed & (pred == labels)),
+                       np.sum(changed & (previous == labels)))
+      previous = pred
+    pixels += labels.size
+  names = list(source.class_names)
+  rows = []
+  for i in range(steps):
+    row = {'step': i + 1, 't': int(times[i]), 's': int(times[i + 1])}
+    for kind in kinds:
+      summary = calib[kind][i].summary(cfg.eval.ece_bins, names)
+      row.update({
+          f'{kind}_mDice': metrics.summarize_confusion(conf[kind][i],
+                                                       names)['mDice'],
+          f'{kind}_nll': summary['calibration']['nll'],
+          f'{kind}_ece': summary['calibration']['ece'],
+          f'{kind}_input_error': float(input_errors[kind][i] / pixels)})
+    row.update({'changed': float(changes[i, 0] / pixels),
+                'fixed': float(changes[i, 1] / pixels),
+                'created': float(changes[i, 2] / pixels)})
+    rows.append(row)
+  return rows
+
+
+def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
+        diagnose_steps=()):
+  """Returns (meta, rows, diagnoses): one row per setting (skipped ones
+  too), one diagnosis per (sampler, diagnosed step count)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
 
+  options_list = [parse_sampler(s) for s in samplers]
+  t_max = config.diffusion.num_steps
+  for options in options_list:  # Fail on a bad spec before any sampling.
+    _configured(config, options, 1, 1)
   setup = train_state.Setup.from_config(config)
   state = evaluate.load_state(config, workdir, setup)
   source = sources.load_split(config, config.eval.split)
   if max_cases:
     source = source.head(max_cases)
-  rows = []
-  t_max = config.diffusion.num_steps
-  for s in steps:
-    for n in samples:
-      row = {'num_steps': s, 'num_samples': n}
-      if s > t_max:
-        row['skipped'] = f'num_steps > diffusion.num_steps ({t_max})'
+  rows, diagnoses = [], []
+  for options in options_list:
+    name = sampler_name(options)
+    for s in steps:
+      for n in samples:
+        row = {'name': name, **options, 'num_steps': s, 'num_samples': n}
+        if s > t_max:
+          row['skipped'] = f'num_steps > diffusion.num_steps ({t_max})'
+          rows.append(row)
+          continue
+        row.update(score_setting(_configured(config, options, s, n), state,
+                                 setup, source))
+        logging.info('%s  steps %4d  samples %3d  mDice %.4f  ECE %.4f  '
+                     '%.1f ms/image', name, s, n, row['mDice'] or 0,
+                     row['ece'], row['ms_per_image'])
         rows.append(row)
+    for s in diagnose_steps:
+      if s > t_max:
         continue
-      cfg = config.copy_and_resolve_references()
-      cfg.eval.num_steps, cfg.eval.num_samples = s, n
-      begin = time.time()
-      out = evaluate.sample_split(cfg, state.ema_params, setup, source,
-                                  warmup=True)
-      summary = metrics.summarize_confusion(out['confusion'],
-                                            list(source.class_names))
-      row.update({'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
-                  'ms_per_image': 1000 * out['seconds'] / len(source),
-                  'images_per_sec': len(source) / out['seconds'],
-                  'compile_and_run_seconds': time.time() - begin})
-      logging.info('steps %4d  samples %3d  mDice %.4f  %.1f ms/image', s, n,
-                   row['mDice'] or 0, row['ms_per_image'])
-      rows.append(row)
+      diagnoses.append({'name': name, **options, 'num_steps': s,
+                        'steps': diagnose(_configured(config, options, s, 1),
+                                          state, setup, source)})
+      logging.info('%s: diagnosed %d-step chains.', name, s)
   meta = {'checkpoint_step': int(jax.device_get(state.step)),
           'num_cases': len(source), 'split': config.eval.split,
           'diffusion_steps': t_max, 'device': str(jax.devices()[0]),
@@ -75,52 +284,116 @@ def run(config, workdir, steps, samples, max_cases=0):
           'image_size': config.data.image_size,
           'eval_batch_size': config.eval.batch_size,
           'date': time.strftime('%Y-%m-%d')}
-  return meta, rows
+  return meta, rows, diagnoses
 
 
-def write_outputs(out_dir, meta, rows):
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'sampling_curve.json'), 'w') as f:
-    json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+def _fmt(value, digits=4):
+  return '—' if value is None else f'{value:.{digits}f}'
+
+
+def markdown(meta, rows, diagnoses) -> str:
   lines = [f'Checkpoint step {meta["checkpoint_step"]}, {meta["num_cases"]} '
            f'{meta["split"]} cases at {meta["image_size"]}², T = '
            f'{meta["diffusion_steps"]}, {meta["device"]} x'
            f'{meta["device_count"]}, jax {meta["jax"]}, {meta["date"]}.', '',
-           '| steps | samples | mDice | mIoU | ms / image |',
-           '|---:|---:|---:|---:|---:|']
+           'mDice: the prediction of `eval.ensemble` (majority vote unless the '
+           'sampler name says mean); mean-p̂ mDice: argmax of the chains\' mean '
+           'p̂; single chains: mean ± sd over the chains of each one\'s own '
+           'mDice (one sample per case).', '',
+           '| sampler | steps | samples | mDice | mean-p̂ mDice | single chains '
+           '| mIoU | HD95 | ECE | NLL | GED | ms / image |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
+    head = f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} |'
     if 'skipped' in r:
-      lines.append(f'| {r["num_steps"]} | {r["num_samples"]} | — | — | '
-                   f'skipped: {r["skipped"]} |')
+      lines.append(f'{head} — | — | — | — | — | — | — | — | skipped: '
+                   f'{r["skipped"]} |')
     else:
-      lines.append(f'| {r["num_steps"]} | {r["num_samples"]} | '
-                   f'{r["mDice"]:.4f} | {r["mIoU"]:.4f} | '
+      chains = _fmt(r['chain_mDice']) + (
+          '' if r['chain_mDice_sd'] is None else
+          f' ± {r["chain_mDice_sd"]:.4f}')
+      lines.append(f'{head} {_fmt(r["mDice"])} | '
+                   f'{_fmt(r["mDice_mean_prob"])} | {chains} | '
+                   f'{_fmt(r["mIoU"])} | '
+                   f'{_fmt(r["HD95"], 2)} | {_fmt(r["ece"])} | '
+                   f'{_fmt(r["nll"])} | {_fmt(r["GED"])} | '
                    f'{r["ms_per_image"]:.1f} |')
-  with open(os.path.join(out_dir, 'sampling_curve.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  for d in diagnoses:
+    lines += ['', f'Chain of {d["num_steps"]} steps, {d["name"]}: '
+              'prediction at each step on its own x_t vs on x_t ~ q(x_t|x0); '
+              'input error = fraction of x_t pixels unlike the label; '
+              'changes = fraction of pixels whose predicted class changed '
+              '(fixed / created an error).', '',
+              '| step | t | mDice own | mDice q | NLL own | NLL q | ECE own | '
+              'ECE q | input err own | input err q | changed | fixed | '
+              'created |', '|' + '---:|' * 13]
+    for r in d['steps']:
+      lines.append(
+          f'| {r["step"]} | {r["t"]} | {_fmt(r["own_mDice"])} | '
+          f'{_fmt(r["q_mDice"])} | {_fmt(r["own_nll"])} | {_fmt(r["q_nll"])} '
+          f'| {_fmt(r["own_ece"])} | {_fmt(r["q_ece"])} | '
+          f'{_fmt(r["own_input_error"])} | {_fmt(r["q_input_error"])} | '
+          f'{_fmt(r["changed"], 5)} | {_fmt(r["fixed"], 5)} | '
+          f'{_fmt(r["created"], 5)} |')
+  return '\n'.join(lines) + '\n'
 
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+
+def write_outputs(out_dir, meta, rows, diagnoses=()):
+  from spad_jax import files  # pylint: disable=g-import-not-at-top
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  files.write_json(os.path.join(out_dir, 'sampling_curve.json'),
+                   {'meta': meta, 'rows': rows, 'diagnoses': list(diagnoses)})
+  files.write_atomic(os.path.join(out_dir, 'sampling_curve.md'),
+                     markdown(meta, rows, diagnoses))
+  plt = visualize.pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 4))
   done = [r for r in rows if 'skipped' not in r]
-  for n in sorted({r['num_samples'] for r in done}):
-    pts = sorted((r for r in done if r['num_samples'] == n),
-                 key=lambda r: r['num_steps'])
-    ax.plot([r['ms_per_image'] for r in pts], [r['mDice'] for r in pts],
-            'o-', label=f'{n} sample(s)')
-    for r in pts:
-      ax.annotate(str(r['num_steps']), (r['ms_per_image'], r['mDice']),
-                  textcoords='offset points', xytext=(3, 3), fontsize=7)
+  for name in dict.fromkeys(r['name'] for r in done):
+    for n in sorted({r['num_samples'] for r in done}):
+      pts = sorted((r for r in done if r['num_samples'] == n and
+                    r['name'] == name), key=lambda r: r['num_steps'])
+      if not pts:
+        continue
+      ax.plot([r['num_steps'] for r in pts], [r['mDice'] for r in pts],
+              'o-', label=f'{name}, {n} sample(s)')
   ax.set_xscale('log')
-  ax.set_xlabel('wall time per image (ms, log scale)')
+  ax.set_xlabel('sampling steps (log scale)')
   ax.set_ylabel('foreground mDice')
-  ax.set_title(f'Sampling steps (labels) vs accuracy, {meta["device"]}',
-               fontsize=9)
+  ax.set_title(f'Accuracy against sampling steps, T = '
+               f'{meta["diffusion_steps"]}', fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, 'sampling_curve.png'), dpi=120)
+  plt.close(fig)
+  if not diagnoses:
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for d in diagnoses:
+    label = f'{d["name"]}, {d["num_steps"]} steps'
+    ts = [r['t'] for r in d['steps']]
+    line, = axes[0].plot(ts, [r['own_mDice'] for r in d['steps']], 'o-',
+                         label=f'{label}: own x_t')
+    axes[0].plot(ts, [r['q_mDice'] for r in d['steps']], 's--',
+                 color=line.get_color(), label=f'{label}: q(x_t|x0)')
+    axes[1].plot(ts, [r['fixed'] for r in d['steps']], 'o-',
+                 color=line.get_color(), label=f'{label}: fixed')
+    axes[1].plot(ts, [r['created'] for r in d['steps']], 'x--',
+                 color=line.get_color(), label=f'{label}: created')
+  axes[0].set_ylabel('mDice of argmax p̂ at t')
+  axes[1].set_ylabel('fraction of pixels')
+  axes[1].set_yscale('symlog', linthresh=1e-5)
+  for ax in axes:
+    ax.set_xlabel('t (the chain runs right to left)')
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  axes[0].set_title('Exposure bias: own chain vs training distribution',
+                    fontsize=9)
+  axes[1].set_title('Prediction changes per step', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'sampling_diagnosis.png'), dpi=120)
   plt.close(fig)
 
 
@@ -128,10 +401,11 @@ def main(argv):
   del argv
   steps = sorted({int(s) for s in FLAGS.steps})
   samples = sorted({int(n) for n in FLAGS.samples})
-  meta, rows = run(FLAGS.config, FLAGS.workdir, steps, samples,
-                   FLAGS.max_cases)
+  meta, rows, diagnoses = run(
+      FLAGS.config, FLAGS.workdir, steps, samples, FLAGS.max_cases,
+      FLAGS.samplers, sorted({int(s) for s in FLAGS.diagnose_steps}))
   out = FLAGS.out or os.path.join(FLAGS.workdir, 'bench')
-  write_outputs(out, meta, rows)
+  write_outputs(out, meta, rows, diagnoses)
   print(open(os.path.join(out, 'sampling_curve.md')).read())
 
 

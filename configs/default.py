@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.norm_groups = 32
   config.model.dropout = 0.0
   config.model.dtype = 'float32'  # or 'bfloat16'; loss maths stay float32.
+  # Self-conditioning (Chen et al. 2022, Analog Bits): the previous step's p̂
+  # is an extra input (zeros: none); trained with it on half the examples,
+  # estimated by a first, gradient-free pass of the same model.
+  config.model.self_condition = False
 
   # Categorical diffusion.
   config.diffusion = ml_collections.ConfigDict()
@@ -83,6 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.t_sampling = 'uniform'
   config.diffusion.importance_history = 10
   config.diffusion.importance_uniform = 0.001  # Uniform mass mixed into π.
+  # Training on the model's own x_t (against exposure bias, docs/SAMPLING.md):
+  # this fraction of the examples draws x_t by one exact sampler jump of the
+  # current model (no gradient) from t' = min(t + own_sample_stride, T),
+  # x_t' ~ q(x_t'|x0), instead of x_t ~ q(x_t|x0). 0: the paper's training.
+  config.diffusion.own_sample_fraction = 0.0
+  config.diffusion.own_sample_stride = 25
 
   # SPAD (DESIGN §2 and its table of lost defaults).
   config.spad = ml_collections.ConfigDict()
@@ -127,6 +137,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Validate on the val split every this many epochs (0: never): val mIoU/
   # mDice go to the logs and the best-by-val-mDice checkpoint is kept apart.
   config.train.eval_every_epochs = 10
+  # The split validated during training ('val'; 'test' or 'train' draw a
+  # learning curve where the val split is too small to say anything, and
+  # then need eval.checkpoint='latest': no model is selected on them).
+  config.train.val_split = 'val'
   # Stop (after a checkpoint) once this run has trained that many steps; the
   # next run resumes. 0: train to the end. For time-limited jobs; SIGTERM
   # (preemption) does the same at the next step.
@@ -136,6 +150,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.num_steps = 50  # Sampling steps S (1..T, evenly strided).
   config.eval.num_samples = 1  # Ensemble size N.
+  # The reverse step (spad_jax/diffusion.py): 'ancestral' is DESIGN §1's
+  # exact posterior mixture, 'x0_resample' draws x_s ~ q(x_s | x0 ~ p̂).
+  # temperature sharpens p̂ inside the chain (1: exact); the last mode_last
+  # jumps take the most probable class instead of a draw (0: none).
+  config.eval.sampler = 'ancestral'
+  config.eval.temperature = 1.0
+  config.eval.mode_last = 0
+  # How N chains combine: 'vote' (majority of their labels; the soft map is
+  # the vote fractions) or 'mean' (argmax of their mean final p̂).
+  config.eval.ensemble = 'vote'
   config.eval.batch_size = 8  # Global.
   config.eval.split = 'test'
   config.eval.num_grid_cases = 6  # Cases shown in the PNG grid.

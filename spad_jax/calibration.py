@@ -223,16 +223,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
   return float(stats.spearmanr(x[ok], y[ok]).statistic)
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def plot_reliability(calibration: Dict[str, Any], path: str) -> None:
   """Reliability diagram (equal-width bins) over the pixels' histogram."""
-  plt = _pyplot()
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   bins = [b for b in calibration['reliability_equal_width'] if b['count']]
   fig, (ax, hist) = plt.subplots(
       2, 1, figsize=(4.2, 5.2), dpi=120, sharex=True,
@@ -260,7 +254,8 @@ def plot_reliability(calibration: Dict[str, Any], path: str) -> None:
 def plot_coverage(uncertainty: Dict[str, Any], path: str) -> None:
   """Error rate and foreground Dice of the kept pixels against the kept
   fraction (log scale of the dropped fraction)."""
-  plt = _pyplot()
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   rows = [r for r in uncertainty['coverage'] if r['coverage'] < 1]
   dropped = [1 - r['coverage'] for r in rows]
   fig, ax = plt.subplots(figsize=(4.6, 3.4), dpi=120)

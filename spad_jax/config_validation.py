@@ -1,6 +1,7 @@
 """Checks a config before any work starts; every problem names its key."""
 
 from spad_jax import config_keys
+from spad_jax import diffusion
 from spad_jax.data import corruptions
 from spad_jax.data.sources import DATASETS
 from spad_jax.data.sources import FOLDER_DATASETS
@@ -81,6 +82,8 @@ def _check_model(config, check) -> None:
   check(0 <= m.dropout < 1, 'model.dropout', 'must be in [0, 1)')
   check(m.kind in ('diffusion', 'deterministic'), 'model.kind',
         "unknown model kind; expected 'diffusion' or 'deterministic'")
+  check(not m.self_condition or m.kind == 'diffusion', 'model.self_condition',
+        'needs model.kind = diffusion (a one-pass model has no previous step)')
 
 
 def _check_objective(config, check) -> None:
@@ -98,6 +101,14 @@ def _check_objective(config, check) -> None:
         'must be >= 1')
   check(0 < df.importance_uniform <= 1, 'diffusion.importance_uniform',
         'must be in (0, 1] (keeps every t reachable)')
+  check(0 <= df.own_sample_fraction <= 1, 'diffusion.own_sample_fraction',
+        'must be in [0, 1] (0: x_t from q(x_t | x0) only)')
+  check(not df.own_sample_fraction or
+        1 <= df.own_sample_stride <= df.num_steps,
+        'diffusion.own_sample_stride',
+        f'must be in [1, diffusion.num_steps = {df.num_steps}]')
+  check(not df.own_sample_fraction or config.model.kind == 'diffusion',
+        'diffusion.own_sample_fraction', 'needs model.kind = diffusion')
 
 
 def _check_spad(config, check) -> None:
@@ -146,6 +157,12 @@ def _check_train(config, check) -> None:
         'must be >= 0 (0: no limit)')
   check(config.eval.checkpoint in ('auto', 'best', 'latest'),
         'eval.checkpoint', "must be 'auto', 'best' or 'latest'")
+  check(t.val_split in ('train', 'val', 'test'), 'train.val_split',
+        "must be 'train', 'val' or 'test'")
+  check(t.val_split == 'val' or config.eval.checkpoint == 'latest',
+        'train.val_split', f'= {t.val_split!r} draws a learning curve only: '
+        "selecting the checkpoint on it needs the val split; set "
+        "--config.eval.checkpoint=latest")
   check(t.max_nonfinite_steps >= 1, 'train.max_nonfinite_steps', 'must be >= 1')
 
 
@@ -155,6 +172,13 @@ def _check_eval(config, check) -> None:
   check(1 <= e.num_steps <= config.diffusion.num_steps, 'eval.num_steps',
         f'must be in [1, diffusion.num_steps = {config.diffusion.num_steps}]')
   check(e.num_samples >= 1, 'eval.num_samples', 'must be >= 1')
+  check(e.sampler in diffusion.SAMPLERS, 'eval.sampler',
+        f'unknown sampler {e.sampler!r}; expected one of '
+        f'{", ".join(diffusion.SAMPLERS)}')
+  check(e.temperature > 0, 'eval.temperature', 'must be > 0')
+  check(e.mode_last >= 0, 'eval.mode_last', 'must be >= 0')
+  check(e.ensemble in ('vote', 'mean'), 'eval.ensemble',
+        "must be 'vote' or 'mean'")
   check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   check(e.split in ('train', 'val', 'test'), 'eval.split',
         "must be 'train', 'val' or 'test'")

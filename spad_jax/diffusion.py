@@ -200,20 +200,59 @@ def time_sequence(num_train_steps: int, num_sample_steps: int) -> np.ndarray:
   return times
 
 
-# A denoiser maps (x_t one-hot [B,H,W,K], image [B,H,W,C], t [B]) -> p̂ [B,H,W,K].
-Denoiser = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# A denoiser maps (x_t one-hot [B,H,W,K], image [B,H,W,C], t [B]) -> p̂ [B,H,W,K];
+# a self-conditioned one takes the previous step's p̂ (zeros at the first
+# step) as a fourth argument.
+Denoiser = Callable[..., jnp.ndarray]
+
+# 'ancestral': DESIGN §1's posterior mixture Σ_c p̂_c q(x_s | x_t, e_c), the
+# exact reverse process of a model p̂ (the reference).
+# 'x0_resample': x_s ~ q(x_s | x0) with x0 ~ p̂, i.e. Cat(ᾱ_s p̂ + (1 − ᾱ_s)/K)
+# per pixel: the chain state reaches the next step only through the model,
+# so a pixel drawn wrong is not carried forward by the posterior's x_t term.
+SAMPLERS = ('ancestral', 'x0_resample')
+
+
+def sharpen(p_hat: jnp.ndarray, temperature: float) -> jnp.ndarray:
+  """``p̂^{1/τ}`` renormalised over classes (τ = 1: unchanged; τ → 0: mode)."""
+  if temperature == 1.0:
+    return p_hat
+  logits = jnp.log(jnp.maximum(p_hat, LOG_EPS)) / temperature
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def jump_probs(sampler: str, xt_onehot: jnp.ndarray, p_hat: jnp.ndarray, t,
+               s, schedule: Schedule) -> jnp.ndarray:
+  """The distribution of ``x_s`` given ``x_t`` and the model's ``p̂``."""
+  if sampler == 'ancestral':
+    return model_posterior_probs(xt_onehot, p_hat, t, s, schedule)
+  if sampler == 'x0_resample':
+    return q_probs(p_hat, s, schedule)
+  raise ValueError(f'eval.sampler: unknown sampler {sampler!r}; expected one '
+                   f'of {SAMPLERS}')
 
 
 def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
            schedule: Schedule, num_classes: int,
-           times: Optional[Sequence[int]] = None) -> dict:
-  """Ancestral sampling with exact jump posteriors along ``times``.
+           times: Optional[Sequence[int]] = None, sampler: str = 'ancestral',
+           temperature: float = 1.0, mode_last: int = 0,
+           self_condition: bool = False, trace: bool = False) -> dict:
+  """Samples a label map along ``times`` from ``T`` to ``0``.
 
   ``times`` is a strictly decreasing sequence from ``T`` to ``0`` (default:
-  the full chain). Runs as one ``lax.scan``; call it under ``jit``.
+  the full chain). ``key`` is one key, or one per example ``[B]`` (then each
+  chain depends on its own key only, not on the batch around it). Each jump ``t → s`` draws ``x_s`` from
+  ``jump_probs(sampler, …)`` of ``p̂`` sharpened by ``temperature``; the last
+  ``mode_last`` jumps take the most probable class instead of a draw. The
+  defaults are DESIGN §1's exact ancestral sampler. With ``self_condition``
+  the denoiser also gets the previous step's ``p̂``. Runs as one
+  ``lax.scan``; call it under ``jit``.
 
-  Returns ``labels`` (argmax of the last ``p̂``), ``probs`` (the last ``p̂``)
-  and ``sample`` (the class drawn at the last step, ``x_0 ~ p̂``).
+  Returns ``labels`` (argmax of the last ``p̂``), ``probs`` (the last ``p̂``,
+  not sharpened) and ``sample`` (the class drawn at the last step); with
+  ``trace`` also ``trace_input`` (the ``x_t`` each step saw, ``x_T`` first)
+  and ``trace_pred`` (argmax of its ``p̂``), ``[S, B, H, W]`` uint8, and
+  ``trace_prob`` (that ``p̂``, ``[S, B, H, W, K]``).
   """
   if times is None:
     times = time_sequence(schedule.num_steps, schedule.num_steps)
@@ -222,32 +261,65 @@ def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
       np.diff(times) >= 0):
     raise ValueError('times must decrease strictly from T '
                      f'({schedule.num_steps}) to 0, got {times.tolist()}')
+  if sampler not in SAMPLERS:
+    raise ValueError(f'eval.sampler: unknown sampler {sampler!r}; expected '
+                     f'one of {SAMPLERS}')
+  if not temperature > 0:
+    raise ValueError(f'eval.temperature must be > 0, got {temperature}')
+  if mode_last < 0:
+    raise ValueError(f'eval.mode_last must be >= 0, got {mode_last}')
   b, h, w = image.shape[:3]
-  key_init, key_steps = jax.random.split(key)
-  x_t = jax.random.randint(key_init, (b, h, w), 0, num_classes)
+  num_jumps = len(times) - 1
+  keys = jax.random.split(key, b) if key.shape == () else key
+  if keys.shape != (b,):
+    raise ValueError(f'key: one key or one per example ({b}), got shape '
+                     f'{keys.shape}')
+  keys = jax.vmap(lambda k: jax.random.split(k, num_jumps + 1))(keys)
+  x_t = jax.vmap(lambda k: jax.random.randint(k, (h, w), 0, num_classes))(
+      keys[:, 0])
+  step_keys = jnp.swapaxes(keys[:, 1:], 0, 1)  # [S, B]
   pairs = jnp.stack([times[:-1], times[1:]], axis=1)
-  step_keys = jax.random.split(key_steps, len(times) - 1)
+  use_mode = jnp.arange(num_jumps) >= num_jumps - mode_last
 
   def step(carry, inputs):
-    x_t, _ = carry
-    (t_s, step_key) = inputs
+    x_t, p_prev = carry
+    (t_s, step_key, mode) = inputs
     t, s = t_s[0], t_s[1]
     xt_onehot = jax.nn.one_hot(x_t, num_classes, dtype=jnp.float32)
-    p_hat = denoise_fn(xt_onehot, image, jnp.full((b,), t, jnp.int32))
-    p_hat = p_hat.astype(jnp.float32)
-    probs = model_posterior_probs(xt_onehot, p_hat, t, s, schedule)
-    x_s = sample_categorical(step_key, probs)
-    return (x_s, p_hat), None
+    tt = jnp.full((b,), t, jnp.int32)
+    p_hat = (denoise_fn(xt_onehot, image, tt, p_prev) if self_condition else
+             denoise_fn(xt_onehot, image, tt)).astype(jnp.float32)
+    probs = jump_probs(sampler, xt_onehot, sharpen(p_hat, temperature), t, s,
+                       schedule)
+    x_s = jnp.where(mode, jnp.argmax(probs, axis=-1),
+                    jax.vmap(sample_categorical)(step_key, probs))
+    out = ((x_t.astype(jnp.uint8),
+            jnp.argmax(p_hat, axis=-1).astype(jnp.uint8), p_hat)
+           if trace else None)
+    return (x_s, p_hat), out
 
-  p0 = jnp.full((b, h, w, num_classes), 1.0 / num_classes, jnp.float32)
-  (x_0, p_hat), _ = jax.lax.scan(step, (x_t, p0), (pairs, step_keys))
-  return {'labels': jnp.argmax(p_hat, axis=-1), 'probs': p_hat, 'sample': x_0}
+  p0 = jnp.zeros((b, h, w, num_classes), jnp.float32)  # No estimate yet.
+  (x_0, p_hat), traced = jax.lax.scan(step, (x_t, p0),
+                                      (pairs, step_keys, use_mode))
+  result = {'labels': jnp.argmax(p_hat, axis=-1), 'probs': p_hat,
+            'sample': x_0}
+  if trace:
+    result['trace_input'], result['trace_pred'], result['trace_prob'] = traced
+  return result
 
 
 def ensemble(labels: jnp.ndarray, num_classes: int) -> dict:
   """Combines ``N`` hard samples ``[N, B, H, W]`` into soft map, prediction, entropy."""
-  soft = jnp.mean(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
-                  axis=0)
+  return _soft_map(jnp.mean(
+      jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), axis=0))
+
+
+def mean_ensemble(probs: jnp.ndarray) -> dict:
+  """Combines ``N`` chains' final ``p̂`` ``[N, B, H, W, K]`` by their mean."""
+  return _soft_map(jnp.mean(probs.astype(jnp.float32), axis=0))
+
+
+def _soft_map(soft: jnp.ndarray) -> dict:
   entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, LOG_EPS)), axis=-1)
   return {'soft': soft, 'prediction': jnp.argmax(soft, axis=-1),
           'entropy': entropy}

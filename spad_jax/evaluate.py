@@ -24,6 +24,7 @@ import io
 import itertools
 import os
 import time
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -47,13 +48,38 @@ from spad_jax.models import unet
 AXIS = train_state.AXIS
 
 
-def make_predict_fn(config, model, schedule, return_samples: bool = False):
-  """pmapped ``(params, images, key, batch_index) -> ensemble``.
+def sampling_record(config) -> Dict[str, Any]:
+  """How predictions were made, as written into metrics.json."""
+  if config.model.kind != 'diffusion':
+    return {'forward_passes': 1}
+  e = config.eval
+  return {'num_steps': e.num_steps, 'num_samples': e.num_samples,
+          'diffusion_steps': config.diffusion.num_steps,
+          'sampler': e.sampler, 'temperature': e.temperature,
+          'mode_last': e.mode_last, 'ensemble': e.ensemble,
+          'self_condition': config.model.self_condition}
 
-  ``params`` and ``images`` are per device; ``key`` and ``batch_index`` are
-  shared. Runs ``eval.num_samples`` chains per image in one batched call.
-  The ensemble has ``soft`` (the chains' vote), ``prediction`` and
-  ``entropy``, and ``prob``: the mean over chains of the final ``p̂``, the
+
+def case_key_ids(case_ids: Sequence[str]) -> np.ndarray:
+  """int32 key data of each case id (CRC-32 of the id, 31 bits): a case's
+  chains depend on the seed and its id only, so a case samples the same in
+  evaluate and predict (file stem = case id), in any batch, on any device
+  count and when resumed."""
+  return np.array([zlib.crc32(str(c).encode()) & 0x7FFFFFFF
+                   for c in case_ids], np.int32)
+
+
+def make_predict_fn(config, model, schedule, return_samples: bool = False):
+  """pmapped ``(params, images, key, case_ids) -> ensemble``.
+
+  ``params``, ``images`` and ``case_ids`` (``case_key_ids`` of the images'
+  cases) are per device; ``key`` is shared. Chain ``j`` of a case uses
+  ``fold_in(fold_in(key, case_id), j)``, so an ensemble of N holds the
+  chains of every smaller one. Runs ``eval.num_samples`` chains per image
+  in one batched call.
+  The ensemble has ``soft`` (``eval.ensemble``: the chains' vote, or the
+  mean of their final ``p̂``), ``prediction`` (its argmax) and ``entropy``
+  (its entropy), and ``prob``: the mean over chains of the final ``p̂``, the
   soft map calibration is measured on; with
   ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
   label map, for GED and variances).
@@ -66,26 +92,34 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   if config.model.kind == 'deterministic':
     return _make_deterministic_predict_fn(config, model, return_samples)
 
-  def predict(params, images, key, batch_index):
-    key = jax.random.fold_in(key, batch_index)
-    key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+  def predict(params, images, key, case_ids):
     b = images.shape[0]
+    case_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(case_ids)
+    chain_keys = jax.vmap(lambda j: jax.vmap(
+        lambda k: jax.random.fold_in(k, j))(case_keys))(jnp.arange(n))
 
-    def denoise(xt_onehot, image, t):
+    def denoise(xt_onehot, image, t, p_prev=None):
       return jax.nn.softmax(model.apply({'params': params}, xt_onehot, image,
-                                        t), axis=-1)
+                                        t, p_prev=p_prev), axis=-1)
 
     tiled = jnp.tile(images, (n, 1, 1, 1))  # n chains of the same images.
-    out = diffusion.sample(denoise, tiled, key, schedule, num_classes, times)
+    out = diffusion.sample(denoise, tiled, chain_keys.reshape(n * b), schedule,
+                           num_classes, times,
+                           sampler=config.eval.sampler,
+                           temperature=config.eval.temperature,
+                           mode_last=config.eval.mode_last,
+                           self_condition=config.model.self_condition)
     labels = out['labels'].reshape((n, b) + out['labels'].shape[1:])
-    result = diffusion.ensemble(labels, num_classes)
-    result['prob'] = jnp.mean(
-        out['probs'].reshape((n, b) + out['probs'].shape[1:]), axis=0)
+    probs = out['probs'].reshape((n, b) + out['probs'].shape[1:])
+    result = (diffusion.ensemble(labels, num_classes)
+              if config.eval.ensemble == 'vote' else
+              diffusion.mean_ensemble(probs))
+    result['prob'] = jnp.mean(probs, axis=0)
     if return_samples:
       result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
     return result
 
-  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, None))
+  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
 
 
 def _make_deterministic_predict_fn(config, model, return_samples: bool):
@@ -93,8 +127,8 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
   repeats the prediction ``eval.num_samples`` times."""
   n = config.eval.num_samples
 
-  def predict(params, images, key, batch_index):
-    del key, batch_index  # Deterministic.
+  def predict(params, images, key, case_ids):
+    del key, case_ids  # Deterministic.
     like = jnp.zeros(images.shape[:3] + (config.data.num_classes,))
     xt, t = unet.fixed_inputs(like)
     soft = jax.nn.softmax(model.apply({'params': params}, xt, images, t),
@@ -109,7 +143,7 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
                                      axis=1).astype(jnp.uint8)
     return result
 
-  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, None))
+  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
 
 
 def load_state(config, workdir, setup):
@@ -134,9 +168,9 @@ def predictor(config, setup, return_samples: bool = False):
   """The compiled sampler of ``setup`` for these settings, made once: the
   validations during training and the final evaluation share it (and its
   compilation)."""
-  key = (return_samples, config.model.kind, config.eval.num_steps,
-         config.eval.num_samples, config.diffusion.num_steps,
-         config.data.num_classes)
+  # Everything make_predict_fn reads; setup fixes the model and schedule.
+  key = (return_samples, config.data.num_classes, config.eval.num_samples,
+         tuple(sorted(sampling_record(config).items())))
   if key not in setup.predictors:
     setup.predictors[key] = make_predict_fn(config, setup.model,
                                             setup.schedule, return_samples)
@@ -163,13 +197,14 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   predict = predict or predictor(config, setup, return_samples)
   params = train_state.replicate(ema_params)
   eval_key = setup.keys()[2]
+  key_ids = case_key_ids(source.ids)
   batches = pipeline.eval_batches(source, config.eval.batch_size,
                                   jax.local_device_count(),
                                   jax.process_index(), jax.process_count())
   if warmup:  # Compile on the first batch, then sample it again, timed.
     first = next(batches)
     jax.block_until_ready(predict(params, first['image'], eval_key,
-                                  np.int32(0)))
+                                  key_ids[first['index']]))
     batches = itertools.chain([first], batches)
   conf = np.zeros((k, k), np.int64)
   shown = {'images': [], 'labels': [], 'preds': [], 'entropy': []}
@@ -203,10 +238,11 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
                  done / (time.time() - start))
 
   previous = None
-  for i, batch in enumerate(batches):
+  for batch in batches:
     # Dispatch is asynchronous: the devices sample this batch while the
     # host scores the previous one.
-    current = (batch, predict(params, batch['image'], eval_key, np.int32(i)))
+    current = (batch, predict(params, batch['image'], eval_key,
+                              key_ids[batch['index']]))
     if previous is not None:
       finish(*previous)
     previous = current
@@ -440,11 +476,7 @@ def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
                      'severity': (config.eval.severity
                                   if config.eval.corruption != 'none'
                                   else 0)},
-      'sampling': ({'num_steps': config.eval.num_steps,
-                    'num_samples': config.eval.num_samples,
-                    'diffusion_steps': config.diffusion.num_steps}
-                   if config.model.kind == 'diffusion' else
-                   {'forward_passes': 1}),
+      'sampling': sampling_record(config),
       'per_case_mean': metrics.summarize_cases(tables,
                                                list(source.class_names)),
       'distance_unit': ('eval.spacing units' if len(config.eval.spacing) else

@@ -8,6 +8,9 @@ image-noise key, and its loss, for each ``model.kind`` (DESIGN §1).
 - ``deterministic``: the same UNet with ``x_t`` and ``t`` fixed
   (``unet.fixed_inputs``), loss per-pixel CE + ``train.dice_weight``·soft
   Dice.
+- Options of the diffusion model that need the model itself: training on
+  its own ``x_t`` (``make_own_sample_fn``) and self-conditioning
+  (``make_self_condition_fn``).
 
 Every example's randomness comes from its own key (``fold_in`` of the step
 key and its global index), so a step is the same on any device count.
@@ -91,6 +94,71 @@ def make_inputs_fn(config, schedule: diffusion.Schedule) -> Callable:
     return Inputs(xt_onehot, t, eps_keys, weight, probs)
 
   return inputs
+
+
+# An ``apply_model(params, xt_onehot, image, t, keys, p_prev=None) -> logits``
+# is the train step's forward pass (per-example dropout keys).
+
+
+def make_own_sample_fn(config, schedule: diffusion.Schedule
+                       ) -> Optional[Callable]:
+  """``own(apply_model, params, inputs, image, keys, x0) -> Inputs``, or
+  None when ``diffusion.own_sample_fraction`` is 0.
+
+  That fraction of the examples (own key each) trains on the x_t that one
+  exact ancestral jump of the current model (no gradient) draws from
+  ``t' = min(t + own_sample_stride, T)``, ``x_t' ~ q(x_t' | x0)``: the kind
+  of input a sampling chain feeds the model, its errors included, where
+  q(x_t | x0) only ever shows it uniform noise. Loss and target stay the
+  same.
+  """
+  fraction = float(config.diffusion.get('own_sample_fraction', 0.0))
+  if not fraction:
+    return None
+  stride = int(config.diffusion.own_sample_stride)
+  num_classes = config.data.num_classes
+
+  def own(apply_model, params, inputs, image, keys, x0):
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, 1 << 27))(keys)
+    split = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+    use = jax.vmap(lambda k: jax.random.bernoulli(k, fraction))(split(0))
+    t_from = jnp.minimum(inputs.t + stride, schedule.num_steps)
+    x_from = jax.vmap(diffusion.sample_categorical)(
+        split(1), diffusion.q_probs(x0, t_from, schedule))
+    from_onehot = jax.nn.one_hot(x_from, num_classes, dtype=jnp.float32)
+    p_hat = jax.lax.stop_gradient(jax.nn.softmax(
+        apply_model(params, from_onehot, image, t_from,
+                    split(2)).astype(jnp.float32), axis=-1))
+    probs = diffusion.model_posterior_probs(from_onehot, p_hat, t_from,
+                                            inputs.t, schedule)
+    drawn = jax.vmap(diffusion.sample_categorical)(split(3), probs)
+    use = use & (t_from > inputs.t)  # t = T has no earlier step.
+    return inputs._replace(xt_onehot=jnp.where(
+        use[:, None, None, None],
+        jax.nn.one_hot(drawn, num_classes, dtype=jnp.float32),
+        inputs.xt_onehot))
+
+  return own
+
+
+def make_self_condition_fn(config) -> Optional[Callable]:
+  """``p_prev(apply_model, params, inputs, image, keys)``, or None without
+  ``model.self_condition``: half the examples (own key each) get the
+  model's own estimate on the same x_t, the rest none (zeros); no gradient
+  flows through it (Chen et al. 2022)."""
+  if not config.model.get('self_condition', False):
+    return None
+
+  def p_prev(apply_model, params, inputs, image, keys):
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, 1 << 28))(keys)
+    use = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(keys)
+    estimate = jax.nn.softmax(apply_model(
+        params, inputs.xt_onehot, image, inputs.t, keys).astype(jnp.float32),
+                              axis=-1)
+    return jnp.where(use[:, None, None, None],
+                     jax.lax.stop_gradient(estimate), 0.0)
+
+  return p_prev
 
 
 def make_loss_fn(config, schedule: diffusion.Schedule) -> Callable:

@@ -151,8 +151,9 @@ def read_batches(paths: Sequence[str], config, summary: Summary, gb: int,
   """Batches of ``gb`` readable images, padded, split over the devices.
 
   Unreadable files go to ``summary.failed`` and are skipped. Each batch has
-  ``image`` ``[devices, gb/devices, s, s, C]``, ``valid`` and ``items`` (the
-  path and the image as read, for the outputs).
+  ``image`` ``[devices, gb/devices, s, s, C]``, ``case_ids`` (the file
+  stems' ``evaluate.case_key_ids``), ``valid`` and ``items`` (the path and
+  the image as read, for the outputs).
   """
   size, channels = config.data.image_size, config.data.channels
   corruption, severity = config.eval.corruption, config.eval.severity
@@ -166,7 +167,11 @@ def read_batches(paths: Sequence[str], config, summary: Summary, gb: int,
         batch[i] = corruptions.corrupt_model_images(
             batch[i][None].astype(np.float16), [stem], corruption, severity,
             config.seed)[0]
+    ids = np.zeros(gb, np.int32)  # Padding slots: any id.
+    ids[:len(items)] = evaluate.case_key_ids(
+        [os.path.splitext(os.path.basename(p))[0] for p, _ in items])
     return {'image': batch.reshape((devices, gb // devices) + batch.shape[1:]),
+            'case_ids': ids.reshape(devices, gb // devices),
             'valid': np.arange(gb) < len(items), 'items': items}
 
   items = []
@@ -236,10 +241,10 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
 
   pending = None
   gb = batch_size(config, len(todo), devices)
-  for i, batch in enumerate(read_batches(todo, config, summary, gb, devices)):
+  for batch in read_batches(todo, config, summary, gb, devices):
     # Dispatch is asynchronous: the device samples this batch while the
     # previous one is written.
-    out = predict_fn(params, batch['image'], key, np.int32(i))
+    out = predict_fn(params, batch['image'], key, batch['case_ids'])
     if pending is not None:
       finish(*pending)
     pending = (batch, out)
@@ -305,9 +310,7 @@ def predict_folder(config, workdir: str, input_dir: str, output_dir: str,
             'workdir': os.path.abspath(workdir),
             'input': os.path.abspath(input_dir), 'checkpoint_step': step,
             'params': 'ema',
-            'sampling': {'num_steps': config.eval.num_steps,
-                         'num_samples': config.eval.num_samples,
-                         'diffusion_steps': config.diffusion.num_steps},
+            'sampling': evaluate.sampling_record(config),
             'image_size': config.data.image_size}
   record.update(summary.as_dict())
   for name in ('written', 'skipped'):

@@ -28,6 +28,7 @@ from spad_jax import evaluate
 from spad_jax import files
 from spad_jax import formatting
 from spad_jax import train_state
+from spad_jax import visualize
 from spad_jax.data import corruptions
 from spad_jax.data import sources
 
@@ -51,8 +52,7 @@ def _reusable(path: str, step: int, config) -> Dict[str, Any]:
   with open(path) as f:
     m = json.load(f)
   same = (m.get('checkpoint_step') == step and
-          m.get('sampling', {}).get('num_steps') == config.eval.num_steps and
-          m.get('sampling', {}).get('num_samples') == config.eval.num_samples)
+          m.get('sampling') == evaluate.sampling_record(config))
   return m if same and 'calibration' in m else {}
 
 
@@ -91,8 +91,7 @@ def _write(config, workdir: str, rows: List[Dict[str, Any]],
            step: int) -> None:
   files.write_json(os.path.join(workdir, 'robustness.json'), {
       'checkpoint_step': step, 'split': config.eval.split,
-      'sampling': {'num_steps': config.eval.num_steps,
-                   'num_samples': config.eval.num_samples},
+      'sampling': evaluate.sampling_record(config),
       'severities': {k: list(v) for k, v in corruptions.SEVERITIES.items()},
       'rows': rows})
   text = io.StringIO(newline='')
@@ -107,9 +106,7 @@ def _write(config, workdir: str, rows: List[Dict[str, Any]],
 
 
 def plot(rows: List[Dict[str, Any]], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   clean = [r['mDice'] for r in rows if r['corruption'] == 'none']
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for i, name in enumerate(corruptions.SEVERITIES):

@@ -64,17 +64,21 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
   make_inputs = objectives.make_inputs_fn(config, schedule)
   example_loss = objectives.make_loss_fn(config, schedule)
 
-  def apply_model(params, xt_onehot, image, t, keys):
+  def apply_model(params, xt_onehot, image, t, keys, p_prev=None):
     if not config.model.dropout:
-      return model.apply({'params': params}, xt_onehot, image, t, train=True)
+      return model.apply({'params': params}, xt_onehot, image, t, train=True,
+                         p_prev=p_prev)
     # Dropout masks from each example's own key (not one key per device), so
     # a step is the same on any device count; vmap keeps the convolutions
     # batched.
-    def one(x, img, ti, key):
+    def one(x, img, ti, key, prev):
       return model.apply({'params': params}, x[None], img[None], ti[None],
-                         train=True,
+                         train=True, p_prev=None if prev is None else prev[None],
                          rngs={'dropout': jax.random.fold_in(key, 1 << 30)})[0]
-    return jax.vmap(one)(xt_onehot, image, t, keys)
+    return jax.vmap(one)(xt_onehot, image, t, keys, p_prev)
+
+  own_samples = objectives.make_own_sample_fn(config, schedule)
+  self_condition_input = objectives.make_self_condition_fn(config)
 
   def train_step(state: train_state.TrainState, batch, train_key):
     per_device = batch['label'].shape[0]
@@ -94,8 +98,15 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
       image = jax.vmap(perturb.perturb_image, in_axes=(0, 0, None, 0))(
           image, mask, sigma, inputs.eps_keys)
 
+    if own_samples is not None:
+      inputs = own_samples(apply_model, state.params, inputs, image, keys, x0)
+    p_prev = (None if self_condition_input is None else
+              self_condition_input(apply_model, state.params, inputs, image,
+                                   keys))
+
     def loss_fn(params):
-      logits = apply_model(params, inputs.xt_onehot, image, inputs.t, keys)
+      logits = apply_model(params, inputs.xt_onehot, image, inputs.t, keys,
+                           p_prev)
       p_hat = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       per_example = example_loss(x0, inputs.xt_onehot, p_hat, inputs.t)
       return jnp.mean(inputs.weight * per_example), per_example
@@ -190,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   init_key, train_key, _ = setup.keys()
 
   source = sources.load_split(config, 'train')
-  val_source = (sources.load_split(config, 'val')
+  val_source = (sources.load_split(config, config.train.val_split)
                 if config.train.eval_every_epochs else None)
   examples = pipeline.TrainExamples(source, config, jax.process_index(),
                                     jax.process_count(),

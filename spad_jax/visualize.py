@@ -25,6 +25,14 @@ TITLES = ('image', 'label', 'ScD mask (orange)', 'BcD band (blue)',
 # ----------------------------------------------------- drawing (any module)
 
 
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
 def palette(num_classes: int) -> np.ndarray:
   """RGB colours, background black, the rest spread over hue."""
   colours = [(0, 0, 0)]

@@ -18,6 +18,20 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
       prefix='spad_jax_test_xla_cache_')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
+# Tests compile far more than they run (tiny shapes, a few steps): LLVM at
+# -O0 cut a tiny main.py run by a quarter (80 s -> 58 s measured) and
+# changed no result; every comparison in the tests runs under the same flag.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a test subprocess with ``devices`` emulated CPU devices."""
+  return f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}'
+
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
+                           TEST_XLA_FLAGS).strip()
+
 # The package's XLA:CPU flags (spad_jax/xla_flags.py) must reach this process
 # before any test computes with JAX, whichever test module is imported first.
 import spad_jax  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
@@ -26,7 +40,7 @@ import spad_jax  # pylint: disable=g-import-not-at-top,unused-import,wrong-impor
 def run_main(args, devices: int = 1, timeout: int = 600):
   """Runs main.py in a subprocess (own XLA device count); returns the result."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)
   env['JAX_PLATFORMS'] = 'cpu'
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py')] +
@@ -52,6 +66,9 @@ STEP_VARIANTS = {
                           'diffusion.ce_weighting=stage'),
     'stratified': 'diffusion.t_sampling=stratified',
     'deterministic': 'model.kind=deterministic',
+    'self_condition_own_sample': ('model.self_condition=True,'
+                                  'diffusion.own_sample_fraction=0.5,'
+                                  'diffusion.own_sample_stride=5'),
 }
 NUM_STEPS = 2
 
@@ -60,7 +77,7 @@ def train_steps(out_dir, devices: int, names):
   """Runs tests/train_steps.py on ``devices`` emulated devices; returns
   {name: {'loss', 'init', 'step1', 'step2', 'history_counts'?, ...}}."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=xla_flags(devices))
   out = os.path.join(str(out_dir), f'steps_{devices}.npz')
   run = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'tests', 'train_steps.py'), out,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import xla_flags
 from experiments.ablation import plan
 from experiments.ablation import stats
 import tiny_config
@@ -85,7 +86,7 @@ def test_study_end_to_end(tmp_path):
   """2 arms x 2 seeds + one value per sweep (one reuses the full run)."""
   out = str(tmp_path / 'study')
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=xla_flags(1))
   args = [sys.executable, '-m', 'experiments.ablation.main',
           '--config=tests/tiny_config.py', f'--out={out}', '--seeds=0,1',
           '--arms=baseline,full', '--sweeps=lambda,anchor', '--lambdas=0.05',

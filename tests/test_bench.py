@@ -20,20 +20,54 @@ def test_sampling_curve_bench(main_runner, tmp_path):
   result = subprocess.run(
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
-       '--steps=1,4,50', '--samples=1,2', '--max_cases=4', f'--out={out}'],
+       '--steps=1,4,50', '--samples=1,2', '--max_cases=4', f'--out={out}',
+       '--samplers=ancestral,x0_resample:0.5:1', '--diagnose_steps=4'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.load(open(os.path.join(out, 'sampling_curve.json')))
   rows = data['rows']
-  assert [(r['num_steps'], r['num_samples']) for r in rows] == [
-      (1, 1), (1, 2), (4, 1), (4, 2), (50, 1), (50, 2)]
-  assert all('skipped' in r for r in rows[4:])  # T = 20 in the tiny config.
-  for r in rows[:4]:
+  settings = [(1, 1), (1, 2), (4, 1), (4, 2), (50, 1), (50, 2)]
+  assert [(r['name'], r['num_steps'], r['num_samples']) for r in rows] == (
+      [('ancestral',) + s for s in settings] +
+      [('x0_resample τ=0.5 mode×1',) + s for s in settings])
+  assert (rows[6]['sampler'], rows[6]['temperature'], rows[6]['mode_last']) == (
+      'x0_resample', 0.5, 1)
+  done = [r for r in rows if 'skipped' not in r]
+  assert len(done) == 8  # T = 20 in the tiny config: 50 steps skipped.
+  for r in done:
     assert r['ms_per_image'] > 0 and 0 <= r['mDice'] <= 1
+    assert 0 <= r['ece'] <= 1 and r['nll'] > 0
+    assert (r['GED'] is None) == (r['num_samples'] == 1)
+    assert 0 <= r['mDice_mean_prob'] <= 1
+    if r['num_samples'] == 1:  # One chain: every rule is that chain.
+      assert r['chain_mDice'] == r['mDice'] == r['mDice_mean_prob']
+    else:
+      assert r['chain_mDice_sd'] >= 0
   assert data['meta']['num_cases'] == 4
-  assert os.path.getsize(os.path.join(out, 'sampling_curve.png')) > 1000
-  assert '| steps | samples |' in open(os.path.join(out,
-                                                   'sampling_curve.md')).read()
+  # Diagnosis: one 4-step chain per sampler, every step reported.
+  diagnoses = data['diagnoses']
+  assert [(d['name'], len(d['steps'])) for d in diagnoses] == [
+      ('ancestral', 4), ('x0_resample τ=0.5 mode×1', 4)]
+  for d in diagnoses:
+    first = d['steps'][0]
+    assert first['t'] == 20 and first['changed'] == 0  # Nothing before it.
+    # x_T is uniform noise for the chain and under q alike (ᾱ_T ≈ 0).
+    assert abs(first['own_input_error'] - first['q_input_error']) < 0.1
+    last = d['steps'][-1]
+    assert last['s'] == 0 and last['q_input_error'] < 0.2
+    for r in d['steps']:
+      assert r['fixed'] + r['created'] <= r['changed'] + 1e-12
+  for name in ('sampling_curve.png', 'sampling_diagnosis.png'):
+    assert os.path.getsize(os.path.join(out, name)) > 1000
+  text = open(os.path.join(out, 'sampling_curve.md')).read()
+  assert '| sampler | steps | samples |' in text and 'mDice own' in text
+  bad = subprocess.run(
+      [sys.executable, 'bench/sampling_curve.py',
+       '--config=tests/tiny_config.py', f'--workdir={workdir}',
+       '--samplers=ddim', f'--out={out}_bad'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and 'config.eval.sampler' in bad.stderr
+  assert not os.path.exists(f'{out}_bad')
 
 
 def test_pipeline_throughput_bench(tmp_path):

@@ -68,12 +68,30 @@ def test_default_holds_design_defaults():
     ('model.kind', 'gan', 'config.model.kind'),
     ('diffusion.importance_history', 0, 'config.diffusion.importance_history'),
     ('train.dice_weight', -1.0, 'config.train.dice_weight'),
+    ('eval.sampler', 'ddim', 'config.eval.sampler'),
+    ('eval.temperature', 0.0, 'config.eval.temperature'),
+    ('eval.mode_last', -1, 'config.eval.mode_last'),
+    ('eval.ensemble', 'median', 'config.eval.ensemble'),
+    ('diffusion.own_sample_fraction', 1.5, 'config.diffusion.own_sample_fraction'),
+    ('diffusion.own_sample_fraction', -0.1, 'config.diffusion.own_sample_fraction'),
+    ('train.val_split', 'dev', 'config.train.val_split'),
+    ('train.val_split', 'test', 'config.train.val_split'),  # checkpoint=best
 ])
 def test_invalid_values_are_named(key, value, needle):
   config = importlib.import_module('configs.demo').get_config()
   section, field = key.split('.')
   config[section][field] = value
   with pytest.raises(config_validation.ConfigError, match=needle):
+    config_validation.validate(config)
+
+
+def test_self_conditioning_needs_the_diffusion_model():
+  config = importlib.import_module('configs.demo').get_config()
+  config.model.self_condition = True
+  config_validation.validate(config)
+  config.model.kind = 'deterministic'
+  with pytest.raises(config_validation.ConfigError,
+                     match='config.model.self_condition'):
     config_validation.validate(config)
 
 
@@ -87,3 +105,19 @@ def test_command_line_override_and_early_stop(main_runner, tmp_path):
   assert 'config.spad.anchor_ratio = 2' in result.stderr
   assert not workdir.exists()  # Stopped before any work.
 
+
+
+def test_own_sample_stride_is_checked_when_used():
+  config = importlib.import_module('configs.demo').get_config()
+  config.diffusion.own_sample_stride = 0
+  config_validation.validate(config)  # Unused at fraction 0.
+  config.diffusion.own_sample_fraction = 0.5
+  with pytest.raises(config_validation.ConfigError,
+                     match='config.diffusion.own_sample_stride'):
+    config_validation.validate(config)
+  config.diffusion.own_sample_stride = 25
+  config_validation.validate(config)
+  config.model.kind = 'deterministic'
+  with pytest.raises(config_validation.ConfigError,
+                     match='config.diffusion.own_sample_fraction'):
+    config_validation.validate(config)

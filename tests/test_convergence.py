@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from conftest import xla_flags
 import pytest
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -83,7 +84,7 @@ def test_parse_log_resume_and_validation_time():
 
 def _run_bench(args, timeout=600):
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = xla_flags(1)
   env['JAX_PLATFORMS'] = 'cpu'
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   return subprocess.run(

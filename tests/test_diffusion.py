@@ -150,6 +150,95 @@ def test_sampler_recovers_x0_with_oracle_model(schedule):
                      [50, 20, 20, 0])
 
 
+SAMPLER_OPTIONS = [dict(sampler='x0_resample'), dict(temperature=0.5),
+                   dict(temperature=2.0), dict(mode_last=2),
+                   dict(sampler='x0_resample', temperature=0.3, mode_last=1)]
+
+
+@pytest.mark.parametrize('options', SAMPLER_OPTIONS)
+def test_sampler_options_recover_x0_with_oracle_model(schedule, options):
+  """Every sampler option keeps the exactness of an oracle p̂ = x0."""
+  k = 3
+  labels = jnp.asarray(np.random.default_rng(2).integers(k, size=(2, 5, 5)))
+  oracle = lambda xt, image, t: jax.nn.one_hot(labels, k)
+  image = jnp.zeros((2, 5, 5, 1))
+  for times in [diffusion.time_sequence(50, n) for n in (1, 3, 50)]:
+    out = jax.jit(lambda key: diffusion.sample(  # pylint: disable=cell-var-from-loop
+        oracle, image, key, schedule, k, times, **options))(jax.random.key(4))
+    np.testing.assert_array_equal(out['labels'], labels)
+    np.testing.assert_array_equal(out['sample'], labels)
+
+
+def test_x0_resample_jump_is_the_marginal_of_p_hat(schedule):
+  """x0_resample: x_s ~ Σ_c p̂_c q(x_s | x0 = e_c), whatever x_t is."""
+  alphas = reference_alphas(50)
+  k = 4
+  p_hat = np.array([0.1, 0.6, 0.2, 0.1])
+  for t, s in [(50, 20), (7, 6), (3, 0)]:
+    expected = p_hat @ marginal_matrix(alphas, s, k)
+    for xt in range(k):
+      got = diffusion.jump_probs('x0_resample', jnp.eye(k)[xt], p_hat, t, s,
+                                 schedule)
+      np.testing.assert_allclose(got, expected, atol=TOL)
+  with pytest.raises(ValueError, match='eval.sampler'):
+    diffusion.jump_probs('ddim', jnp.eye(k)[0], p_hat, 3, 0, schedule)
+
+
+def test_sampler_options_final_draw_follows_their_distribution(schedule):
+  """Fixed p̂: the last draw follows p̂ (x0_resample), p̂^(1/τ)/Z
+  (temperature τ) or is the mode (mode_last); labels stay argmax p̂."""
+  k = 3
+  p_fixed = np.array([0.5, 0.3, 0.2])
+  model = lambda xt, image, t: jnp.broadcast_to(jnp.asarray(p_fixed),
+                                                xt.shape)
+  image = jnp.zeros((16, 32, 32, 1))
+  tau = 0.5
+  sharp = p_fixed ** (1 / tau) / np.sum(p_fixed ** (1 / tau))
+  cases = [(dict(sampler='x0_resample'), p_fixed),
+           (dict(temperature=tau), sharp),
+           (dict(sampler='x0_resample', temperature=tau), sharp)]
+  for options, dist in cases:
+    for steps in (1, 7):
+      out = jax.jit(lambda key: diffusion.sample(  # pylint: disable=cell-var-from-loop
+          model, image, key, schedule, k, diffusion.time_sequence(50, steps),
+          **options))(jax.random.key(steps))
+      counts = np.bincount(np.asarray(out['sample']).ravel(), minlength=k)
+      assert chi_square(counts, counts.sum() * dist) < 13.8, (options, counts)
+      assert np.all(np.asarray(out['labels']) == 0)
+  out = diffusion.sample(model, image, jax.random.key(0), schedule, k,
+                         diffusion.time_sequence(50, 5), mode_last=1)
+  assert np.all(np.asarray(out['sample']) == 0)
+  for bad, needle in [(dict(sampler='ddim'), 'eval.sampler'),
+                      (dict(temperature=0.0), 'eval.temperature'),
+                      (dict(mode_last=-1), 'eval.mode_last')]:
+    with pytest.raises(ValueError, match=needle):
+      diffusion.sample(model, image, jax.random.key(0), schedule, k, **bad)
+
+
+def test_sampler_trace_holds_every_step(schedule):
+  """trace_input holds the x_t of every step (the model's argmax on it is
+  trace_pred), the last prediction is the returned labels, and tracing
+  changes no draw."""
+  k = 3
+  rng = np.random.default_rng(5)
+  weights = jnp.asarray(rng.normal(size=(k, k)))
+  model = lambda xt, image, t: jax.nn.softmax(xt @ weights + image, axis=-1)
+  image = jnp.asarray(rng.normal(size=(2, 6, 6, 1)))
+  times = diffusion.time_sequence(50, 6)
+  plain = diffusion.sample(model, image, jax.random.key(1), schedule, k, times)
+  traced = diffusion.sample(model, image, jax.random.key(1), schedule, k,
+                            times, trace=True)
+  assert traced['trace_pred'].shape == (6, 2, 6, 6)
+  np.testing.assert_array_equal(traced['trace_pred'][-1], plain['labels'])
+  np.testing.assert_array_equal(traced['sample'], plain['sample'])
+  for i, t in enumerate(times[:-1]):
+    xt = jax.nn.one_hot(traced['trace_input'][i].astype(np.int32), k)
+    np.testing.assert_array_equal(
+        np.argmax(model(xt, image, t), axis=-1), traced['trace_pred'][i])
+  # Each step's input is the previous step's draw, not its prediction.
+  assert np.any(traced['trace_input'][1:] != traced['trace_pred'][:-1])
+
+
 def test_time_sequence():
   np.testing.assert_array_equal(diffusion.time_sequence(250, 1), [250, 0])
   seq = diffusion.time_sequence(250, 10)
@@ -212,6 +301,25 @@ def test_sampler_final_sample_follows_fixed_p_hat(schedule):
     assert chi_square(counts, expected) < 13.8, (steps, counts, expected)
     assert np.all(np.asarray(out['labels']) == 0)  # argmax p̂.
     np.testing.assert_allclose(out['probs'][0, 0, 0], p_fixed, atol=1e-6)
+
+
+def test_mean_ensemble_averages_the_chains_probabilities():
+  probs = jnp.array([[[[[0.9, 0.1]]]], [[[[0.2, 0.8]]]], [[[[0.4, 0.6]]]]])
+  out = diffusion.mean_ensemble(probs)  # N=3 chains, B=1, 1x1 image, K=2.
+  np.testing.assert_allclose(out['soft'][0, 0, 0], [0.5, 0.5], atol=1e-7)
+  probs = probs.at[2].set(jnp.array([[[[0.3, 0.7]]]]))
+  out = diffusion.mean_ensemble(probs)
+  # The vote says class 1 (two chains of three), as does the mean here.
+  assert out['prediction'][0, 0, 0] == 1
+  np.testing.assert_allclose(out['entropy'][0, 0, 0],
+                             -(0.4667 * np.log(0.4667) + 0.5333 *
+                               np.log(0.5333)), atol=1e-3)
+  # Where the two rules differ: one confident chain outweighs two unsure.
+  probs = jnp.array([[[[[0.99, 0.01]]]], [[[[0.45, 0.55]]]],
+                     [[[[0.45, 0.55]]]]])
+  assert diffusion.mean_ensemble(probs)['prediction'][0, 0, 0] == 0
+  votes = diffusion.ensemble(jnp.argmax(probs, axis=-1), 2)
+  assert votes['prediction'][0, 0, 0] == 1
 
 
 def test_ensemble_soft_map_and_entropy():

@@ -332,3 +332,85 @@ def test_corrupted_evaluation_and_the_robustness_sweep(trained):
   assert float(row['mDice']) == pytest.approx(metrics['mDice'], abs=1e-6)
   for png in ('robustness.png', 'corruption_examples.png'):
     assert cv2.imread(os.path.join(trained, png)) is not None, png
+
+
+def test_one_predictor_per_sampling_setting():
+  """Validation, evaluation and the benches share compiled samplers by
+  setting; any key the sampler reads gives its own."""
+  import importlib.util
+  from spad_jax import evaluate
+  from spad_jax import train_state
+  from conftest import ROOT
+  spec = importlib.util.spec_from_file_location(
+      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  config = tiny.get_config()
+  setup = train_state.Setup.from_config(config)
+  base = evaluate.predictor(config, setup)
+  assert evaluate.predictor(config.copy_and_resolve_references(),
+                            setup) is base
+  seen = [base]
+  for key, value in [('num_steps', 3), ('num_samples', 2),
+                     ('sampler', 'x0_resample'), ('temperature', 0.5),
+                     ('mode_last', 1)]:
+    other = config.copy_and_resolve_references()
+    other.eval[key] = value
+    fn = evaluate.predictor(other, setup)
+    assert all(fn is not s for s in seen), key
+    seen.append(fn)
+  assert evaluate.predictor(config, setup, return_samples=True) is not base
+
+
+def test_chains_depend_on_seed_and_case_only():
+  """A case samples the same in any batch position or batch size, an
+  ensemble of 3 holds the single chain, and another case id draws others."""
+  import importlib.util
+  import jax
+  from spad_jax import evaluate
+  from spad_jax import train_state
+  from conftest import ROOT
+  spec = importlib.util.spec_from_file_location(
+      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  config = tiny.get_config()
+  config.eval.num_steps = 4
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model,
+                                         jax.random.key(1), 1)
+  # Zero-initialised output layer: give the model random outputs to draw from.
+  params = jax.tree.map(lambda x: x + 0.3 * np.asarray(
+      np.random.default_rng(0).normal(size=x.shape), x.dtype), state.params)
+  params = train_state.replicate(params)
+  s = config.data.image_size
+  images = np.random.default_rng(1).normal(size=(4, s, s, 1)).astype(
+      np.float32)
+  ids = evaluate.case_key_ids(['a', 'b', 'c', 'd'])
+  key = jax.random.key(7)
+
+  def run(n, order, samples=False):
+    cfg = config.copy_and_resolve_references()
+    cfg.eval.num_samples = n
+    fn = evaluate.make_predict_fn(cfg, setup.model, setup.schedule,
+                                  return_samples=samples)
+    out = jax.device_get(fn(params, images[order][None], key,
+                            ids[order][None]))
+    inverse = np.argsort(order)
+    return {k: v[0][inverse] for k, v in out.items()}
+
+  base = run(1, np.arange(4), samples=True)
+  for order in ([3, 1, 0, 2], [2, 3]):
+    order = np.asarray(order)
+    again = run(1, order, samples=True)
+    np.testing.assert_array_equal(again['samples'],
+                                  base['samples'][np.sort(order)])
+  three = run(3, np.arange(4), samples=True)
+  np.testing.assert_array_equal(three['samples'][:, :1], base['samples'])
+  assert np.any(three['samples'][:, 1] != three['samples'][:, 0])
+  # The same image under another case id is another chain.
+  other = dict(run(1, np.arange(4), samples=True))
+  ids = evaluate.case_key_ids(['e', 'f', 'g', 'h'])
+  moved = run(1, np.arange(4), samples=True)
+  assert np.any(moved['samples'] != other['samples'])
+  assert evaluate.case_key_ids(['a'])[0] == evaluate.case_key_ids(['a'])[0]

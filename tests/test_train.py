@@ -199,11 +199,12 @@ def test_two_processes_train_to_identical_parameters(tmp_path):
   import subprocess
   import sys
   from conftest import ROOT
+  from conftest import xla_flags
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=xla_flags(2))
   workdir = tmp_path / 'multihost'
   # Logs go to files: a full pipe would block one process mid-collective
   # while the test waits on the other.
@@ -235,7 +236,7 @@ def test_two_processes_train_to_identical_parameters(tmp_path):
   assert json.load(open(workdir / 'metrics.json'))['num_cases'] == 8
   # The hosts agree by construction (pmean); the reference is one process
   # with the same 4 devices, global batch, keys and steps.
-  ref_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  ref_env = dict(env, XLA_FLAGS=xla_flags(4))
   ref = subprocess.run(
       [sys.executable, 'tests/multihost_worker.py', '-', '1', '0',
        str(tmp_path / 'single'), str(tmp_path / 'single.npz')], cwd=ROOT,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import xla_flags
 from test_train import checkpoint_steps
 from test_train import load_checkpoint
 from test_train import read_log
@@ -124,7 +125,7 @@ def test_unknown_schedule_is_named():
 
 def _env(devices=1):
   return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+              XLA_FLAGS=xla_flags(devices))
 
 
 def test_sigterm_saves_stops_and_resumes(main_runner, tmp_path):

@@ -171,13 +171,6 @@ def markdown(results: Dict[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def _mean_curve(logs: Sequence[Dict[str, List]], key: str):
   """Mean over runs at the steps all of them logged."""
   curves = [dict(log[key]) for log in logs if log.get(key)]
@@ -190,7 +183,8 @@ def _mean_curve(logs: Sequence[Dict[str, List]], key: str):
 
 def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
                 title: str) -> None:
-  plt = _plt()
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   any_val = False
   for arm in arms:
@@ -230,7 +224,8 @@ def plot_schedule(path: str, config, runs: Sequence[plan.Run],
   """σ(e) with and without PaS and k(e), from ``perturb``'s functions with
   the config's values; the values the full arm's first run logged on top."""
   from spad_jax import perturb  # pylint: disable=g-import-not-at-top
-  plt = _plt()
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   s = config.spad
   epochs = np.arange(config.train.num_epochs)
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -280,7 +275,8 @@ def plot_sweep(path: str, sweep: Dict[str, Any], title: str,
   """Test mDice vs the swept value; ``baseline``: the baseline arm's mDice
   on the sweep seeds (a line), ``spread``: the full arm's min and max over
   the study's seeds (a band: the seed noise at this budget)."""
-  plt = _plt()
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  plt = visualize.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   if spread is not None:
     ax.axhspan(100 * spread[0], 100 * spread[1], color='tab:purple',
@@ -385,7 +381,7 @@ def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
                       interpolation=cv2.INTER_NEAREST)
     return visualize.overlay_rgb(rgb, near, k, alpha=0.6)
 
-  plt = _plt()
+  plt = visualize.pyplot()
   rows = [('image', None), ('ground truth', 'gt')] + [
       (label, arm) for arm, label, _ in chosen]
   fig, axes = plt.subplots(len(rows), len(idx),

@@ -161,7 +161,7 @@ def load_split(config, split: str) -> Source:
   if split == 'train':
     needed = ['train', config.eval.split]
     if config.train.get('eval_every_epochs', 0):  # Validation during training.
-      needed.append('val')
+      needed.append(config.train.get('val_split', 'val'))
     _require_cases(d.root, splits, needed)
     loaded = {s: _load_folder_split(config, s, splits[s], names)
               for s in folder.SPLITS if splits[s]}

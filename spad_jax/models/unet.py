@@ -87,10 +87,15 @@ class UNet(nn.Module):
   norm_groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  self_condition: bool = False
 
   @nn.compact
-  def __call__(self, xt_onehot, image, t, train: bool = False):
-    """Returns logits over classes, float32, ``[B, H, W, K]``."""
+  def __call__(self, xt_onehot, image, t, train: bool = False, p_prev=None):
+    """Returns logits over classes, float32, ``[B, H, W, K]``.
+
+    With ``self_condition``, ``p_prev`` ``[B, H, W, K]`` (the previous
+    estimate of p̂; ``None`` or zeros: none) is an extra input.
+    """
     size = image.shape[1]
     down_factor = 2 ** (len(self.channel_mult) - 1)
     if image.shape[1] % down_factor or image.shape[2] % down_factor:
@@ -101,7 +106,13 @@ class UNet(nn.Module):
     emb = nn.Dense(emb_dim, dtype=self.dtype)(emb)
     emb = nn.Dense(emb_dim, dtype=self.dtype)(nn.silu(emb))
 
-    x = jnp.concatenate([xt_onehot * 2.0 - 1.0, image], axis=-1)
+    parts = [xt_onehot * 2.0 - 1.0, image]
+    if self.self_condition:
+      parts.append(jnp.zeros_like(xt_onehot) if p_prev is None else
+                   p_prev.astype(xt_onehot.dtype))
+    elif p_prev is not None:
+      raise ValueError('p_prev given to a UNet without self_condition')
+    x = jnp.concatenate(parts, axis=-1)
     h = nn.Conv(self.base_channels, (3, 3), dtype=self.dtype)(
         x.astype(self.dtype))
     skips = [h]
@@ -162,4 +173,5 @@ def create_model(config) -> UNet:
               num_heads=m.num_heads,
               norm_groups=m.norm_groups,
               dropout=m.dropout,
-              dtype=dtype)
+              dtype=dtype,
+              self_condition=bool(m.get('self_condition', False)))
