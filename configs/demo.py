@@ -38,5 +38,9 @@ def get_config():
   config.train.eval_every_epochs = 5  # ~3 s each on the 32 val cases.
 
   config.eval.num_steps = 10
+  # x_s ~ q(x_s | x0 ~ p̂): single chains 0.838 / 0.852 mDice at 10 / 25
+  # steps vs the exact sampler's 0.829 / 0.839, ECE no worse
+  # (docs/SAMPLING.md).
+  config.eval.sampler = 'x0_resample'
   config.eval.batch_size = 32
   return config

@@ -14,6 +14,7 @@ import pytest
 from spad_jax import diffusion
 from spad_jax import timesteps
 import test_diffusion as ref
+from conftest import DEVICE_LOSS_RTOL
 
 TINY = '--config=tests/tiny_config.py'
 
@@ -196,10 +197,8 @@ def test_variant_step_same_on_1_and_4_devices(steps_on_1_device,
   emulated devices; importance sampling starts from a full history, so the
   step draws from π(t) and records the whole global batch."""
   one, four = steps_on_1_device[name], steps_on_4_devices[name]
-  # Self-conditioning feeds one pass's rounding (per-device batch sizes
-  # differ) into the second: measured 1.1e-5 relative on the loss.
-  rtol = 5e-5 if name == 'self_condition_own_sample' else 1e-5
-  np.testing.assert_allclose(four['loss'][0], one['loss'][0], rtol=rtol)
+  np.testing.assert_allclose(four['loss'][0], one['loss'][0],
+                             rtol=DEVICE_LOSS_RTOL)
   for key in one['step1']:
     np.testing.assert_allclose(four['step1'][key], one['step1'][key],
                                rtol=1e-4, atol=1e-6, err_msg=key)
