@@ -241,9 +241,10 @@ def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
 
   ``times`` is a strictly decreasing sequence from ``T`` to ``0`` (default:
   the full chain). ``key`` is one key, or one per example ``[B]`` (then each
-  chain depends on its own key only, not on the batch around it). Each jump ``t → s`` draws ``x_s`` from
-  ``jump_probs(sampler, …)`` of ``p̂`` sharpened by ``temperature``; the last
-  ``mode_last`` jumps take the most probable class instead of a draw. The
+  chain depends on its own key only, not on the batch around it). Each jump
+  ``t → s`` draws ``x_s`` from ``jump_probs(sampler, …)`` of ``p̂``
+  sharpened by ``temperature``; the last ``mode_last`` jumps take the most
+  probable class instead of a draw. The
   defaults are DESIGN §1's exact ancestral sampler. With ``self_condition``
   the denoiser also gets the previous step's ``p̂``. Runs as one
   ``lax.scan``; call it under ``jit``.
