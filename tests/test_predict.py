@@ -351,8 +351,10 @@ def test_one_predictor_per_sampling_setting():
   assert evaluate.predictor(config.copy_and_resolve_references(),
                             setup) is base
   seen = [base]
+  other_sampler = ('ancestral' if config.eval.sampler == 'x0_resample' else
+                   'x0_resample')
   for key, value in [('num_steps', 3), ('num_samples', 2),
-                     ('sampler', 'x0_resample'), ('temperature', 0.5),
+                     ('sampler', other_sampler), ('temperature', 0.5),
                      ('mode_last', 1)]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value
