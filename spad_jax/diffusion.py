@@ -262,9 +262,6 @@ def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
       np.diff(times) >= 0):
     raise ValueError('times must decrease strictly from T '
                      f'({schedule.num_steps}) to 0, got {times.tolist()}')
-  if sampler not in SAMPLERS:
-    raise ValueError(f'eval.sampler: unknown sampler {sampler!r}; expected '
-                     f'one of {SAMPLERS}')
   if not temperature > 0:
     raise ValueError(f'eval.temperature must be > 0, got {temperature}')
   if mode_last < 0:
