@@ -67,7 +67,7 @@ from spad_jax import records
 # whatever the base config recommends (configs/demo.py trains hybrid_stage).
 _PAPER = {'model.kind': 'diffusion', 'diffusion.ce_lambda': 0.0,
           'diffusion.ce_weighting': 'constant',
-          'diffusion.t_sampling': 'uniform'}
+          'diffusion.t_sampling': 'uniform', 'diffusion.dice_lambda': 0.0}
 VARIANTS = {
     'kl': dict(_PAPER),  # The paper's loss.
     'hybrid': dict(_PAPER, **{'diffusion.ce_lambda': 1.0}),
@@ -78,6 +78,10 @@ VARIANTS = {
     'hybrid_stage_stratified': dict(_PAPER, **{
         'diffusion.ce_lambda': 1.0, 'diffusion.ce_weighting': 'stage',
         'diffusion.t_sampling': 'stratified'}),
+    # KL + soft Dice of p̂ (rare foreground classes: Duke DME), and with a
+    # Dice term ten times stronger.
+    'kl_dice': dict(_PAPER, **{'diffusion.dice_lambda': 0.02}),
+    'kl_dice_strong': dict(_PAPER, **{'diffusion.dice_lambda': 0.2}),
     'deterministic': dict(_PAPER, **{'model.kind': 'deterministic'}),
 }
 

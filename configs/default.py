@@ -81,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   # w(t): 'constant' (1) or 'stage' ((1 - ᾱ_t), normalised to mean 1 over t:
   # the CE weight grows where ᾱ_t is small, UniSegDiff's staged targets).
   config.diffusion.ce_weighting = 'constant'
+  # + dice_lambda·H·W·soft Dice(x0, p̂) over the foreground classes: a term
+  # that does not fade with a rare class (docs/CONVERGENCE.md); 0 = off.
+  config.diffusion.dice_lambda = 0.0
   # Training times: 'uniform' (the paper's), 'stratified' over the global
   # batch, or 'importance' (π(t) ∝ sqrt(E[L_t²]), loss weighted 1/(T·π(t));
   # uniform until every t has `importance_history` recorded losses).

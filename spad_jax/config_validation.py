@@ -95,6 +95,8 @@ def _check_objective(config, check) -> None:
         'hybrid CE weight must be >= 0 (0: the KL loss alone)')
   check(df.ce_weighting in ('constant', 'stage'), 'diffusion.ce_weighting',
         "unknown CE weighting; expected 'constant' or 'stage'")
+  check(df.dice_lambda >= 0, 'diffusion.dice_lambda',
+        'soft Dice weight must be >= 0 (0: off)')
   check(df.t_sampling in timesteps.SAMPLERS, 'diffusion.t_sampling',
         f'unknown timestep sampler; expected one of {list(timesteps.SAMPLERS)}')
   check(df.importance_history >= 1, 'diffusion.importance_history',

@@ -3,7 +3,8 @@ image-noise key, and its loss, for each ``model.kind`` (DESIGN §1).
 
 - ``diffusion``: ``t`` from ``diffusion.t_sampling`` (``timesteps.py``),
   ``x_t ~ q(x_t | x0)``, loss ``L_t + λ·w(t)·CE`` (``diffusion.hybrid_loss``;
-  ``λ = 0`` is the paper's KL), weighted by ``1/(T·π(t))`` under importance
+  ``λ = 0`` is the paper's KL) + ``diffusion.dice_lambda``·H·W·soft Dice
+  of ``p̂``, weighted by ``1/(T·π(t))`` under importance
   sampling.
 - ``deterministic``: the same UNet with ``x_t`` and ``t`` fixed
   (``unet.fixed_inputs``), loss per-pixel CE + ``train.dice_weight``·soft
@@ -176,8 +177,15 @@ def make_loss_fn(config, schedule: diffusion.Schedule) -> Callable:
 
   ce_lambda = float(config.diffusion.ce_lambda)
   ce_weighting = config.diffusion.ce_weighting
+  dice_lambda = float(config.diffusion.dice_lambda)
 
   def loss(x0, xt_onehot, p_hat, t):
-    return diffusion.hybrid_loss(x0, xt_onehot, p_hat, t, schedule, ce_lambda,
-                                 ce_weighting)
+    total = diffusion.hybrid_loss(x0, xt_onehot, p_hat, t, schedule,
+                                  ce_lambda, ce_weighting)
+    if dice_lambda:
+      # Scaled by the pixel count so that λ weighs it like a per-pixel term
+      # against the KL, which is summed over pixels.
+      pixels = x0.shape[1] * x0.shape[2]
+      total = total + dice_lambda * pixels * soft_dice_loss(x0, p_hat)
+    return total
   return loss

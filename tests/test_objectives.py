@@ -64,6 +64,39 @@ def test_hybrid_loss_equals_kl_plus_lambda_ce(weighting):
                         jnp.asarray(p_hat, jnp.float32), t, schedule))
 
 
+def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss():
+  import ml_collections
+  from spad_jax import objectives
+  k, num_t, lam_ce, lam_dice = 3, 10, 0.3, 0.05
+  schedule = diffusion.make_schedule(num_t)
+  rng = np.random.default_rng(1)
+  b, h, w = 3, 4, 5
+  x0 = rng.integers(0, k, (b, h, w))
+  x0[2] = 0  # No foreground in the label: Dice asks p̂ to put none there.
+  xt = rng.integers(0, k, (b, h, w))
+  p_hat = rng.dirichlet(np.ones(k), (b, h, w))
+  t = np.array([1, 4, 10])
+  config = ml_collections.ConfigDict({
+      'model': {'kind': 'diffusion'},
+      'diffusion': {'ce_lambda': lam_ce, 'ce_weighting': 'constant',
+                    'dice_lambda': lam_dice}})
+  args = (jax.nn.one_hot(x0, k), jax.nn.one_hot(xt, k),
+          jnp.asarray(p_hat, jnp.float32), t)
+  got = objectives.make_loss_fn(config, schedule)(*args)
+  hybrid = diffusion.hybrid_loss(*args, schedule, lam_ce, 'constant')
+  for i in range(b):
+    dices = []
+    for c in range(1, k):
+      g = (x0[i] == c).astype(np.float64)
+      p = p_hat[i][..., c]
+      dices.append((2 * np.sum(g * p) + 1e-6) / (np.sum(g) + np.sum(p) + 1e-6))
+    want = hybrid[i] + lam_dice * h * w * (1 - np.mean(dices))
+    np.testing.assert_allclose(got[i], want, rtol=1e-5)
+  config.diffusion.dice_lambda = 0.0  # Off: the hybrid loss bit for bit.
+  np.testing.assert_array_equal(
+      objectives.make_loss_fn(config, schedule)(*args), hybrid)
+
+
 def test_stage_weight_grows_as_signal_fades_and_averages_one():
   schedule = diffusion.make_schedule(250)
   w = np.asarray(diffusion.ce_stage_weight(np.arange(1, 251), schedule))
