@@ -284,7 +284,7 @@ def jax_sampling_runner(preset, size, steps, batch, n, dtype):
   """(run(k): k sampled batches, blocking at the end; compile_s; images)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spad_jax import predictors  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   config = bench_config(preset, size, 8, dtype, False)
   config.eval.num_steps = steps
@@ -293,7 +293,7 @@ def jax_sampling_runner(preset, size, steps, batch, n, dtype):
   state = train_state.create_train_state(config, setup.model,
                                          jax.random.key(0), 1)
   params = train_state.replicate(state.ema_params)
-  predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
+  predict = predictors.make_predict_fn(config, setup.model, setup.schedule)
   ndev = jax.local_device_count()
   images = np.random.default_rng(0).normal(
       size=(ndev, batch, size, size, 1)).astype(np.float32)  # batch per device

@@ -241,7 +241,6 @@ def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
   """Returns (meta, rows, diagnoses): one row per setting (skipped ones
   too), one diagnosis per (sampler, diagnosed step count)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
 
@@ -250,7 +249,7 @@ def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
   for options in options_list:  # Fail on a bad spec before any sampling.
     _configured(config, options, 1, 1)
   setup = train_state.Setup.from_config(config)
-  state = evaluate.load_state(config, workdir, setup)
+  state = train_state.load_eval_state(config, workdir, setup)
   source = sources.load_split(config, config.eval.split)
   if max_cases:
     source = source.head(max_cases)

@@ -24,157 +24,25 @@ import io
 import itertools
 import os
 import time
-import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from spad_jax import calibration
-from spad_jax import diffusion
 from spad_jax import formatting
 from spad_jax import files
 from spad_jax import metrics
+from spad_jax import predictors
 from spad_jax import train_state
 from spad_jax import visualize
 from spad_jax.data import corruptions
 from spad_jax.data import pipeline
 from spad_jax.data import sources
-from spad_jax.models import unet
 
 AXIS = train_state.AXIS
-
-
-def sampling_record(config) -> Dict[str, Any]:
-  """How predictions were made, as written into metrics.json."""
-  if config.model.kind != 'diffusion':
-    return {'forward_passes': 1}
-  e = config.eval
-  return {'num_steps': e.num_steps, 'num_samples': e.num_samples,
-          'diffusion_steps': config.diffusion.num_steps,
-          'sampler': e.sampler, 'temperature': e.temperature,
-          'mode_last': e.mode_last, 'ensemble': e.ensemble,
-          'self_condition': config.model.self_condition}
-
-
-def case_key_ids(case_ids: Sequence[str]) -> np.ndarray:
-  """int32 key data of each case id (CRC-32 of the id, 31 bits): a case's
-  chains depend on the seed and its id only, so a case samples the same in
-  evaluate and predict (file stem = case id), in any batch, on any device
-  count and when resumed."""
-  return np.array([zlib.crc32(str(c).encode()) & 0x7FFFFFFF
-                   for c in case_ids], np.int32)
-
-
-def make_predict_fn(config, model, schedule, return_samples: bool = False):
-  """pmapped ``(params, images, key, case_ids) -> ensemble``.
-
-  ``params``, ``images`` and ``case_ids`` (``case_key_ids`` of the images'
-  cases) are per device; ``key`` is shared. Chain ``j`` of a case uses
-  ``fold_in(fold_in(key, case_id), j)``, so an ensemble of N holds the
-  chains of every smaller one. Runs ``eval.num_samples`` chains per image
-  in one batched call.
-  The ensemble has ``soft`` (``eval.ensemble``: the chains' vote, or the
-  mean of their final ``p̂``), ``prediction`` (its argmax) and ``entropy``
-  (its entropy), and ``prob``: the mean over chains of the final ``p̂``, the
-  soft map calibration is measured on; with
-  ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
-  label map, for GED and variances).
-  """
-  num_classes = config.data.num_classes
-  n = config.eval.num_samples
-  times = diffusion.time_sequence(config.diffusion.num_steps,
-                                  config.eval.num_steps)
-
-  if config.model.kind == 'deterministic':
-    return _make_deterministic_predict_fn(config, model, return_samples)
-
-  def predict(params, images, key, case_ids):
-    b = images.shape[0]
-    case_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(case_ids)
-    chain_keys = jax.vmap(lambda j: jax.vmap(
-        lambda k: jax.random.fold_in(k, j))(case_keys))(jnp.arange(n))
-
-    def denoise(xt_onehot, image, t, p_prev=None):
-      return jax.nn.softmax(model.apply({'params': params}, xt_onehot, image,
-                                        t, p_prev=p_prev), axis=-1)
-
-    tiled = jnp.tile(images, (n, 1, 1, 1))  # n chains of the same images.
-    out = diffusion.sample(denoise, tiled, chain_keys.reshape(n * b), schedule,
-                           num_classes, times,
-                           sampler=config.eval.sampler,
-                           temperature=config.eval.temperature,
-                           mode_last=config.eval.mode_last,
-                           self_condition=config.model.self_condition)
-    labels = out['labels'].reshape((n, b) + out['labels'].shape[1:])
-    probs = out['probs'].reshape((n, b) + out['probs'].shape[1:])
-    result = (diffusion.ensemble(labels, num_classes)
-              if config.eval.ensemble == 'vote' else
-              diffusion.mean_ensemble(probs))
-    result['prob'] = jnp.mean(probs, axis=0)
-    if return_samples:
-      result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
-    return result
-
-  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
-
-
-def _make_deterministic_predict_fn(config, model, return_samples: bool):
-  """One forward pass: the softmax is the soft map. ``samples`` (for GED)
-  repeats the prediction ``eval.num_samples`` times."""
-  n = config.eval.num_samples
-
-  def predict(params, images, key, case_ids):
-    del key, case_ids  # Deterministic.
-    like = jnp.zeros(images.shape[:3] + (config.data.num_classes,))
-    xt, t = unet.fixed_inputs(like)
-    soft = jax.nn.softmax(model.apply({'params': params}, xt, images, t),
-                          axis=-1)
-    entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, diffusion.LOG_EPS)),
-                       axis=-1)
-    prediction = jnp.argmax(soft, axis=-1)
-    result = {'soft': soft, 'prediction': prediction, 'entropy': entropy,
-              'prob': soft}
-    if return_samples:
-      result['samples'] = jnp.repeat(prediction[:, None], n,
-                                     axis=1).astype(jnp.uint8)
-    return result
-
-  return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
-
-
-def load_state(config, workdir, setup):
-  """The checkpoint ``eval.checkpoint`` picks (best by val mDice or latest)
-  of ``workdir``, as an unreplicated TrainState."""
-  kind = train_state.resolve_checkpoint(config, workdir)
-  mgr = train_state.checkpoint_manager(workdir,
-                                       config.train.checkpoints_to_keep,
-                                 kind=kind)
-  if mgr.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {mgr.directory}; train first '
-                            '(--mode=train)')
-  logging.info('Loading the %s checkpoint: step %d of %s.', kind,
-               mgr.latest_step(), mgr.directory)
-  state = train_state.restore_checkpoint(
-      mgr, train_state.abstract_train_state(config, setup.model))
-  mgr.close()
-  return state
-
-
-def predictor(config, setup, return_samples: bool = False):
-  """The compiled sampler of ``setup`` for these settings, made once: the
-  validations during training and the final evaluation share it (and its
-  compilation)."""
-  # Everything make_predict_fn reads; setup fixes the model and schedule.
-  key = (return_samples, config.data.num_classes, config.eval.num_samples,
-         tuple(sorted(sampling_record(config).items())))
-  if key not in setup.predictors:
-    setup.predictors[key] = make_predict_fn(config, setup.model,
-                                            setup.schedule, return_samples)
-  return setup.predictors[key]
 
 
 def sample_split(config, ema_params, setup, source, num_shown: int = 0,
@@ -194,10 +62,10 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   host, so scoring overlaps sampling.
   """
   k = config.data.num_classes
-  predict = predict or predictor(config, setup, return_samples)
+  predict = predict or predictors.cached(config, setup, return_samples)
   params = train_state.replicate(ema_params)
   eval_key = setup.keys()[2]
-  key_ids = case_key_ids(source.ids)
+  key_ids = predictors.case_key_ids(source.ids)
   batches = pipeline.eval_batches(source, config.eval.batch_size,
                                   jax.local_device_count(),
                                   jax.process_index(), jax.process_count())
@@ -378,7 +246,7 @@ def evaluate(config, workdir: str, state=None, setup=None,
   case_spacing((1, 1), 1, config.eval.spacing)  # Fail before sampling.
   setup = setup or train_state.Setup.from_config(config)
   if state is None:
-    state = load_state(config, workdir, setup)
+    state = train_state.load_eval_state(config, workdir, setup)
   split = config.eval.split
   source = load_eval_source(config, split)
   out_dir = out_dir or output_dir(config, workdir)
@@ -476,7 +344,7 @@ def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
                      'severity': (config.eval.severity
                                   if config.eval.corruption != 'none'
                                   else 0)},
-      'sampling': sampling_record(config),
+      'sampling': predictors.sampling_record(config),
       'per_case_mean': metrics.summarize_cases(tables,
                                                list(source.class_names)),
       'distance_unit': ('eval.spacing units' if len(config.eval.spacing) else

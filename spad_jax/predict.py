@@ -34,9 +34,9 @@ import cv2
 import jax
 import numpy as np
 
-from spad_jax import evaluate
 from spad_jax import files
 from spad_jax import formatting
+from spad_jax import predictors
 from spad_jax import train_state
 from spad_jax import visualize
 from spad_jax.data import corruptions
@@ -152,7 +152,7 @@ def read_batches(paths: Sequence[str], config, summary: Summary, gb: int,
 
   Unreadable files go to ``summary.failed`` and are skipped. Each batch has
   ``image`` ``[devices, gb/devices, s, s, C]``, ``case_ids`` (the file
-  stems' ``evaluate.case_key_ids``), ``valid`` and ``items`` (the path and
+  stems' ``predictors.case_key_ids``), ``valid`` and ``items`` (the path and
   the image as read, for the outputs).
   """
   size, channels = config.data.image_size, config.data.channels
@@ -168,7 +168,7 @@ def read_batches(paths: Sequence[str], config, summary: Summary, gb: int,
             batch[i][None].astype(np.float16), [stem], corruption, severity,
             config.seed)[0]
     ids = np.zeros(gb, np.int32)  # Padding slots: any id.
-    ids[:len(items)] = evaluate.case_key_ids(
+    ids[:len(items)] = predictors.case_key_ids(
         [os.path.splitext(os.path.basename(p))[0] for p, _ in items])
     return {'image': batch.reshape((devices, gb // devices) + batch.shape[1:]),
             'case_ids': ids.reshape(devices, gb // devices),
@@ -193,7 +193,7 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
                   predict_fn=None) -> Summary:
   """Predicts ``paths`` with ``params`` (unreplicated) into ``output_dir``.
 
-  ``predict_fn`` (from ``evaluate.make_predict_fn``) may be passed to reuse
+  ``predict_fn`` (from ``predictors.make_predict_fn``) may be passed to reuse
   its compilation across calls.
   """
   k = config.data.num_classes
@@ -208,7 +208,7 @@ def predict_paths(config, setup, params, paths: Sequence[str], output_dir: str,
   if not todo:
     return summary
 
-  predict_fn = predict_fn or evaluate.predictor(config, setup)
+  predict_fn = predict_fn or predictors.cached(config, setup)
   params = train_state.replicate(params)
   key = setup.keys()[2]
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
@@ -298,7 +298,7 @@ def predict_folder(config, workdir: str, input_dir: str, output_dir: str,
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in '
                             f'{input_dir}')
   setup = train_state.Setup.from_config(config)
-  state = evaluate.load_state(config, workdir, setup)
+  state = train_state.load_eval_state(config, workdir, setup)
   step = int(jax.device_get(state.step))
   logging.info('Predicting %d image(s) from %s with checkpoint step %d (EMA '
                'parameters): %d sampling steps, %d sample(s) each.',
@@ -310,7 +310,7 @@ def predict_folder(config, workdir: str, input_dir: str, output_dir: str,
             'workdir': os.path.abspath(workdir),
             'input': os.path.abspath(input_dir), 'checkpoint_step': step,
             'params': 'ema',
-            'sampling': evaluate.sampling_record(config),
+            'sampling': predictors.sampling_record(config),
             'image_size': config.data.image_size}
   record.update(summary.as_dict())
   for name in ('written', 'skipped'):

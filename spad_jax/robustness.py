@@ -27,6 +27,7 @@ import numpy as np
 from spad_jax import evaluate
 from spad_jax import files
 from spad_jax import formatting
+from spad_jax import predictors
 from spad_jax import train_state
 from spad_jax import visualize
 from spad_jax.data import corruptions
@@ -52,14 +53,14 @@ def _reusable(path: str, step: int, config) -> Dict[str, Any]:
   with open(path) as f:
     m = json.load(f)
   same = (m.get('checkpoint_step') == step and
-          m.get('sampling') == evaluate.sampling_record(config))
+          m.get('sampling') == predictors.sampling_record(config))
   return m if same and 'calibration' in m else {}
 
 
 def sweep(config, workdir: str) -> List[Dict[str, Any]]:
   """Every (corruption, severity) plus the clean split; returns the rows."""
   setup = train_state.Setup.from_config(config)
-  state = evaluate.load_state(config, workdir, setup)
+  state = train_state.load_eval_state(config, workdir, setup)
   import jax  # pylint: disable=g-import-not-at-top
   step = int(jax.device_get(state.step))
   plan = [('none', 0)] + [(n, s) for n in corruptions.SEVERITIES
@@ -91,7 +92,7 @@ def _write(config, workdir: str, rows: List[Dict[str, Any]],
            step: int) -> None:
   files.write_json(os.path.join(workdir, 'robustness.json'), {
       'checkpoint_step': step, 'split': config.eval.split,
-      'sampling': evaluate.sampling_record(config),
+      'sampling': predictors.sampling_record(config),
       'severities': {k: list(v) for k, v in corruptions.SEVERITIES.items()},
       'rows': rows})
   text = io.StringIO(newline='')

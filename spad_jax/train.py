@@ -32,6 +32,7 @@ from spad_jax import formatting
 from spad_jax import metrics as metrics_lib
 from spad_jax import objectives
 from spad_jax import perturb
+from spad_jax import predictors
 from spad_jax import records
 from spad_jax import timesteps
 from spad_jax import train_state
@@ -298,7 +299,7 @@ def validate(config, workdir, setup, state, val_source, step: int,
              rec, predict) -> Dict[str, Any]:
   """Samples the val split with the EMA parameters; logs mIoU/mDice and a
   grid (``val_grid.png`` and TensorBoard). ``predict`` is the compiled
-  sampler (``evaluate.make_predict_fn``), shared with the final evaluation."""
+  sampler (``predictors.make_predict_fn``), shared with the final evaluation."""
   ema = train_state.unreplicate(state.ema_params)
   run = evaluate.sample_split(config, ema, setup, val_source,
                               num_shown=config.eval.num_grid_cases,
@@ -333,7 +334,7 @@ class _Loop:
     self.mgr, self.best_mgr = mgr, best_mgr
     self.total_steps, self.metadata = total_steps, metadata
     self.spe = examples.steps_per_epoch
-    self.predict = (evaluate.predictor(config, setup)
+    self.predict = (predictors.cached(config, setup)
                     if val_source is not None else None)
     self.eval_every = config.train.eval_every_epochs * self.spe
     self.best = _best_val_mdice(best_mgr)

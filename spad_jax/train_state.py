@@ -6,7 +6,7 @@ prediction share, with no import of train or evaluate (DESIGN §5 layers).
 - ``TrainState``, the optimizer and its learning-rate schedule,
   create/abstract state;
 - replicate/unreplicate across the local devices;
-- checkpoints: save, restore, which one to load;
+- checkpoints: save, restore, which one to load (``load_eval_state``);
 - ``Setup``: model, schedule and keys, built once from the config.
 """
 
@@ -15,6 +15,7 @@ import os
 import subprocess
 from typing import Any, Callable, Dict, Optional
 
+from absl import logging
 from flax import jax_utils
 from flax import struct
 import jax
@@ -220,6 +221,24 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState,
                         state.checkpoint_items())
   items = mgr.restore(step, args=ocp.args.StandardRestore(target))
   return state.replace_items(items)
+
+
+def load_eval_state(config, workdir, setup):
+  """The checkpoint ``eval.checkpoint`` picks (best by val mDice or latest)
+  of ``workdir``, as an unreplicated TrainState."""
+  kind = resolve_checkpoint(config, workdir)
+  mgr = checkpoint_manager(workdir,
+                                       config.train.checkpoints_to_keep,
+                                 kind=kind)
+  if mgr.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {mgr.directory}; train first '
+                            '(--mode=train)')
+  logging.info('Loading the %s checkpoint: step %d of %s.', kind,
+               mgr.latest_step(), mgr.directory)
+  state = restore_checkpoint(
+      mgr, abstract_train_state(config, setup.model))
+  mgr.close()
+  return state
 
 
 def git_revision() -> str:

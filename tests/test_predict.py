@@ -225,8 +225,8 @@ def test_one_compilation_for_all_image_sizes(tmp_path):
   """In process: mixed sizes and a padded last batch reuse one compiled
   sampler; the same image gets the same outputs again (explicit keys)."""
   import jax
-  from spad_jax import evaluate
   from spad_jax import predict
+  from spad_jax import predictors
   from spad_jax import train_state
   import tiny_config
   config = tiny_config.get_config()
@@ -234,7 +234,7 @@ def test_one_compilation_for_all_image_sizes(tmp_path):
   setup = train_state.Setup.from_config(config)
   params = train_state.create_train_state(config, setup.model, setup.keys()[0],
                                     1).ema_params
-  fn = evaluate.make_predict_fn(config, setup.model, setup.schedule)
+  fn = predictors.make_predict_fn(config, setup.model, setup.schedule)
   sizes = [(20, 28), (33, 17), (16, 16), (40, 9), (64, 48)]
   names = write_images(tmp_path / 'in', sizes)
   paths = [str(tmp_path / 'in' / n) for n in names]
@@ -338,7 +338,7 @@ def test_one_predictor_per_sampling_setting():
   """Validation, evaluation and the benches share compiled samplers by
   setting; any key the sampler reads gives its own."""
   import importlib.util
-  from spad_jax import evaluate
+  from spad_jax import predictors
   from spad_jax import train_state
   from conftest import ROOT
   spec = importlib.util.spec_from_file_location(
@@ -347,8 +347,8 @@ def test_one_predictor_per_sampling_setting():
   spec.loader.exec_module(tiny)
   config = tiny.get_config()
   setup = train_state.Setup.from_config(config)
-  base = evaluate.predictor(config, setup)
-  assert evaluate.predictor(config.copy_and_resolve_references(),
+  base = predictors.cached(config, setup)
+  assert predictors.cached(config.copy_and_resolve_references(),
                             setup) is base
   seen = [base]
   other_sampler = ('ancestral' if config.eval.sampler == 'x0_resample' else
@@ -358,10 +358,10 @@ def test_one_predictor_per_sampling_setting():
                      ('mode_last', 1)]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value
-    fn = evaluate.predictor(other, setup)
+    fn = predictors.cached(other, setup)
     assert all(fn is not s for s in seen), key
     seen.append(fn)
-  assert evaluate.predictor(config, setup, return_samples=True) is not base
+  assert predictors.cached(config, setup, return_samples=True) is not base
 
 
 def test_chains_depend_on_seed_and_case_only():
@@ -369,7 +369,7 @@ def test_chains_depend_on_seed_and_case_only():
   ensemble of 3 holds the single chain, and another case id draws others."""
   import importlib.util
   import jax
-  from spad_jax import evaluate
+  from spad_jax import predictors
   from spad_jax import train_state
   from conftest import ROOT
   spec = importlib.util.spec_from_file_location(
@@ -388,13 +388,13 @@ def test_chains_depend_on_seed_and_case_only():
   s = config.data.image_size
   images = np.random.default_rng(1).normal(size=(4, s, s, 1)).astype(
       np.float32)
-  ids = evaluate.case_key_ids(['a', 'b', 'c', 'd'])
+  ids = predictors.case_key_ids(['a', 'b', 'c', 'd'])
   key = jax.random.key(7)
 
   def run(n, order, samples=False):
     cfg = config.copy_and_resolve_references()
     cfg.eval.num_samples = n
-    fn = evaluate.make_predict_fn(cfg, setup.model, setup.schedule,
+    fn = predictors.make_predict_fn(cfg, setup.model, setup.schedule,
                                   return_samples=samples)
     out = jax.device_get(fn(params, images[order][None], key,
                             ids[order][None]))
@@ -412,7 +412,7 @@ def test_chains_depend_on_seed_and_case_only():
   assert np.any(three['samples'][:, 1] != three['samples'][:, 0])
   # The same image under another case id is another chain.
   other = dict(run(1, np.arange(4), samples=True))
-  ids = evaluate.case_key_ids(['e', 'f', 'g', 'h'])
+  ids = predictors.case_key_ids(['e', 'f', 'g', 'h'])
   moved = run(1, np.arange(4), samples=True)
   assert np.any(moved['samples'] != other['samples'])
-  assert evaluate.case_key_ids(['a'])[0] == evaluate.case_key_ids(['a'])[0]
+  assert predictors.case_key_ids(['a'])[0] == predictors.case_key_ids(['a'])[0]

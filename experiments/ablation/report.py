@@ -333,6 +333,7 @@ def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
   each arm's first seed (first fold), EMA parameters, same sampling keys.
   Returns the case ids shown (None when no arm is done)."""
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spad_jax import predictors  # pylint: disable=g-import-not-at-top
   from spad_jax import metrics  # pylint: disable=g-import-not-at-top
   from spad_jax import visualize  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -361,10 +362,10 @@ def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
   k = config.data.num_classes
   # Same model and keys for all arms.
   setup = train_state.Setup.from_config(config)
-  predict = evaluate.make_predict_fn(config, setup.model, setup.schedule)
+  predict = predictors.make_predict_fn(config, setup.model, setup.schedule)
   preds = {}
   for arm, _, run in chosen:
-    state = evaluate.load_state(run.config, run.workdir, setup)
+    state = train_state.load_eval_state(run.config, run.workdir, setup)
     out = evaluate.sample_split(run.config, state.ema_params, setup, sub,
                                 num_shown=len(idx), predict=predict)
     preds[arm] = np.stack(out['shown']['preds'])
