@@ -154,6 +154,7 @@ def diagnose(cfg, state, setup, source) -> list:
   from spad_jax import calibration  # pylint: disable=g-import-not-at-top
   from spad_jax import diffusion  # pylint: disable=g-import-not-at-top
   from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  from spad_jax import predictors  # pylint: disable=g-import-not-at-top
   k, schedule, model = cfg.data.num_classes, setup.schedule, setup.model
   params = state.ema_params
   times = diffusion.time_sequence(cfg.diffusion.num_steps, cfg.eval.num_steps)
@@ -161,10 +162,7 @@ def diagnose(cfg, state, setup, source) -> list:
 
   self_condition = cfg.model.self_condition
 
-  def denoise(xt_onehot, image, t, p_prev=None):
-    return jax.nn.softmax(model.apply({'params': params}, xt_onehot, image,
-                                      t, p_prev=p_prev).astype(jnp.float32),
-                          axis=-1)
+  denoise = predictors.denoiser(model, params)
 
   @jax.jit
   def chain(images, key):

@@ -236,11 +236,11 @@ def load_eval_source(config, split: str):
 
 
 def evaluate(config, workdir: str, state=None, setup=None,
-             num_extremes: int = 3, out_dir: Optional[str] = None
-             ) -> Dict[str, Any]:
-  """Samples ``config.eval.split``; writes metrics.json, per_case.csv,
-  eval_grid.png, reliability.png, coverage.png and the overlays of the
-  ``num_extremes`` best/worst cases to ``out_dir`` (default
+             num_extremes: int = 3, out_dir: Optional[str] = None,
+             figures: bool = True) -> Dict[str, Any]:
+  """Samples ``config.eval.split``; writes metrics.json, per_case.csv and,
+  with ``figures``, eval_grid.png, reliability.png, coverage.png and the
+  overlays of the ``num_extremes`` best/worst cases to ``out_dir`` (default
   ``output_dir(config, workdir)``)."""
   from spad_jax.data import annotations  # pylint: disable=g-import-not-at-top
   case_spacing((1, 1), 1, config.eval.spacing)  # Fail before sampling.
@@ -303,14 +303,21 @@ def evaluate(config, workdir: str, state=None, setup=None,
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     _write_outputs(config, out_dir, result, source, tables, run['shown'],
-                   extremes, uncertainty)
+                   extremes, uncertainty, figures)
+  _log_result(split, result, run['seconds'], len(sets))
+  return result
+
+
+def _log_result(split: str, result: Dict[str, Any], seconds: float,
+                num_multi: int) -> None:
+  """The evaluation's headline numbers, in the log."""
   pcm = result['per_case_mean']
   logging.info('%s: mIoU %s  mDice %s  per case: Dice %s HD95 %s ASSD %s '
                '(%.1f s, checkpoint step %d)', split,
                formatting.percent(result['mIoU']),
                formatting.percent(result['mDice']),
                formatting.percent(pcm['Dice']), formatting.number(pcm['HD95']),
-               formatting.number(pcm['ASSD']), run['seconds'],
+               formatting.number(pcm['ASSD']), seconds,
                result['checkpoint_step'])
   cal, unc = result['calibration'], result['uncertainty']
   logging.info('%s: ECE %s  MCE %s  Brier %s  NLL %s; uncertainty flags '
@@ -320,11 +327,10 @@ def evaluate(config, workdir: str, state=None, setup=None,
                formatting.number(cal['nll'], 4),
                formatting.number(unc['error_auroc']),
                formatting.number(unc['error_auprc']))
-  if sets:
+  if num_multi:
     logging.info('%s: GED %s over %d cases with several annotations.', split,
                  formatting.number(result['multi_annotation']['GED']),
-                 len(sets))
-  return result
+                 num_multi)
 
 
 def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
@@ -357,9 +363,9 @@ def _summary(config, workdir, state, source, run, tables) -> Dict[str, Any]:
 
 
 def _write_outputs(config, out_dir, result, source, tables, shown,
-                   extremes, uncertainty) -> None:
-  """metrics.json, per_case.csv, eval_grid.png, reliability.png,
-  coverage.png and overlays/ (process 0)."""
+                   extremes, uncertainty, figures: bool) -> None:
+  """metrics.json, per_case.csv and (``figures``) eval_grid.png,
+  reliability.png, coverage.png and overlays/ (process 0)."""
   k = config.data.num_classes
   # A softmax has an entropy even from one pass; one diffusion sample not.
   show_entropy = (config.eval.num_samples > 1 or
@@ -368,6 +374,8 @@ def _write_outputs(config, out_dir, result, source, tables, shown,
                    keep_previous=True)
   write_per_case_csv(os.path.join(out_dir, 'per_case.csv'), source.ids,
                      tables, source.class_names, uncertainty)
+  if not figures:
+    return
   calibration.plot_reliability(result['calibration'],
                                os.path.join(out_dir, 'reliability.png'))
   calibration.plot_coverage(result['uncertainty'],

@@ -6,7 +6,7 @@ same in evaluate, predict and robustness, in any batch and on any device
 count; ``cached`` compiles each setting once per ``Setup``.
 """
 
-from typing import Any, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 import zlib
 
 import jax
@@ -41,6 +41,17 @@ def case_key_ids(case_ids: Sequence[str]) -> np.ndarray:
                    for c in case_ids], np.int32)
 
 
+def denoiser(model, params) -> Callable:
+  """``denoise(x_t one-hot, image, t, p_prev=None) -> p̂`` (float32 softmax,
+  whatever dtype the network computes in): what ``diffusion.sample`` calls."""
+
+  def denoise(xt_onehot, image, t, p_prev=None):
+    logits = model.apply({'params': params}, xt_onehot, image, t,
+                         p_prev=p_prev)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return denoise
+
+
 def make_predict_fn(config, model, schedule, return_samples: bool = False):
   """pmapped ``(params, images, key, case_ids) -> ensemble``.
 
@@ -70,10 +81,7 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
     chain_keys = jax.vmap(lambda j: jax.vmap(
         lambda k: jax.random.fold_in(k, j))(case_keys))(jnp.arange(n))
 
-    def denoise(xt_onehot, image, t, p_prev=None):
-      return jax.nn.softmax(model.apply({'params': params}, xt_onehot, image,
-                                        t, p_prev=p_prev), axis=-1)
-
+    denoise = denoiser(model, params)
     tiled = jnp.tile(images, (n, 1, 1, 1))  # n chains of the same images.
     out = diffusion.sample(denoise, tiled, chain_keys.reshape(n * b), schedule,
                            num_classes, times,

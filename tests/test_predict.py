@@ -332,6 +332,12 @@ def test_corrupted_evaluation_and_the_robustness_sweep(trained):
   assert float(row['mDice']) == pytest.approx(metrics['mDice'], abs=1e-6)
   for png in ('robustness.png', 'corruption_examples.png'):
     assert cv2.imread(os.path.join(trained, png)) is not None, png
+  # Figures for the clean split only; numbers for every corruption.
+  swept = os.path.join(trained, 'corruptions', 'gamma_s2')
+  assert os.path.exists(os.path.join(swept, 'per_case.csv'))
+  assert not os.path.exists(os.path.join(swept, 'reliability.png'))
+  assert cv2.imread(os.path.join(trained, 'corruptions', 'none_s0',
+                                 'reliability.png')) is not None
 
 
 def test_one_predictor_per_sampling_setting():
