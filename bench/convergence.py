@@ -67,7 +67,8 @@ from spad_jax import records
 # whatever the base config recommends (configs/demo.py trains hybrid_stage).
 _PAPER = {'model.kind': 'diffusion', 'diffusion.ce_lambda': 0.0,
           'diffusion.ce_weighting': 'constant',
-          'diffusion.t_sampling': 'uniform', 'diffusion.dice_lambda': 0.0}
+          'diffusion.t_sampling': 'uniform', 'diffusion.dice_lambda': 0.0,
+          'diffusion.dice_weighting': 'constant'}
 VARIANTS = {
     'kl': dict(_PAPER),  # The paper's loss.
     'hybrid': dict(_PAPER, **{'diffusion.ce_lambda': 1.0}),
@@ -82,6 +83,9 @@ VARIANTS = {
     # Dice term ten times stronger.
     'kl_dice': dict(_PAPER, **{'diffusion.dice_lambda': 0.02}),
     'kl_dice_strong': dict(_PAPER, **{'diffusion.dice_lambda': 0.2}),
+    # The Dice weighted by (1 - ᾱ_t): asked where x_t cannot be copied.
+    'kl_dice_stage': dict(_PAPER, **{'diffusion.dice_lambda': 0.02,
+                                     'diffusion.dice_weighting': 'stage'}),
     'deterministic': dict(_PAPER, **{'model.kind': 'deterministic'}),
 }
 

@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   # + dice_lambda·H·W·soft Dice(x0, p̂) over the foreground classes: a term
   # that does not fade with a rare class (docs/CONVERGENCE.md); 0 = off.
   config.diffusion.dice_lambda = 0.0
+  # Its weight over t, as ce_weighting: 'constant' or 'stage' ((1 - ᾱ_t),
+  # mean 1: the Dice asks for the label where x_t tells little of it).
+  config.diffusion.dice_weighting = 'constant'
   # Training times: 'uniform' (the paper's), 'stratified' over the global
   # batch, or 'importance' (π(t) ∝ sqrt(E[L_t²]), loss weighted 1/(T·π(t));
   # uniform until every t has `importance_history` recorded losses).

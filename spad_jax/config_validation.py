@@ -97,6 +97,8 @@ def _check_objective(config, check) -> None:
         "unknown CE weighting; expected 'constant' or 'stage'")
   check(df.dice_lambda >= 0, 'diffusion.dice_lambda',
         'soft Dice weight must be >= 0 (0: off)')
+  check(df.dice_weighting in ('constant', 'stage'), 'diffusion.dice_weighting',
+        "unknown Dice weighting; expected 'constant' or 'stage'")
   check(df.t_sampling in timesteps.SAMPLERS, 'diffusion.t_sampling',
         f'unknown timestep sampler; expected one of {list(timesteps.SAMPLERS)}')
   check(df.importance_history >= 1, 'diffusion.importance_history',

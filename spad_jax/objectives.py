@@ -178,6 +178,7 @@ def make_loss_fn(config, schedule: diffusion.Schedule) -> Callable:
   ce_lambda = float(config.diffusion.ce_lambda)
   ce_weighting = config.diffusion.ce_weighting
   dice_lambda = float(config.diffusion.dice_lambda)
+  dice_weighting = config.diffusion.get('dice_weighting', 'constant')
 
   def loss(x0, xt_onehot, p_hat, t):
     total = diffusion.hybrid_loss(x0, xt_onehot, p_hat, t, schedule,
@@ -186,6 +187,8 @@ def make_loss_fn(config, schedule: diffusion.Schedule) -> Callable:
       # Scaled by the pixel count so that λ weighs it like a per-pixel term
       # against the KL, which is summed over pixels.
       pixels = x0.shape[1] * x0.shape[2]
-      total = total + dice_lambda * pixels * soft_dice_loss(x0, p_hat)
+      w = (diffusion.ce_stage_weight(t, schedule)
+           if dice_weighting == 'stage' else 1.0)
+      total = total + dice_lambda * pixels * w * soft_dice_loss(x0, p_hat)
     return total
   return loss

@@ -64,6 +64,7 @@ def test_default_holds_design_defaults():
     ('eval.num_steps', 1000, 'config.eval.num_steps'),
     ('diffusion.ce_lambda', -0.5, 'config.diffusion.ce_lambda'),
     ('diffusion.dice_lambda', -0.1, 'config.diffusion.dice_lambda'),
+    ('diffusion.dice_weighting', 'late', 'config.diffusion.dice_weighting'),
     ('diffusion.t_sampling', 'sobol', 'config.diffusion.t_sampling'),
     ('diffusion.ce_weighting', 'late', 'config.diffusion.ce_weighting'),
     ('model.kind', 'gan', 'config.model.kind'),

@@ -64,11 +64,14 @@ def test_hybrid_loss_equals_kl_plus_lambda_ce(weighting):
                         jnp.asarray(p_hat, jnp.float32), t, schedule))
 
 
-def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss():
+@pytest.mark.parametrize('weighting', ['constant', 'stage'])
+def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss(weighting):
   import ml_collections
   from spad_jax import objectives
   k, num_t, lam_ce, lam_dice = 3, 10, 0.3, 0.05
   schedule = diffusion.make_schedule(num_t)
+  abar = np.cumprod(ref.reference_alphas(num_t))
+  stage = (1 - abar) / np.mean(1 - abar[1:])
   rng = np.random.default_rng(1)
   b, h, w = 3, 4, 5
   x0 = rng.integers(0, k, (b, h, w))
@@ -79,7 +82,7 @@ def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss():
   config = ml_collections.ConfigDict({
       'model': {'kind': 'diffusion'},
       'diffusion': {'ce_lambda': lam_ce, 'ce_weighting': 'constant',
-                    'dice_lambda': lam_dice}})
+                    'dice_lambda': lam_dice, 'dice_weighting': weighting}})
   args = (jax.nn.one_hot(x0, k), jax.nn.one_hot(xt, k),
           jnp.asarray(p_hat, jnp.float32), t)
   got = objectives.make_loss_fn(config, schedule)(*args)
@@ -90,7 +93,8 @@ def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss():
       g = (x0[i] == c).astype(np.float64)
       p = p_hat[i][..., c]
       dices.append((2 * np.sum(g * p) + 1e-6) / (np.sum(g) + np.sum(p) + 1e-6))
-    want = hybrid[i] + lam_dice * h * w * (1 - np.mean(dices))
+    weight = 1.0 if weighting == 'constant' else stage[t[i]]
+    want = hybrid[i] + lam_dice * h * w * weight * (1 - np.mean(dices))
     np.testing.assert_allclose(got[i], want, rtol=1e-5)
   config.diffusion.dice_lambda = 0.0  # Off: the hybrid loss bit for bit.
   np.testing.assert_array_equal(
