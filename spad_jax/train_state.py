@@ -257,7 +257,7 @@ class Setup:
   model: unet.UNet
   schedule: diffusion.Schedule
   root_key: jax.Array
-  # Compiled samplers by settings (evaluate.predictor fills it).
+  # Compiled samplers by settings (predictors.cached fills it).
   predictors: Dict[Any, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
