@@ -111,8 +111,8 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
     del key, case_ids  # Deterministic.
     like = jnp.zeros(images.shape[:3] + (config.data.num_classes,))
     xt, t = unet.fixed_inputs(like)
-    soft = jax.nn.softmax(model.apply({'params': params}, xt, images, t),
-                          axis=-1)
+    logits = model.apply({'params': params}, xt, images, t)
+    soft = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, diffusion.LOG_EPS)),
                        axis=-1)
     prediction = jnp.argmax(soft, axis=-1)

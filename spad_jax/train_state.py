@@ -227,16 +227,14 @@ def load_eval_state(config, workdir, setup):
   """The checkpoint ``eval.checkpoint`` picks (best by val mDice or latest)
   of ``workdir``, as an unreplicated TrainState."""
   kind = resolve_checkpoint(config, workdir)
-  mgr = checkpoint_manager(workdir,
-                                       config.train.checkpoints_to_keep,
-                                 kind=kind)
+  mgr = checkpoint_manager(workdir, config.train.checkpoints_to_keep,
+                           kind=kind)
   if mgr.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {mgr.directory}; train first '
                             '(--mode=train)')
   logging.info('Loading the %s checkpoint: step %d of %s.', kind,
                mgr.latest_step(), mgr.directory)
-  state = restore_checkpoint(
-      mgr, abstract_train_state(config, setup.model))
+  state = restore_checkpoint(mgr, abstract_train_state(config, setup.model))
   mgr.close()
   return state
 

@@ -143,7 +143,8 @@ def test_convergence_bench_end_to_end(tmp_path):
   # another objective); the Markdown shows only what differs from the paper.
   assert summary['hybrid']['overrides'] == {
       'model.kind': 'diffusion', 'diffusion.ce_lambda': 1.0,
-      'diffusion.ce_weighting': 'constant', 'diffusion.t_sampling': 'uniform'}
+      'diffusion.ce_weighting': 'constant', 'diffusion.t_sampling': 'uniform',
+      'diffusion.dice_lambda': 0.0, 'diffusion.dice_weighting': 'constant'}
   assert summary['kl']['overrides']['diffusion.ce_lambda'] == 0.0
 
   md = open(out / 'convergence.md').read()

@@ -75,7 +75,8 @@ def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss(weighting):
   rng = np.random.default_rng(1)
   b, h, w = 3, 4, 5
   x0 = rng.integers(0, k, (b, h, w))
-  x0[2] = 0  # No foreground in the label: Dice asks p̂ to put none there.
+  x0[1][x0[1] == 2] = 1  # Class 2 absent: only class 1 is scored.
+  x0[2] = 0  # No foreground at all: no Dice term, whatever p̂ says.
   xt = rng.integers(0, k, (b, h, w))
   p_hat = rng.dirichlet(np.ones(k), (b, h, w))
   t = np.array([1, 4, 10])
@@ -88,13 +89,15 @@ def test_dice_term_adds_pixels_times_soft_dice_to_the_hybrid_loss(weighting):
   got = objectives.make_loss_fn(config, schedule)(*args)
   hybrid = diffusion.hybrid_loss(*args, schedule, lam_ce, 'constant')
   for i in range(b):
-    dices = []
+    lost = []
     for c in range(1, k):
       g = (x0[i] == c).astype(np.float64)
       p = p_hat[i][..., c]
-      dices.append((2 * np.sum(g * p) + 1e-6) / (np.sum(g) + np.sum(p) + 1e-6))
+      if g.sum():
+        lost.append(1 - 2 * np.sum(g * p) / (np.sum(g) + np.sum(p)))
     weight = 1.0 if weighting == 'constant' else stage[t[i]]
-    want = hybrid[i] + lam_dice * h * w * weight * (1 - np.mean(dices))
+    want = hybrid[i] + lam_dice * h * w * weight * (np.mean(lost) if lost
+                                                     else 0.0)
     np.testing.assert_allclose(got[i], want, rtol=1e-5)
   config.diffusion.dice_lambda = 0.0  # Off: the hybrid loss bit for bit.
   np.testing.assert_array_equal(
