@@ -2,7 +2,7 @@
 
 Real OCT at 128² with the demo-sized UNet (≈0.8 M parameters) and T = 10,
 300 epochs of 9 steps (2,700 steps of batch 8), full SPAD: test fluid Dice
-0.633 and 0.664 for seeds 0 and 1 with the x0_resample sampler
+0.648 ± 0.016 over seeds 0-2 with the x0_resample sampler
 (docs/CONVERGENCE.md; 150 epochs gave 0.549). Larger than the
 ablation study's 64² budget config, still far below the paper's protocol
 (256², 5.7 M parameters, T = 250, 200 epochs: configs/duke_dme.py on a GPU).
