@@ -93,11 +93,12 @@ def _check_objective(config, check) -> None:
   check(df.num_steps >= 1, 'diffusion.num_steps', 'must be >= 1')
   check(df.ce_lambda >= 0, 'diffusion.ce_lambda',
         'hybrid CE weight must be >= 0 (0: the KL loss alone)')
-  check(df.ce_weighting in ('constant', 'stage'), 'diffusion.ce_weighting',
+  check(df.ce_weighting in diffusion.WEIGHTINGS, 'diffusion.ce_weighting',
         "unknown CE weighting; expected 'constant' or 'stage'")
   check(df.dice_lambda >= 0, 'diffusion.dice_lambda',
         'soft Dice weight must be >= 0 (0: off)')
-  check(df.dice_weighting in ('constant', 'stage'), 'diffusion.dice_weighting',
+  check(df.dice_weighting in diffusion.WEIGHTINGS,
+        'diffusion.dice_weighting',
         "unknown Dice weighting; expected 'constant' or 'stage'")
   check(df.t_sampling in timesteps.SAMPLERS, 'diffusion.t_sampling',
         f'unknown timestep sampler; expected one of {list(timesteps.SAMPLERS)}')

@@ -163,6 +163,20 @@ def ce_stage_weight(t, schedule: Schedule) -> jnp.ndarray:
   return one_minus[jnp.asarray(t)] / jnp.mean(one_minus[1:])
 
 
+WEIGHTINGS = ('constant', 'stage')  # The weights over t a loss term takes.
+
+
+def time_weight(weighting: str, t, schedule: Schedule):
+  """A loss term's weight at ``t``: ``'constant'`` (1) or ``'stage'``
+  (``ce_stage_weight``)."""
+  if weighting == 'constant':
+    return 1.0
+  if weighting == 'stage':
+    return ce_stage_weight(t, schedule)
+  raise ValueError(f'unknown weighting {weighting!r}; expected one of '
+                   f'{list(WEIGHTINGS)}')
+
+
 def hybrid_loss(x0_onehot: jnp.ndarray, xt_onehot: jnp.ndarray,
                 p_hat: jnp.ndarray, t, schedule: Schedule, ce_lambda: float,
                 ce_weighting: str = 'constant') -> jnp.ndarray:
@@ -174,13 +188,8 @@ def hybrid_loss(x0_onehot: jnp.ndarray, xt_onehot: jnp.ndarray,
   kl = kl_loss(x0_onehot, xt_onehot, p_hat, t, schedule)
   if not ce_lambda:
     return kl
-  if ce_weighting == 'constant':
-    w = 1.0
-  elif ce_weighting == 'stage':
-    w = ce_stage_weight(t, schedule)
-  else:
-    raise ValueError(f'unknown CE weighting {ce_weighting!r}')
-  return kl + ce_lambda * w * cross_entropy(x0_onehot, p_hat)
+  return kl + ce_lambda * time_weight(ce_weighting, t, schedule) * (
+      cross_entropy(x0_onehot, p_hat))
 
 
 def sample_categorical(key: jax.Array, probs: jnp.ndarray) -> jnp.ndarray:

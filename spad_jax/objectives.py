@@ -197,8 +197,7 @@ def make_loss_fn(config, schedule: diffusion.Schedule) -> Callable:
       # Scaled by the pixel count so that λ weighs it like a per-pixel term
       # against the KL, which is summed over pixels.
       pixels = x0.shape[1] * x0.shape[2]
-      w = (diffusion.ce_stage_weight(t, schedule)
-           if dice_weighting == 'stage' else 1.0)
+      w = diffusion.time_weight(dice_weighting, t, schedule)
       total = total + dice_lambda * pixels * w * soft_dice_loss(x0, p_hat)
     return total
   return loss
