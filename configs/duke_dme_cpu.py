@@ -1,9 +1,9 @@
-"""Duke DME at 128² on the CPU (about 40 minutes of training on 2 cores).
+"""Duke DME at 128² on the CPU (about 35 minutes on 2 idle cores).
 
 Real OCT at 128² with the demo-sized UNet (≈0.8 M parameters) and T = 10,
 300 epochs of 9 steps (2,700 steps of batch 8), left-right flips, full
-SPAD, the x0_resample sampler: test fluid Dice per seed in
-docs/CONVERGENCE.md (without flips 0.648 ± 0.016 over seeds 0-2). Larger
+SPAD, the x0_resample sampler: test fluid Dice 0.690 ± 0.015 over seeds
+0-2 (docs/CONVERGENCE.md; without flips 0.648 ± 0.016). Larger
 than the ablation study's 64² budget config, still far below the paper's
 protocol (256², 5.7 M parameters, T = 250, 200 epochs: configs/duke_dme.py
 on a GPU).
