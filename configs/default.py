@@ -94,11 +94,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.importance_history = 10
   config.diffusion.importance_uniform = 0.001  # Uniform mass mixed into π.
   # Training on the model's own x_t (against exposure bias, docs/SAMPLING.md):
-  # this fraction of the examples draws x_t by one exact sampler jump of the
+  # this fraction of the examples draws x_t by one sampler jump of the
   # current model (no gradient) from t' = min(t + own_sample_stride, T),
   # x_t' ~ q(x_t'|x0), instead of x_t ~ q(x_t|x0). 0: the paper's training.
+  # The jump is own_sample_sampler's (an eval.sampler name): set it to the
+  # sampler the model will run, so training sees the inputs it will get.
   config.diffusion.own_sample_fraction = 0.0
   config.diffusion.own_sample_stride = 25
+  config.diffusion.own_sample_sampler = 'ancestral'
 
   # SPAD (DESIGN §2 and its table of lost defaults).
   config.spad = ml_collections.ConfigDict()

@@ -114,6 +114,9 @@ def _check_objective(config, check) -> None:
         f'must be in [1, diffusion.num_steps = {df.num_steps}]')
   check(not df.own_sample_fraction or config.model.kind == 'diffusion',
         'diffusion.own_sample_fraction', 'needs model.kind = diffusion')
+  check(df.get('own_sample_sampler', 'ancestral') in diffusion.SAMPLERS,
+        'diffusion.own_sample_sampler',
+        f'unknown sampler; expected one of {", ".join(diffusion.SAMPLERS)}')
 
 
 def _check_spad(config, check) -> None:

@@ -117,16 +117,18 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
   None when ``diffusion.own_sample_fraction`` is 0.
 
   That fraction of the examples (own key each) trains on the x_t that one
-  exact ancestral jump of the current model (no gradient) draws from
+  jump of the current model (no gradient) draws from
   ``t' = min(t + own_sample_stride, T)``, ``x_t' ~ q(x_t' | x0)``: the kind
   of input a sampling chain feeds the model, its errors included, where
-  q(x_t | x0) only ever shows it uniform noise. Loss and target stay the
-  same.
+  q(x_t | x0) only ever shows it uniform noise. The jump is
+  ``diffusion.own_sample_sampler``'s (``diffusion.jump_probs``). Loss and
+  target stay the same.
   """
   fraction = float(config.diffusion.get('own_sample_fraction', 0.0))
   if not fraction:
     return None
   stride = int(config.diffusion.own_sample_stride)
+  sampler = config.diffusion.get('own_sample_sampler', 'ancestral')
   num_classes = config.data.num_classes
 
   def own(apply_model, params, inputs, image, keys, x0):
@@ -140,8 +142,8 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
     p_hat = jax.lax.stop_gradient(jax.nn.softmax(
         apply_model(params, from_onehot, image, t_from,
                     split(2)).astype(jnp.float32), axis=-1))
-    probs = diffusion.model_posterior_probs(from_onehot, p_hat, t_from,
-                                            inputs.t, schedule)
+    probs = diffusion.jump_probs(sampler, from_onehot, p_hat, t_from,
+                                 inputs.t, schedule)
     drawn = jax.vmap(diffusion.sample_categorical)(split(3), probs)
     use = use & (t_from > inputs.t)  # t = T has no earlier step.
     return inputs._replace(xt_onehot=jnp.where(

@@ -76,6 +76,7 @@ def test_default_holds_design_defaults():
     ('eval.ensemble', 'median', 'config.eval.ensemble'),
     ('diffusion.own_sample_fraction', 1.5, 'config.diffusion.own_sample_fraction'),
     ('diffusion.own_sample_fraction', -0.1, 'config.diffusion.own_sample_fraction'),
+    ('diffusion.own_sample_sampler', 'ddim', 'config.diffusion.own_sample_sampler'),
     ('train.val_split', 'dev', 'config.train.val_split'),
     ('train.val_split', 'test', 'config.train.val_split'),  # checkpoint=best
 ])
