@@ -165,3 +165,118 @@ def robustness(config, workdir: str) -> List[Dict[str, Any]]:
   if jax.process_index() == 0:
     examples_png(config, os.path.join(workdir, 'corruption_examples.png'))
   return rows
+
+
+class CompareError(ValueError):
+  """A robustness.json that cannot be compared (names the file)."""
+
+
+def load_sweep(path: str) -> Dict[str, Any]:
+  """A workdir's robustness.json (or the file itself), checked."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'robustness.json')
+  if not os.path.exists(path):
+    raise CompareError(f'{path}: not found (run --mode=robustness first)')
+  with open(path) as f:
+    try:
+      sweep_ = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CompareError(f'{path}: not JSON ({e})') from e
+  if not isinstance(sweep_, dict) or 'rows' not in sweep_:
+    raise CompareError(f'{path}: no "rows"; not a robustness.json')
+  sweep_['path'] = path
+  return sweep_
+
+
+def compare(sweeps: Dict[str, Dict[str, Any]], reference: str,
+            metric: str = 'mDice') -> Dict[str, Any]:
+  """Rows of ``metric`` per (corruption, severity) for each named sweep,
+  its difference to ``reference``'s, and per corruption the mean over
+  severities 1..5 (``none``: the clean split, severity 0). Sweeps must share the
+  split and sampling settings: otherwise the difference is not the
+  models'."""
+  if reference not in sweeps:
+    raise CompareError(f'reference {reference!r} is not one of '
+                       f'{sorted(sweeps)}')
+  ref = sweeps[reference]
+  for name, s in sweeps.items():
+    for key in ('split', 'sampling'):
+      if s.get(key) != ref.get(key):
+        raise CompareError(f'{s["path"]}: {key} {s.get(key)!r} differs from '
+                           f'{ref["path"]}\'s {ref.get(key)!r}')
+
+  def table(s):
+    return {(r['corruption'], int(r['severity'])): r.get(metric)
+            for r in s['rows']}
+  tables = {name: table(s) for name, s in sweeps.items()}
+  keys = [k for k in tables[reference]
+          if all(k in t for t in tables.values())]
+  rows = []
+  for key in keys:
+    row = {'corruption': key[0], 'severity': key[1]}
+    for name, t in tables.items():
+      row[name] = t[key]
+      if name != reference:
+        row[f'{name} - {reference}'] = (
+            None if t[key] is None or tables[reference][key] is None
+            else t[key] - tables[reference][key])
+    rows.append(row)
+  means = {}
+  for name in ['none', *corruptions.SEVERITIES]:
+    mine = [r for r in rows if r['corruption'] == name]
+    if mine:
+      means[name] = {n: _mean([r[n] for r in mine]) for n in sweeps}
+  return {'metric': metric, 'reference': reference,
+          'runs': {n: s['path'] for n, s in sweeps.items()},
+          'checkpoint_steps': {n: s.get('checkpoint_step')
+                               for n, s in sweeps.items()},
+          'rows': rows, 'mean_over_severities': means}
+
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def write_comparison(result: Dict[str, Any], out: str) -> List[str]:
+  """comparison.json, comparison.csv and comparison.png in ``out``."""
+  os.makedirs(out, exist_ok=True)
+  paths = [os.path.join(out, f'comparison.{e}') for e in ('json', 'csv',
+                                                           'png')]
+  files.write_json(paths[0], result)
+  fields = list(result['rows'][0]) if result['rows'] else []
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fields)
+  writer.writeheader()
+  for r in result['rows']:
+    writer.writerow({k: ('' if r[k] is None else
+                         f'{r[k]:.6g}' if isinstance(r[k], float) else r[k])
+                     for k in fields})
+  files.write_atomic(paths[1], text.getvalue())
+  plt = visualize.pyplot()
+  names = list(result['runs'])
+  kinds = [c for c in corruptions.SEVERITIES
+           if any(r['corruption'] == c for r in result['rows'])]
+  fig, axes = plt.subplots(1, max(len(kinds), 1), dpi=110, sharey=True,
+                           figsize=(2.1 * max(len(kinds), 1), 2.8),
+                           squeeze=False)
+  clean = {r_name: next((r[r_name] for r in result['rows']
+                         if r['corruption'] == 'none'), None)
+           for r_name in names}
+  for ax, kind in zip(axes[0], kinds):
+    mine = [r for r in result['rows'] if r['corruption'] == kind]
+    for i, name in enumerate(names):
+      xs = [0] + [r['severity'] for r in mine]
+      ys = [clean[name]] + [r[name] for r in mine]
+      ax.plot(xs, [np.nan if y is None else y for y in ys], 'o-', ms=3,
+              color=f'C{i}', label=name)
+    ax.set_title(kind, fontsize=8)
+    ax.set_xticks(range(6))
+    ax.tick_params(labelsize=7)
+  axes[0][0].set_ylabel(f'test {result["metric"]}', fontsize=8)
+  axes[0][0].legend(fontsize=7)
+  fig.supxlabel('severity (0 = clean)', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(paths[2])
+  plt.close(fig)
+  return paths

@@ -94,3 +94,60 @@ def test_bad_settings_are_config_errors_naming_the_key(key, value, message):
   with pytest.raises(config_validation.ConfigError, match=message) as e:
     config_validation.validate(config)
   assert f'config.{key}' in str(e.value)
+
+
+def _sweep_file(path, values, sampling=None):
+  """A robustness.json with mDice ``values[(name, severity)]``."""
+  import json
+  rows = [{'corruption': n, 'severity': s, 'mDice': v, 'ece': None}
+          for (n, s), v in values.items()]
+  path.mkdir()
+  (path / 'robustness.json').write_text(json.dumps(
+      {'split': 'test', 'sampling': sampling or {'num_steps': 10},
+       'checkpoint_step': 7, 'rows': rows}))
+  return str(path)
+
+
+def test_robustness_comparison_against_hand_computed_differences(tmp_path):
+  import csv
+  import subprocess
+  import sys
+  from spad_jax import robustness
+  a = {('none', 0): 0.8, ('blur', 1): 0.7, ('blur', 2): 0.5,
+       ('jpeg', 1): 0.75}
+  b = {('none', 0): 0.82, ('blur', 1): 0.6, ('blur', 2): 0.55,
+       ('jpeg', 1): 0.75, ('jpeg', 2): 0.7}  # jpeg 2 missing in a.
+  runs = {'spad': robustness.load_sweep(_sweep_file(tmp_path / 'a', a)),
+          'none': robustness.load_sweep(_sweep_file(tmp_path / 'b', b))}
+  result = robustness.compare(runs, 'spad')
+  got = {(r['corruption'], r['severity']): r['none - spad']
+         for r in result['rows']}
+  assert set(got) == set(a)  # Only the settings both sweeps hold.
+  for key in a:
+    assert got[key] == pytest.approx(b[key] - a[key])
+  means = result['mean_over_severities']
+  assert means['blur'] == pytest.approx({'spad': 0.6, 'none': 0.575})
+  assert means['none'] == pytest.approx({'spad': 0.8, 'none': 0.82})
+
+  other = _sweep_file(tmp_path / 'c', a, sampling={'num_steps': 25})
+  with pytest.raises(robustness.CompareError, match='c/robustness.json: '
+                     'sampling'):
+    robustness.compare({'spad': runs['spad'],
+                        'x': robustness.load_sweep(other)}, 'spad')
+  with pytest.raises(robustness.CompareError, match='missing.*not found'):
+    robustness.load_sweep(str(tmp_path / 'missing'))
+
+  out = tmp_path / 'out'
+  run = subprocess.run(
+      [sys.executable, 'scripts/compare_robustness.py',
+       f'--run=spad={tmp_path / "a"}', f'--run=none={tmp_path / "b"}',
+       f'--out={out}'], capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  table = list(csv.DictReader(open(out / 'comparison.csv')))
+  assert len(table) == 4 and (out / 'comparison.png').stat().st_size > 0
+  bad = subprocess.run(
+      [sys.executable, 'scripts/compare_robustness.py',
+       f'--run=spad={tmp_path / "a"}', f'--run=x={tmp_path / "nowhere"}',
+       f'--out={tmp_path / "out2"}'], capture_output=True, text=True,
+      check=False)
+  assert bad.returncode != 0 and 'nowhere' in bad.stderr
