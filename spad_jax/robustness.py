@@ -96,15 +96,21 @@ def _write(config, workdir: str, rows: List[Dict[str, Any]],
       'sampling': predictors.sampling_record(config),
       'severities': {k: list(v) for k, v in corruptions.SEVERITIES.items()},
       'rows': rows})
+  files.write_atomic(os.path.join(workdir, 'robustness.csv'),
+                     _csv_text(FIELDS, rows))
+  plot(rows, os.path.join(workdir, 'robustness.png'))
+
+
+def _csv_text(fields, rows: List[Dict[str, Any]]) -> str:
+  """CSV of ``rows``: floats to 6 significant digits, None as empty."""
   text = io.StringIO(newline='')
-  writer = csv.DictWriter(text, FIELDS)
+  writer = csv.DictWriter(text, fields)
   writer.writeheader()
   for r in rows:
     writer.writerow({k: ('' if r[k] is None else
                          f'{r[k]:.6g}' if isinstance(r[k], float) else r[k])
-                     for k in FIELDS})
-  files.write_atomic(os.path.join(workdir, 'robustness.csv'), text.getvalue())
-  plot(rows, os.path.join(workdir, 'robustness.png'))
+                     for k in fields})
+  return text.getvalue()
 
 
 def plot(rows: List[Dict[str, Any]], path: str) -> None:
@@ -192,9 +198,9 @@ def compare(sweeps: Dict[str, Dict[str, Any]], reference: str,
             metric: str = 'mDice') -> Dict[str, Any]:
   """Rows of ``metric`` per (corruption, severity) for each named sweep,
   its difference to ``reference``'s, and per corruption the mean over
-  severities 1..5 (``none``: the clean split, severity 0). Sweeps must share the
-  split and sampling settings: otherwise the difference is not the
-  models'."""
+  severities 1..5 (``none``: the clean split, severity 0). Sweeps must
+  share the split and sampling settings: otherwise the difference is not
+  the models'."""
   if reference not in sweeps:
     raise CompareError(f'reference {reference!r} is not one of '
                        f'{sorted(sweeps)}')
@@ -245,14 +251,7 @@ def write_comparison(result: Dict[str, Any], out: str) -> List[str]:
                                                            'png')]
   files.write_json(paths[0], result)
   fields = list(result['rows'][0]) if result['rows'] else []
-  text = io.StringIO(newline='')
-  writer = csv.DictWriter(text, fields)
-  writer.writeheader()
-  for r in result['rows']:
-    writer.writerow({k: ('' if r[k] is None else
-                         f'{r[k]:.6g}' if isinstance(r[k], float) else r[k])
-                     for k in fields})
-  files.write_atomic(paths[1], text.getvalue())
+  files.write_atomic(paths[1], _csv_text(fields, result['rows']))
   plt = visualize.pyplot()
   names = list(result['runs'])
   kinds = [c for c in corruptions.SEVERITIES

@@ -331,7 +331,6 @@ def test_bad_objective_settings_stop_before_any_work(main_runner, tmp_path):
   assert not workdir.exists()
 
 
-
 @pytest.mark.parametrize('sampler', ['ancestral', 'x0_resample'])
 def test_own_sample_inputs_follow_the_samplers_jump(sampler):
   """With a model whose p̂ ignores its input, an own-sample x_t drawn from
