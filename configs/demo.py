@@ -42,5 +42,9 @@ def get_config():
   # steps vs the exact sampler's 0.829 / 0.839, ECE no worse
   # (docs/SAMPLING.md).
   config.eval.sampler = 'x0_resample'
+  # Jumps drawn from p̂^(1/2): single chains 0.857 / 0.873 at 10 / 25 steps
+  # vs 0.838 / 0.852 at τ = 1, lower ECE, and 16-chain votes ahead of
+  # single chains at 25 steps (docs/SAMPLING.md).
+  config.eval.temperature = 2.0
   config.eval.batch_size = 32
   return config
