@@ -147,20 +147,27 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
 def _apply_update(state: train_state.TrainState, grads, finite,
                   ema_decay: float) -> train_state.TrainState:
   """Optimizer step and EMA; a non-finite loss or gradient skips the update
-  (the streak is counted, and reported by the loop)."""
-  updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  decay = ema_decay_at(state.step, ema_decay)
-  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                         state.ema_params, new_params)
-  keep = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(finite, n, o), new, old)
-  return state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      ema_params=keep(new_ema, state.ema_params),
-      opt_state=keep(new_opt, state.opt_state),
-      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+  (the streak is counted, and reported by the loop).
+
+  One ``lax.cond`` rather than a ``where`` per state leaf: the step then
+  compiles without ~800 selects and ~600 entry copies of the donated state
+  (demo UNet); the time saved is within the noise of bench/step_ab.py.
+  """
+  def update(s):
+    updates, new_opt = s.tx.update(grads, s.opt_state, s.params)
+    new_params = optax.apply_updates(s.params, updates)
+    decay = ema_decay_at(s.step, ema_decay)
+    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                           s.ema_params, new_params)
+    return s.replace(step=s.step + 1, params=new_params, ema_params=new_ema,
+                     opt_state=new_opt,
+                     nonfinite_streak=jnp.zeros_like(s.nonfinite_streak))
+
+  def skip(s):
+    return s.replace(step=s.step + 1,
+                     nonfinite_streak=s.nonfinite_streak + 1)
+
+  return jax.lax.cond(finite, update, skip, state)
 
 
 def p_train_step(config, model, schedule, steps_per_epoch) -> Callable:

@@ -322,3 +322,48 @@ def test_bfloat16_steps_are_finite_float32_and_close(steps_on_1_device):
   # The parameters follow the float32 run: measured distance 0.04 of the
   # update (Adam's first updates are nearly sign(g): a few signs flip).
   assert relative_distance(bf16['step2'], base['step2'], base, keys) < 0.2
+
+
+def _update_state():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.train.ema_decay = 0.9
+  params = {'a': jnp.arange(6.0).reshape(2, 3), 'b': jnp.ones((4,))}
+  return train_state._state_from_params(config, params, 100)  # pylint: disable=protected-access
+
+
+def test_update_is_adam_and_ema_and_skips_nonfinite_steps():
+  """train._apply_update (one lax.cond) against optax and the EMA formula
+  written out; a non-finite step keeps the state and counts the streak."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from spad_jax import train  # pylint: disable=g-import-not-at-top
+  state = _update_state().replace(step=jnp.asarray(3, jnp.int32))
+  grads = {'a': jnp.full((2, 3), 0.5), 'b': jnp.linspace(-1.0, 1.0, 4)}
+  new = jax.jit(train._apply_update, static_argnums=3)(  # pylint: disable=protected-access
+      state, grads, jnp.asarray(True), 0.9)
+  updates, opt = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = min(0.9, (1 + 3) / (10 + 3))
+  for k in params:
+    np.testing.assert_allclose(new.params[k], params[k], rtol=1e-6)
+    np.testing.assert_allclose(
+        new.ema_params[k], decay * state.ema_params[k] + (1 - decay) *
+        params[k], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(opt)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert int(new.step) == 4 and int(new.nonfinite_streak) == 0
+
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+  kept = train._apply_update(new, bad, jnp.asarray(False), 0.9)  # pylint: disable=protected-access
+  for a, b in zip(jax.tree.leaves((kept.params, kept.ema_params,
+                                   kept.opt_state)),
+                  jax.tree.leaves((new.params, new.ema_params,
+                                   new.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  assert int(kept.step) == 5 and int(kept.nonfinite_streak) == 1
+  again = train._apply_update(kept, bad, jnp.asarray(False), 0.9)  # pylint: disable=protected-access
+  assert int(again.nonfinite_streak) == 2

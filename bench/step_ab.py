@@ -1,0 +1,290 @@
+r"""The train step against its plainer and its candidate forms, in one process.
+
+Variants, each compiled in one process with perf.py's runner (the same
+model, batch and SPAD masks):
+
+* ``where``: the optimizer update with a ``where`` per state leaf (the
+  plain form of ``train._apply_update``, which uses one ``lax.cond``);
+* ``package``: the step as the package runs it;
+* ``+groupnorm``: the package with a candidate GroupNorm that sums per
+  channel over the pixels first and per group after (``GroupNormSums``);
+* ``+upsample``: that, and nearest 2x upsampling as a broadcast instead of
+  ``jax.image.resize`` (a gather);
+* ``spad_off``: the package's step without SPAD's perturbation.
+
+They are timed in alternated rounds (forward order, then reversed), each
+block ``--steps`` steps. A variant's speed-up in a round is ``where``'s
+time over its own; the report gives the median over rounds with a
+bootstrap interval, in wall time and in process CPU time (which hypervisor
+steal does not inflate), SPAD's cost (``package`` over ``spad_off``), and
+an A/A control from ``where``'s two blocks. ``--layers`` also times the
+two GroupNorms alone (forward + backward) at the demo UNet's shapes;
+``--ops`` profiles the package's step with jax.profiler and reports its
+time per kind of XLA op (convolutions, layout transposes, reduce-windows,
+fusions).
+
+  python bench/step_ab.py --preset=demo
+  python bench/step_ab.py --preset=cpu --rounds=8
+
+Writes ``<out>/step_ab_<preset>.json``.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import perf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from spad_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('rounds', 16, 'Alternated rounds.')
+flags.DEFINE_integer('steps', 3, 'Steps per timed block.')
+flags.DEFINE_bool('layers', True, 'Also time GroupNorm alone.')
+flags.DEFINE_bool('ops', True, 'Also profile the package\'s step '
+                  '(jax.profiler) and write its time per XLA op kind.')
+FLAGS.set_default('out', 'bench_results/step_ab')
+
+VARIANTS = ('where', 'package', '+groupnorm', '+upsample', 'spad_off')
+GROUPNORM_SHAPES = (((8, 64, 64, 16), 16), ((8, 64, 64, 48), 16),
+                    ((8, 32, 32, 32), 32), ((8, 16, 16, 64), 32))
+
+
+def where_update(state, grads, finite, ema_decay):
+  """The update with a ``where`` per leaf (the plain form of
+  ``train._apply_update``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from spad_jax import train  # pylint: disable=g-import-not-at-top
+  updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  decay = train.ema_decay_at(state.step, ema_decay)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                         state.ema_params, new_params)
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  return state.replace(
+      step=state.step + 1, params=keep(new_params, state.params),
+      ema_params=keep(new_ema, state.ema_params),
+      opt_state=keep(new_opt, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+
+
+def group_norm_sums():
+  """A candidate ``flax.linen.GroupNorm`` for ``[B, H, W, C]`` (same
+  parameters and maths) that sums ``[B, H·W, C]`` per channel first."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class GroupNorm(nn.Module):  # The flax name keeps the parameter paths.
+    num_groups: int
+    dtype: object = None
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+      b, h, w, c = x.shape
+      g = self.num_groups
+      scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+      bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+      xr = x.astype(jnp.float32).reshape(b, h * w, c)
+      n = h * w * (c // g)
+      group_mean = lambda v: jnp.sum(v, 1).reshape(b, g, c // g).sum(-1) / n
+      mean = group_mean(xr)
+      var = jnp.maximum(0.0, group_mean(jnp.square(xr)) - jnp.square(mean))
+      per_channel = lambda v: jnp.repeat(v, c // g, axis=-1)[:, None, :]
+      mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
+      y = (xr - per_channel(mean)) * mul + bias
+      return y.reshape(b, h, w, c).astype(self.dtype or jnp.float32)
+
+  return GroupNorm
+
+
+def upsample_broadcast(h, shape, method):
+  """``jax.image.resize(h, shape, 'nearest')`` for an exact 2x, as a
+  broadcast."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  b, hh, ww, c = h.shape
+  assert method == 'nearest' and tuple(shape) == (b, 2 * hh, 2 * ww, c)
+  return jnp.broadcast_to(h[:, :, None, :, None, :],
+                          (b, hh, 2, ww, 2, c)).reshape(shape)
+
+
+def build(variant, preset):
+  """perf.py's train runner for ``variant``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax.models import unet  # pylint: disable=g-import-not-at-top
+  package = (train._apply_update, unet._norm, jax.image.resize)  # pylint: disable=protected-access
+  try:
+    if variant == 'where':
+      train._apply_update = where_update  # pylint: disable=protected-access
+    if variant in ('+groupnorm', '+upsample'):
+      norm = group_norm_sums()
+      unet._norm = lambda channels, groups, dtype: norm(  # pylint: disable=protected-access
+          num_groups=unet.math.gcd(groups, channels), dtype=dtype)
+    if variant == '+upsample':
+      jax.image.resize = upsample_broadcast
+    run, _, _ = perf.jax_train_runner(preset, preset['sizes'][0],
+                                      preset['batches'][0], 'float32',
+                                      variant != 'spad_off')
+  finally:
+    train._apply_update, unet._norm, jax.image.resize = package  # pylint: disable=protected-access
+  return run
+
+
+def bootstrap(values, boots=5000, seed=0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  values = np.asarray(values)
+  draws = np.median(np.random.default_rng(seed).choice(
+      values, (boots, values.size)), axis=1)
+  return [float(np.median(values)), float(np.quantile(draws, 0.025)),
+          float(np.quantile(draws, 0.975))]
+
+
+def time_steps(preset, rounds, steps):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  runs = {v: build(v, preset) for v in VARIANTS}
+  wall = {v: [] for v in VARIANTS}
+  cpu = {v: [] for v in VARIANTS}
+  for r in range(rounds):
+    order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+    for v in order + order[::-1]:
+      c0, t0 = time.process_time(), time.perf_counter()
+      runs[v](steps)
+      wall[v].append((time.perf_counter() - t0) / steps)
+      cpu[v].append((time.process_time() - c0) / steps)
+    print(f'round {r + 1}/{rounds}: ' + '  '.join(
+        f'{v} {1000 * np.mean(wall[v][-2:]):.0f} ms' for v in VARIANTS),
+          flush=True)
+  per_round = lambda d, v: np.asarray(d[v]).reshape(rounds, 2).sum(1)
+  out = {'ms_per_step': {v: 1000 * float(np.median(wall[v]))
+                         for v in VARIANTS},
+         'cpu_ms_per_step': {v: 1000 * float(np.median(cpu[v]))
+                             for v in VARIANTS},
+         'speedup': {}, 'cpu_speedup': {}}
+  for v in VARIANTS[1:4]:
+    out['speedup'][v] = bootstrap(per_round(wall, 'where') /
+                                  per_round(wall, v))
+    out['cpu_speedup'][v] = bootstrap(per_round(cpu, 'where') /
+                                      per_round(cpu, v))
+  # SPAD's cost: the package's step with it over the same step without.
+  out['spad_cost'] = bootstrap(per_round(wall, 'package') /
+                               per_round(wall, 'spad_off'))
+  out['spad_cost_cpu'] = bootstrap(per_round(cpu, 'package') /
+                                   per_round(cpu, 'spad_off'))
+  ref = np.asarray(wall['where']).reshape(rounds, 2)
+  out['aa_control'] = bootstrap(ref[:, 0] / ref[:, 1])
+  return out
+
+
+def time_groupnorm(rounds, calls=20):
+  """ms of GroupNorm forward + backward, flax's against the candidate."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows = []
+  for shape, groups in GROUPNORM_SHAPES:
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    cot = jnp.asarray(rng.standard_normal(shape, np.float32))
+    fns = {}
+    for name, cls in (('flax', nn.GroupNorm), ('sums', group_norm_sums())):
+      layer = cls(num_groups=groups)
+      params = layer.init(jax.random.key(0), x)
+      fns[name] = jax.jit(lambda p, x, c, layer=layer: jax.vjp(
+          layer.apply, p, x)[1](c))
+      jax.block_until_ready(fns[name](params, x, cot))
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+      for name in (('flax', 'sums') if r % 2 == 0 else ('sums', 'flax')):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+          out = fns[name](params, x, cot)
+        jax.block_until_ready(out)
+        times[name].append(1000 * (time.perf_counter() - t0) / calls)
+    row = {'shape': list(shape), 'groups': groups,
+           **{f'{k}_ms': float(np.median(v)) for k, v in times.items()}}
+    row['speedup'] = bootstrap(np.asarray(times['flax']) /
+                               np.asarray(times['sums']))
+    rows.append(row)
+    print(f'GroupNorm {shape} / {groups}: flax {row["flax_ms"]:.2f} ms, '
+          f'sums {row["sums_ms"]:.2f} ms', flush=True)
+  return rows
+
+
+def op_kinds(trace_dir, steps):
+  """ms per step of each kind of XLA op (the op name without its numeric
+  suffix, e.g. ``transpose_copy_fusion``) in a jax.profiler trace."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  path = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'),
+                   recursive=True)[0]
+  with gzip.open(path) as f:
+    events = json.load(f)['traceEvents']
+  # Host-side spans (Python frames, the executor, PjRt) are not XLA ops.
+  host = ('$', 'Thunk', 'Pjit', 'Parse', 'Common', 'Threadpool', 'end:',
+          'Wait', 'Allocate', 'Handle')
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get('ph') != 'X' or e['name'].startswith(host):
+      continue
+    kind = re.sub(r'\.\d+$', '', e['name'])
+    kind = 'convolution' if kind.startswith('conv') else kind
+    total[kind] += e.get('dur', 0) / 1000 / steps
+    count[kind] += 1 / steps
+  all_ms = sum(total.values())
+  return [{'op': k, 'ms_per_step': v, 'share': v / all_ms,
+           'per_step': round(count[k])} for k, v in total.most_common()]
+
+
+def profile_ops(preset, out_dir, steps=5):
+  import jax  # pylint: disable=g-import-not-at-top
+  run = build('package', preset)
+  run(2)
+  trace_dir = os.path.join(out_dir, 'trace')
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    run(steps)
+  rows = op_kinds(trace_dir, steps)
+  for r in rows[:8]:
+    print(f'{r["op"]:28s} {r["ms_per_step"]:7.2f} ms  {100 * r["share"]:4.1f} %')
+  return rows
+
+
+def main(argv):
+  del argv
+  preset = perf.PRESETS[FLAGS.preset]
+  result = {'preset': FLAGS.preset, 'rounds': FLAGS.rounds,
+            'steps': FLAGS.steps, 'versions': perf.versions(),
+            'date': time.strftime('%Y-%m-%d')}
+  if FLAGS.layers:
+    result['groupnorm'] = time_groupnorm(max(5, FLAGS.rounds // 2))
+  result['step'] = time_steps(preset, FLAGS.rounds, FLAGS.steps)
+  if FLAGS.ops:
+    result['ops'] = profile_ops(preset, FLAGS.out)
+  for v in VARIANTS[1:4]:
+    med, lo, hi = result['step']['speedup'][v]
+    print(f'{v}: {med:.3f}x [{lo:.3f}, {hi:.3f}] against where')
+  med, lo, hi = result['step']['spad_cost']
+  print(f'SPAD on / off: {med:.3f}x the time [{lo:.3f}, {hi:.3f}]')
+  lo_hi = result['step']['aa_control']
+  print(f'A/A control {lo_hi[0]:.3f}x [{lo_hi[1]:.3f}, {lo_hi[2]:.3f}]')
+  os.makedirs(FLAGS.out, exist_ok=True)
+  path = os.path.join(FLAGS.out, f'step_ab_{FLAGS.preset}.json')
+  files.write_json(path, result)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)
