@@ -7,7 +7,7 @@ model, batch and SPAD masks):
   plain form of ``train._apply_update``, which uses one ``lax.cond``);
 * ``package``: the step as the package runs it;
 * ``+groupnorm``: the package with a candidate GroupNorm that sums per
-  channel over the pixels first and per group after (``GroupNormSums``);
+  channel over the pixels first and per group after (``group_norm_sums``);
 * ``+upsample``: that, and nearest 2x upsampling as a broadcast instead of
   ``jax.image.resize`` (a gather);
 * ``spad_off``: the package's step without SPAD's perturbation.
