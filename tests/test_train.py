@@ -69,10 +69,11 @@ def test_evaluate_mode_writes_metrics(main_runner, tmp_path):
       assert entry['Dice'] == pytest.approx(2 * entry['IoU'] /
                                             (1 + entry['IoU']))
   import tiny_config  # pylint: disable=g-import-not-at-top
-  sampler = tiny_config.get_config().eval.sampler  # The demo's.
+  ev = tiny_config.get_config().eval  # The demo's sampler and temperature.
   assert metrics['sampling'] == {'num_steps': 4, 'num_samples': 2,
                                  'diffusion_steps': 20,
-                                 'sampler': sampler, 'temperature': 1.0,
+                                 'sampler': ev.sampler,
+                                 'temperature': ev.temperature,
                                  'mode_last': 0, 'ensemble': 'vote',
                                  'self_condition': False}
   assert metrics['num_cases'] == 8
