@@ -107,6 +107,16 @@ def bench_config(preset, size, batch, dtype, spad, num_steps=250):
   return config
 
 
+def bootstrap(values, boots=5000, seed=0):
+  """(median, 2.5 %, 97.5 %) of ``values``' median, resampling them."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  values = np.asarray(values)
+  rng = np.random.default_rng(seed)
+  draws = np.median(rng.choice(values, (boots, values.size)), axis=1)
+  return (float(np.median(values)), float(np.quantile(draws, 0.025)),
+          float(np.quantile(draws, 0.975)))
+
+
 def best_time(fn, iters, repeats):
   """Best wall time of ``iters`` calls of ``fn`` (which blocks at the end)."""
   best = float('inf')

@@ -141,15 +141,6 @@ def build(variant, preset):
   return run
 
 
-def bootstrap(values, boots=5000, seed=0):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  values = np.asarray(values)
-  draws = np.median(np.random.default_rng(seed).choice(
-      values, (boots, values.size)), axis=1)
-  return [float(np.median(values)), float(np.quantile(draws, 0.025)),
-          float(np.quantile(draws, 0.975))]
-
-
 def time_steps(preset, rounds, steps):
   import numpy as np  # pylint: disable=g-import-not-at-top
   runs = {v: build(v, preset) for v in VARIANTS}
@@ -172,17 +163,17 @@ def time_steps(preset, rounds, steps):
                              for v in VARIANTS},
          'speedup': {}, 'cpu_speedup': {}}
   for v in VARIANTS[1:4]:
-    out['speedup'][v] = bootstrap(per_round(wall, 'where') /
+    out['speedup'][v] = perf.bootstrap(per_round(wall, 'where') /
                                   per_round(wall, v))
-    out['cpu_speedup'][v] = bootstrap(per_round(cpu, 'where') /
+    out['cpu_speedup'][v] = perf.bootstrap(per_round(cpu, 'where') /
                                       per_round(cpu, v))
   # SPAD's cost: the package's step with it over the same step without.
-  out['spad_cost'] = bootstrap(per_round(wall, 'package') /
+  out['spad_cost'] = perf.bootstrap(per_round(wall, 'package') /
                                per_round(wall, 'spad_off'))
-  out['spad_cost_cpu'] = bootstrap(per_round(cpu, 'package') /
+  out['spad_cost_cpu'] = perf.bootstrap(per_round(cpu, 'package') /
                                    per_round(cpu, 'spad_off'))
   ref = np.asarray(wall['where']).reshape(rounds, 2)
-  out['aa_control'] = bootstrap(ref[:, 0] / ref[:, 1])
+  out['aa_control'] = perf.bootstrap(ref[:, 0] / ref[:, 1])
   return out
 
 
@@ -214,7 +205,7 @@ def time_groupnorm(rounds, calls=20):
         times[name].append(1000 * (time.perf_counter() - t0) / calls)
     row = {'shape': list(shape), 'groups': groups,
            **{f'{k}_ms': float(np.median(v)) for k, v in times.items()}}
-    row['speedup'] = bootstrap(np.asarray(times['flax']) /
+    row['speedup'] = perf.bootstrap(np.asarray(times['flax']) /
                                np.asarray(times['sums']))
     rows.append(row)
     print(f'GroupNorm {shape} / {groups}: flax {row["flax_ms"]:.2f} ms, '

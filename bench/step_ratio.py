@@ -41,15 +41,6 @@ flags.DEFINE_bool('spad', True, 'Our step with SPAD\'s perturbation (what '
 FLAGS.set_default('out', 'bench_results/step_ratio')
 
 
-def bootstrap(values, boots=5000, seed=0):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  values = np.asarray(values)
-  rng = np.random.default_rng(seed)
-  draws = np.median(rng.choice(values, (boots, values.size)), axis=1)
-  return (float(np.median(values)), float(np.quantile(draws, 0.025)),
-          float(np.quantile(draws, 0.975)))
-
-
 def main(argv):
   del argv
   if torch is None:
@@ -76,9 +67,9 @@ def main(argv):
     print(f'round {r + 1}/{FLAGS.rounds}: ours {1000 * (a1 + a2) / 2 / FLAGS.steps:.0f} '
           f'ms/step, torch {1000 * (b1 + b2) / 2 / FLAGS.steps:.0f} ms/step',
           flush=True)
-  ratio = bootstrap([(r['torch_s'][0] + r['torch_s'][1]) /
+  ratio = perf.bootstrap([(r['torch_s'][0] + r['torch_s'][1]) /
                      (r['ours_s'][0] + r['ours_s'][1]) for r in rows])
-  control = bootstrap([r['ours_s'][0] / r['ours_s'][1] for r in rows])
+  control = perf.bootstrap([r['ours_s'][0] / r['ours_s'][1] for r in rows])
   result = {'preset': FLAGS.preset, 'size': size, 'batch': batch,
             'spad': FLAGS.spad, 'steps_per_block': FLAGS.steps,
             'torch': info, 'jax': jax.__version__,
