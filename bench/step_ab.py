@@ -1,27 +1,26 @@
-r"""The train step against its plainer and its candidate forms, in one process.
+r"""The train step against its plainer forms, in one process.
 
 Variants, each compiled in one process with perf.py's runner (the same
 model, batch and SPAD masks):
 
-* ``where``: the optimizer update with a ``where`` per state leaf (the
-  plain form of ``train._apply_update``, which uses one ``lax.cond``);
-* ``package``: the step as the package runs it;
-* ``+groupnorm``: the package with a candidate GroupNorm that sums per
-  channel over the pixels first and per group after (``group_norm_sums``);
-* ``+upsample``: that, and nearest 2x upsampling as a broadcast instead of
-  ``jax.image.resize`` (a gather);
+* ``plain``: the step with the plain forms of two package choices: flax's
+  ``nn.GroupNorm`` + ``nn.silu`` (autodiff's gradient) instead of
+  ``models.norm.GroupNorm``, and the optimizer update with a ``where`` per
+  state leaf instead of ``train._apply_update``'s one ``lax.cond``;
+* ``+cond``: ``plain`` with the package's update;
+* ``package``: the step as the package runs it (both);
 * ``spad_off``: the package's step without SPAD's perturbation.
 
 They are timed in alternated rounds (forward order, then reversed), each
-block ``--steps`` steps. A variant's speed-up in a round is ``where``'s
+block ``--steps`` steps. A variant's speed-up in a round is ``plain``'s
 time over its own; the report gives the median over rounds with a
 bootstrap interval, in wall time and in process CPU time (which hypervisor
 steal does not inflate), SPAD's cost (``package`` over ``spad_off``), and
-an A/A control from ``where``'s two blocks. ``--layers`` also times the
-two GroupNorms alone (forward + backward) at the demo UNet's shapes;
-``--ops`` profiles the package's step with jax.profiler and reports its
-time per kind of XLA op (convolutions, layout transposes, reduce-windows,
-fusions).
+an A/A control from ``plain``'s two blocks. ``--layers`` also times the
+two GroupNorms (+ SiLU) alone, forward + backward, at the demo UNet's
+shapes; ``--ops`` profiles the package's step with jax.profiler and
+reports its time per kind of XLA op (convolutions, layout transposes,
+reduce-windows, fusions).
 
   python bench/step_ab.py --preset=demo
   python bench/step_ab.py --preset=cpu --rounds=8
@@ -31,6 +30,7 @@ Writes ``<out>/step_ab_<preset>.json``.
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -46,12 +46,12 @@ from spad_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-p
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 16, 'Alternated rounds.')
 flags.DEFINE_integer('steps', 3, 'Steps per timed block.')
-flags.DEFINE_bool('layers', True, 'Also time GroupNorm alone.')
+flags.DEFINE_bool('layers', True, 'Also time GroupNorm + SiLU alone.')
 flags.DEFINE_bool('ops', True, 'Also profile the package\'s step '
                   '(jax.profiler) and write its time per XLA op kind.')
 FLAGS.set_default('out', 'bench_results/step_ab')
 
-VARIANTS = ('where', 'package', '+groupnorm', '+upsample', 'spad_off')
+VARIANTS = ('plain', '+cond', 'package', 'spad_off')
 GROUPNORM_SHAPES = (((8, 64, 64, 16), 16), ((8, 64, 64, 48), 16),
                     ((8, 32, 32, 32), 32), ((8, 16, 16, 64), 32))
 
@@ -77,67 +77,30 @@ def where_update(state, grads, finite, ema_decay):
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
 
 
-def group_norm_sums():
-  """A candidate ``flax.linen.GroupNorm`` for ``[B, H, W, C]`` (same
-  parameters and maths) that sums ``[B, H·W, C]`` per channel first."""
+def flax_norm(channels, groups, dtype, silu=False):
+  """``unet._norm`` with flax's GroupNorm (+ ``nn.silu``): the plain form."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  class GroupNorm(nn.Module):  # The flax name keeps the parameter paths.
-    num_groups: int
-    dtype: object = None
-    epsilon: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x):
-      b, h, w, c = x.shape
-      g = self.num_groups
-      scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-      bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-      xr = x.astype(jnp.float32).reshape(b, h * w, c)
-      n = h * w * (c // g)
-      group_mean = lambda v: jnp.sum(v, 1).reshape(b, g, c // g).sum(-1) / n
-      mean = group_mean(xr)
-      var = jnp.maximum(0.0, group_mean(jnp.square(xr)) - jnp.square(mean))
-      per_channel = lambda v: jnp.repeat(v, c // g, axis=-1)[:, None, :]
-      mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
-      y = (xr - per_channel(mean)) * mul + bias
-      return y.reshape(b, h, w, c).astype(self.dtype or jnp.float32)
-
-  return GroupNorm
-
-
-def upsample_broadcast(h, shape, method):
-  """``jax.image.resize(h, shape, 'nearest')`` for an exact 2x, as a
-  broadcast."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  b, hh, ww, c = h.shape
-  assert method == 'nearest' and tuple(shape) == (b, 2 * hh, 2 * ww, c)
-  return jnp.broadcast_to(h[:, :, None, :, None, :],
-                          (b, hh, 2, ww, 2, c)).reshape(shape)
+  from spad_jax.models import unet  # pylint: disable=g-import-not-at-top
+  layer = nn.GroupNorm(num_groups=unet.math.gcd(groups, channels),
+                       dtype=dtype)
+  return (lambda x: nn.silu(layer(x))) if silu else layer
 
 
 def build(variant, preset):
   """perf.py's train runner for ``variant``."""
-  import jax  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
   from spad_jax.models import unet  # pylint: disable=g-import-not-at-top
-  package = (train._apply_update, unet._norm, jax.image.resize)  # pylint: disable=protected-access
+  package = (train._apply_update, unet._norm)  # pylint: disable=protected-access
   try:
-    if variant == 'where':
+    if variant == 'plain':
       train._apply_update = where_update  # pylint: disable=protected-access
-    if variant in ('+groupnorm', '+upsample'):
-      norm = group_norm_sums()
-      unet._norm = lambda channels, groups, dtype: norm(  # pylint: disable=protected-access
-          num_groups=unet.math.gcd(groups, channels), dtype=dtype)
-    if variant == '+upsample':
-      jax.image.resize = upsample_broadcast
+    if variant in ('plain', '+cond'):
+      unet._norm = flax_norm  # pylint: disable=protected-access
     run, _, _ = perf.jax_train_runner(preset, preset['sizes'][0],
                                       preset['batches'][0], 'float32',
                                       variant != 'spad_off')
   finally:
-    train._apply_update, unet._norm, jax.image.resize = package  # pylint: disable=protected-access
+    train._apply_update, unet._norm = package  # pylint: disable=protected-access
   return run
 
 
@@ -162,42 +125,47 @@ def time_steps(preset, rounds, steps):
          'cpu_ms_per_step': {v: 1000 * float(np.median(cpu[v]))
                              for v in VARIANTS},
          'speedup': {}, 'cpu_speedup': {}}
-  for v in VARIANTS[1:4]:
-    out['speedup'][v] = perf.bootstrap(per_round(wall, 'where') /
-                                  per_round(wall, v))
-    out['cpu_speedup'][v] = perf.bootstrap(per_round(cpu, 'where') /
-                                      per_round(cpu, v))
+  for v in VARIANTS[1:3]:
+    out['speedup'][v] = perf.bootstrap(per_round(wall, 'plain') /
+                                       per_round(wall, v))
+    out['cpu_speedup'][v] = perf.bootstrap(per_round(cpu, 'plain') /
+                                           per_round(cpu, v))
   # SPAD's cost: the package's step with it over the same step without.
   out['spad_cost'] = perf.bootstrap(per_round(wall, 'package') /
-                               per_round(wall, 'spad_off'))
+                                    per_round(wall, 'spad_off'))
   out['spad_cost_cpu'] = perf.bootstrap(per_round(cpu, 'package') /
-                                   per_round(cpu, 'spad_off'))
-  ref = np.asarray(wall['where']).reshape(rounds, 2)
+                                        per_round(cpu, 'spad_off'))
+  ref = np.asarray(wall['plain']).reshape(rounds, 2)
   out['aa_control'] = perf.bootstrap(ref[:, 0] / ref[:, 1])
   return out
 
 
 def time_groupnorm(rounds, calls=20):
-  """ms of GroupNorm forward + backward, flax's against the candidate."""
+  """ms of GroupNorm + SiLU forward + backward, flax's against the
+  package's."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from spad_jax.models import norm  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   rows = []
   for shape, groups in GROUPNORM_SHAPES:
     x = jnp.asarray(rng.standard_normal(shape, np.float32))
     cot = jnp.asarray(rng.standard_normal(shape, np.float32))
+    layers = {'flax': nn.GroupNorm(num_groups=groups),
+              'package': norm.GroupNorm(num_groups=groups, silu=True)}
+    post = {'flax': nn.silu, 'package': lambda y: y}
     fns = {}
-    for name, cls in (('flax', nn.GroupNorm), ('sums', group_norm_sums())):
-      layer = cls(num_groups=groups)
+    for name, layer in layers.items():
       params = layer.init(jax.random.key(0), x)
-      fns[name] = jax.jit(lambda p, x, c, layer=layer: jax.vjp(
-          layer.apply, p, x)[1](c))
+      fns[name] = jax.jit(lambda p, x, c, layer=layer, post=post[name]: jax.vjp(
+          lambda p, x: post(layer.apply(p, x)), p, x)[1](c))
       jax.block_until_ready(fns[name](params, x, cot))
     times = {k: [] for k in fns}
     for r in range(rounds):
-      for name in (('flax', 'sums') if r % 2 == 0 else ('sums', 'flax')):
+      for name in (('flax', 'package') if r % 2 == 0 else
+                   ('package', 'flax')):
         t0 = time.perf_counter()
         for _ in range(calls):
           out = fns[name](params, x, cot)
@@ -206,10 +174,10 @@ def time_groupnorm(rounds, calls=20):
     row = {'shape': list(shape), 'groups': groups,
            **{f'{k}_ms': float(np.median(v)) for k, v in times.items()}}
     row['speedup'] = perf.bootstrap(np.asarray(times['flax']) /
-                               np.asarray(times['sums']))
+                                    np.asarray(times['package']))
     rows.append(row)
-    print(f'GroupNorm {shape} / {groups}: flax {row["flax_ms"]:.2f} ms, '
-          f'sums {row["sums_ms"]:.2f} ms', flush=True)
+    print(f'GroupNorm + SiLU {shape} / {groups}: flax {row["flax_ms"]:.2f} '
+          f'ms, package {row["package_ms"]:.2f} ms', flush=True)
   return rows
 
 
@@ -245,6 +213,7 @@ def profile_ops(preset, out_dir, steps=5):
   run = build('package', preset)
   run(2)
   trace_dir = os.path.join(out_dir, 'trace')
+  shutil.rmtree(trace_dir, ignore_errors=True)  # op_kinds reads the one trace.
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run(steps)
   rows = op_kinds(trace_dir, steps)
@@ -264,9 +233,9 @@ def main(argv):
   result['step'] = time_steps(preset, FLAGS.rounds, FLAGS.steps)
   if FLAGS.ops:
     result['ops'] = profile_ops(preset, FLAGS.out)
-  for v in VARIANTS[1:4]:
+  for v in VARIANTS[1:3]:
     med, lo, hi = result['step']['speedup'][v]
-    print(f'{v}: {med:.3f}x [{lo:.3f}, {hi:.3f}] against where')
+    print(f'{v}: {med:.3f}x [{lo:.3f}, {hi:.3f}] against plain')
   med, lo, hi = result['step']['spad_cost']
   print(f'SPAD on / off: {med:.3f}x the time [{lo:.3f}, {hi:.3f}]')
   lo_hi = result['step']['aa_control']

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spad_jax.models import norm
+
 Dtype = Any
 
 
@@ -30,9 +32,11 @@ def timestep_embedding(t: jnp.ndarray, dim: int,
   return emb
 
 
-def _norm(channels: int, groups: int, dtype: Dtype) -> nn.GroupNorm:
+def _norm(channels: int, groups: int, dtype: Dtype,
+          silu: bool = False) -> norm.GroupNorm:
   # GroupNorm(32) as in guided-diffusion, reduced to a divisor for narrow layers.
-  return nn.GroupNorm(num_groups=math.gcd(groups, channels), dtype=dtype)
+  return norm.GroupNorm(num_groups=math.gcd(groups, channels), silu=silu,
+                        dtype=dtype)
 
 
 class ResBlock(nn.Module):
@@ -44,11 +48,11 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb, train: bool):
     in_ch = x.shape[-1]
-    h = nn.silu(_norm(in_ch, self.norm_groups, self.dtype)(x))
+    h = _norm(in_ch, self.norm_groups, self.dtype, silu=True)(x)
     h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(h)
     h = h + nn.Dense(self.out_channels, dtype=self.dtype)(
         nn.silu(emb))[:, None, None, :]
-    h = nn.silu(_norm(self.out_channels, self.norm_groups, self.dtype)(h))
+    h = _norm(self.out_channels, self.norm_groups, self.dtype, silu=True)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype,
                 kernel_init=nn.initializers.zeros)(h)
@@ -146,7 +150,7 @@ class UNet(nn.Module):
           h = nn.Conv(c, (3, 3), dtype=self.dtype)(h)
           res *= 2
     assert not skips
-    h = nn.silu(_norm(h.shape[-1], self.norm_groups, self.dtype)(h))
+    h = _norm(h.shape[-1], self.norm_groups, self.dtype, silu=True)(h)
     logits = nn.Conv(self.num_classes, (3, 3), dtype=self.dtype,
                      kernel_init=nn.initializers.zeros)(h)
     return logits.astype(jnp.float32)
