@@ -159,8 +159,8 @@ def time_groupnorm(rounds, calls=20):
     fns = {}
     for name, layer in layers.items():
       params = layer.init(jax.random.key(0), x)
-      fns[name] = jax.jit(lambda p, x, c, layer=layer, post=post[name]: jax.vjp(
-          lambda p, x: post(layer.apply(p, x)), p, x)[1](c))
+      fn = lambda p, x, layer=layer, post=post[name]: post(layer.apply(p, x))
+      fns[name] = jax.jit(lambda p, x, c, fn=fn: jax.vjp(fn, p, x)[1](c))
       jax.block_until_ready(fns[name](params, x, cot))
     times = {k: [] for k in fns}
     for r in range(rounds):
