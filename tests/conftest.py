@@ -78,17 +78,28 @@ NUM_STEPS = 2
 DEVICE_LOSS_RTOL = 5e-5
 
 
-def train_steps(out_dir, devices: int, names):
-  """Runs tests/train_steps.py on ``devices`` emulated devices; returns
-  {name: {'loss', 'init', 'step1', 'step2', 'history_counts'?, ...}}."""
+def _start_train_steps(out_dir, devices: int, names):
+  """Starts tests/train_steps.py on ``devices`` emulated devices."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS=xla_flags(devices))
   out = os.path.join(str(out_dir), f'steps_{devices}.npz')
-  run = subprocess.run(
+  run = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'tests', 'train_steps.py'), out,
        str(NUM_STEPS)] + [STEP_VARIANTS[n] for n in names], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return run, out, names
+
+
+def _finish_train_steps(started):
+  """{name: {'loss', 'init', 'step1', 'step2', 'history_counts'?, ...}} of
+  a run from ``_start_train_steps``."""
+  run, out, names = started
+  try:
+    _, stderr = run.communicate(timeout=900)
+  except subprocess.TimeoutExpired:
+    run.kill()
+    raise
+  assert run.returncode == 0, stderr[-3000:]
   data = dict(numpy.load(out))
   result = {}
   for i, name in enumerate(names):
@@ -105,12 +116,27 @@ def train_steps(out_dir, devices: int, names):
 
 
 @pytest.fixture(scope='session')
-def steps_on_1_device(tmp_path_factory):
-  return train_steps(tmp_path_factory.mktemp('steps1'), 1,
-                     list(STEP_VARIANTS))
+def _steps_on_1_and_4_devices(tmp_path_factory):
+  # Both processes at once: most of their time is single-threaded
+  # compilation, so together they took 91 s against 172 s in turn.
+  started = [
+      _start_train_steps(tmp_path_factory.mktemp('steps1'), 1,
+                         list(STEP_VARIANTS)),
+      _start_train_steps(tmp_path_factory.mktemp('steps4'), 4,
+                         [n for n in STEP_VARIANTS if n != 'bf16'])]
+  try:
+    return [_finish_train_steps(s) for s in started]
+  finally:
+    for run, _, _ in started:
+      if run.poll() is None:
+        run.kill()
 
 
 @pytest.fixture(scope='session')
-def steps_on_4_devices(tmp_path_factory):
-  return train_steps(tmp_path_factory.mktemp('steps4'), 4,
-                     [n for n in STEP_VARIANTS if n != 'bf16'])
+def steps_on_1_device(_steps_on_1_and_4_devices):
+  return _steps_on_1_and_4_devices[0]
+
+
+@pytest.fixture(scope='session')
+def steps_on_4_devices(_steps_on_1_and_4_devices):
+  return _steps_on_1_and_4_devices[1]
