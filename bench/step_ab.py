@@ -156,19 +156,19 @@ def time_groupnorm(rounds, calls=20):
     layers = {'flax': nn.GroupNorm(num_groups=groups),
               'package': norm.GroupNorm(num_groups=groups, silu=True)}
     post = {'flax': nn.silu, 'package': lambda y: y}
-    fns = {}
+    fns, params = {}, {}
     for name, layer in layers.items():
-      params = layer.init(jax.random.key(0), x)
+      params[name] = layer.init(jax.random.key(0), x)
       fn = lambda p, x, layer=layer, post=post[name]: post(layer.apply(p, x))
       fns[name] = jax.jit(lambda p, x, c, fn=fn: jax.vjp(fn, p, x)[1](c))
-      jax.block_until_ready(fns[name](params, x, cot))
+      jax.block_until_ready(fns[name](params[name], x, cot))
     times = {k: [] for k in fns}
     for r in range(rounds):
       for name in (('flax', 'package') if r % 2 == 0 else
                    ('package', 'flax')):
         t0 = time.perf_counter()
         for _ in range(calls):
-          out = fns[name](params, x, cot)
+          out = fns[name](params[name], x, cot)
         jax.block_until_ready(out)
         times[name].append(1000 * (time.perf_counter() - t0) / calls)
     row = {'shape': list(shape), 'groups': groups,

@@ -68,7 +68,7 @@ def main(argv):
           f'ms/step, torch {1000 * (b1 + b2) / 2 / FLAGS.steps:.0f} ms/step',
           flush=True)
   ratio = perf.bootstrap([(r['torch_s'][0] + r['torch_s'][1]) /
-                     (r['ours_s'][0] + r['ours_s'][1]) for r in rows])
+                          (r['ours_s'][0] + r['ours_s'][1]) for r in rows])
   control = perf.bootstrap([r['ours_s'][0] / r['ours_s'][1] for r in rows])
   result = {'preset': FLAGS.preset, 'size': size, 'batch': batch,
             'spad': FLAGS.spad, 'steps_per_block': FLAGS.steps,
