@@ -4,17 +4,19 @@ For every (sampler, sampling steps, ensemble size) setting, samples the
 evaluation split with the EMA parameters and records mDice/mIoU, per-case
 HD95, calibration (ECE, NLL of the soft map), the GED of the samples against
 the label (ensembles) and wall time per image (compilation excluded: one
-untimed warm-up batch per setting):
+untimed warm-up batch per setting). Each multi-step setting is also compared
+with one step of the same sampler and ensemble size: single-chain mDice and
+ECE differences with paired bootstrap intervals over cases:
 
   python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo
   python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo \
       --samplers=ancestral,x0_resample,ancestral:0.5,ancestral:1:2 \
       --steps=1,3,10,25 --samples=1,4,16 --diagnose_steps=10,25
 
-A sampler is ``name[:temperature[:mode_last[:ensemble]]]``
+A sampler is ``name[:temperature[:mode_last[:ensemble[:soft_map]]]]``
 (``eval.sampler``, ``eval.temperature``, ``eval.mode_last``,
-``eval.ensemble``; plain ``ancestral`` is DESIGN §1's exact sampler with
-majority-vote ensembles).
+``eval.ensemble``, ``eval.soft_map``; plain ``ancestral`` is DESIGN §1's
+exact sampler with majority-vote ensembles).
 
 ``--diagnose_steps`` also runs, per sampler and step count, one traced chain
 per case and reports for every step ``t``:
@@ -50,7 +52,7 @@ flags.DEFINE_list('steps', ['1', '5', '10', '25', '50', '250'],
                   'Sampling step counts.')
 flags.DEFINE_list('samples', ['1', '4', '16'], 'Ensemble sizes.')
 flags.DEFINE_list('samplers', ['ancestral'], 'Samplers, each '
-                  'name[:temperature[:mode_last[:ensemble]]].')
+                  'name[:temperature[:mode_last[:ensemble[:soft_map]]]].')
 flags.DEFINE_list('diagnose_steps', [], 'Step counts whose chains are traced '
                   'step by step (exposure bias, changes per step).')
 flags.DEFINE_string('out', None, 'Output folder (default <workdir>/bench).')
@@ -59,16 +61,18 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_sampler(spec: str) -> dict:
-  """``'x0_resample:0.5:2:mean'`` -> the four ``eval.*`` sampler keys."""
+  """``'x0_resample:0.5:2:mean:chain_mean'`` -> the five ``eval.*`` sampler
+  keys."""
   parts = spec.split(':')
-  if not 1 <= len(parts) <= 4:
+  if not 1 <= len(parts) <= 5:
     raise ValueError(f'--samplers: {spec!r} is not name[:temperature'
-                     '[:mode_last[:ensemble]]]')
+                     '[:mode_last[:ensemble[:soft_map]]]]')
   try:
     return {'sampler': parts[0],
             'temperature': float(parts[1]) if len(parts) > 1 else 1.0,
             'mode_last': int(parts[2]) if len(parts) > 2 else 0,
-            'ensemble': parts[3] if len(parts) > 3 else 'vote'}
+            'ensemble': parts[3] if len(parts) > 3 else 'vote',
+            'soft_map': parts[4] if len(parts) > 4 else 'last'}
   except ValueError as e:
     raise ValueError(f'--samplers: {spec!r}: {e}') from None
 
@@ -81,6 +85,8 @@ def sampler_name(options: dict) -> str:
     name += f' mode×{options["mode_last"]}'
   if options['ensemble'] != 'vote':
     name += f' {options["ensemble"]}'
+  if options['soft_map'] != 'last':
+    name += f' p̂:{options["soft_map"]}'
   return name
 
 
@@ -106,19 +112,24 @@ def score_setting(cfg, state, setup, source) -> dict:
   ensemble = n > 1
   # Each chain alone (one sample per case): their spread is the noise of a
   # single-sample figure; the mean p̂'s argmax is the 'mean' ensemble rule.
-  chain_conf = np.zeros((n, k, k), np.int64)
+  # Per case, for the paired bootstrap against one step: each chain's
+  # confusion counts and the top-label calibration histogram.
+  case_chain_conf = np.zeros((len(source), n, k, k), np.int64)
+  case_top = np.zeros((len(source), 3, calibration.FINE_BINS))
   mean_conf = np.zeros((k, k), np.int64)
 
   def on_case(index, out):
     label = source.labels[index]
     tables[index] = metrics.case_metrics(out['prediction'], label, k)
     calib.add(out['prob'], out['prediction'], label)
+    case_top[index] = calibration.top_histogram(out['prob'], label)
     mean_conf[:] += metrics.confusion_counts(out['prob'].argmax(-1), label, k)
+    chains = out['samples'] if ensemble else out['prediction'][None]
+    for j in range(n):
+      case_chain_conf[index, j] = metrics.confusion_counts(chains[j], label, k)
     if ensemble:
       geds.append(metrics.generalized_energy_distance(
           out['samples'], label[None], k)['GED'])
-      for j in range(n):
-        chain_conf[j] += metrics.confusion_counts(out['samples'][j], label, k)
 
   begin = time.time()
   out = evaluate.sample_split(cfg, state.ema_params, setup, source,
@@ -129,7 +140,8 @@ def score_setting(cfg, state, setup, source) -> dict:
   cases = metrics.summarize_cases(tables, list(source.class_names))
   calib = calib.summary(cfg.eval.ece_bins, list(source.class_names))
   names = list(source.class_names)
-  chains = ([metrics.summarize_confusion(c, names)['mDice'] for c in chain_conf]
+  chains = ([metrics.summarize_confusion(c, names)['mDice']
+             for c in case_chain_conf.sum(0)]
             if ensemble else [summary['mDice']])
   return {'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
           'mDice_mean_prob': metrics.summarize_confusion(mean_conf,
@@ -143,7 +155,55 @@ def score_setting(cfg, state, setup, source) -> dict:
           'GED': float(np.mean(geds)) if geds else None,
           'ms_per_image': 1000 * out['seconds'] / len(source),
           'images_per_sec': len(source) / out['seconds'],
-          'compile_and_run_seconds': time.time() - begin}
+          'compile_and_run_seconds': time.time() - begin,
+          CASES: {'chain_conf': case_chain_conf, 'top': case_top}}
+
+
+# A row's per-case arrays (for paired_vs_one_step; not written to JSON).
+CASES = '_cases'
+
+
+def _chain_mdice(chain_conf: np.ndarray, names) -> float:
+  """Mean over chains of each chain's dataset-level mDice (``[N, K, K]``);
+  NaN when no foreground class is in the labels or predictions."""
+  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  values = [metrics.summarize_confusion(c, names)['mDice'] for c in chain_conf]
+  return float(np.mean([np.nan if v is None else v for v in values]))
+
+
+def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
+                       seed=0) -> None:
+  """Adds ``vs_one_step`` to every multi-step row that has a 1-step row of
+  the same sampler and ensemble size: the differences of the single-chain
+  mDice and of the ECE, each with a 95 % interval from a paired bootstrap
+  over cases (the same resampled cases for both rows)."""
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
+  one = {(r['name'], r['num_samples']): r for r in rows
+         if r.get(CASES) is not None and r['num_steps'] == 1}
+  for r in rows:
+    ref = one.get((r['name'], r['num_samples']))
+    if r.get(CASES) is None or r['num_steps'] == 1 or ref is None:
+      continue
+    a, b = r[CASES], ref[CASES]
+
+    def diffs(idx):
+      d_dice = (_chain_mdice(a['chain_conf'][idx].sum(0), class_names) -
+                _chain_mdice(b['chain_conf'][idx].sum(0), class_names))
+      d_ece = (calibration.reliability(a['top'][idx].sum(0), num_bins)['ece'] -
+               calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
+      return d_dice, d_ece
+
+    cases = len(a['top'])
+    rng = np.random.default_rng(seed)
+    boot = np.array([diffs(rng.integers(0, cases, cases))
+                     for _ in range(resamples)])
+    point = diffs(np.arange(cases))
+    # A resample without foreground has no Dice: left out of the interval.
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+    r['vs_one_step'] = {
+        'chain_mDice': point[0], 'chain_mDice_ci95': [lo[0], hi[0]],
+        'ece': point[1], 'ece_ci95': [lo[1], hi[1]],
+        'resamples': resamples, 'unit': 'case'}
 
 
 def diagnose(cfg, state, setup, source) -> list:
@@ -274,6 +334,9 @@ def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
                         'steps': diagnose(_configured(config, options, s, 1),
                                           state, setup, source)})
       logging.info('%s: diagnosed %d-step chains.', name, s)
+  paired_vs_one_step(rows, list(source.class_names), config.eval.ece_bins)
+  for row in rows:
+    row.pop(CASES, None)
   meta = {'checkpoint_step': int(jax.device_get(state.step)),
           'num_cases': len(source), 'split': config.eval.split,
           'diffusion_steps': t_max, 'device': str(jax.devices()[0]),
@@ -315,6 +378,20 @@ def markdown(meta, rows, diagnoses) -> str:
                    f'{_fmt(r["HD95"], 2)} | {_fmt(r["ece"])} | '
                    f'{_fmt(r["nll"])} | {_fmt(r["GED"])} | '
                    f'{r["ms_per_image"]:.1f} |')
+  paired = [r for r in rows if 'vs_one_step' in r]
+  if paired:
+    lines += ['', 'Against one step of the same sampler and ensemble size: '
+              'differences with 95 % intervals from a paired bootstrap over '
+              'cases.', '',
+              '| sampler | steps | samples | single chains − 1 step | '
+              'ECE − 1 step |', '|---|---:|---:|---:|---:|']
+    for r in paired:
+      v = r['vs_one_step']
+      lines.append(
+          f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | '
+          f'{v["chain_mDice"]:+.4f} [{v["chain_mDice_ci95"][0]:+.4f}, '
+          f'{v["chain_mDice_ci95"][1]:+.4f}] | {v["ece"]:+.4f} '
+          f'[{v["ece_ci95"][0]:+.4f}, {v["ece_ci95"][1]:+.4f}] |')
   for d in diagnoses:
     lines += ['', f'Chain of {d["num_steps"]} steps, {d["name"]}: '
               'prediction at each step on its own x_t vs on x_t ~ q(x_t|x0); '

@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.own_sample_fraction = 0.0
   config.diffusion.own_sample_stride = 25
   config.diffusion.own_sample_sampler = 'ancestral'
+  # Own samples start at this train step (a warm-up: a young model's own
+  # guesses are mostly wrong, and training on them set Duke back).
+  config.diffusion.own_sample_start_step = 0
 
   # SPAD (DESIGN §2 and its table of lost defaults).
   config.spad = ml_collections.ConfigDict()
@@ -167,8 +170,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.temperature = 1.0
   config.eval.mode_last = 0
   # How N chains combine: 'vote' (majority of their labels; the soft map is
-  # the vote fractions) or 'mean' (argmax of their mean final p̂).
+  # the vote fractions) or 'mean' (argmax of their mean soft map).
   config.eval.ensemble = 'vote'
+  # A chain's soft map (calibration, uncertainty, the 'mean' ensemble):
+  # 'last' (its final p̂) or 'chain_mean' (the mean of every step's p̂; the
+  # final p̂ alone inherits the confidence of errors the chain copied).
+  config.eval.soft_map = 'last'
   config.eval.batch_size = 8  # Global.
   config.eval.split = 'test'
   config.eval.num_grid_cases = 6  # Cases shown in the PNG grid.

@@ -45,6 +45,19 @@ def normalized_entropy(prob: np.ndarray) -> np.ndarray:
   return np.clip(h / np.log(k), 0.0, 1.0)
 
 
+def top_histogram(prob: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """``[3, FINE_BINS]``: pixels, Σ confidence and Σ correct per fine bin of
+  the top-label confidence (``prob`` ``[..., K]``); sums over cases add."""
+  prob = np.asarray(prob, np.float64)
+  prob = prob.reshape(-1, prob.shape[-1])
+  label = np.asarray(label).reshape(-1)
+  conf = prob.max(axis=-1)
+  idx = _fine_index(conf)
+  correct = (prob.argmax(axis=-1) == label).astype(np.float64)
+  return np.stack([np.bincount(idx, weights, FINE_BINS)
+                   for weights in (None, conf, correct)])
+
+
 class Accumulator:
   """Histograms of one split; ``add`` per case, ``summary`` at the end."""
 
@@ -64,11 +77,7 @@ class Accumulator:
     label = np.asarray(label).reshape(-1).astype(np.int64)
     prediction = np.asarray(prediction).reshape(-1).astype(np.int64)
     onehot = np.eye(k)[label]
-    conf = prob.max(axis=-1)
-    idx = _fine_index(conf)
-    correct = (prob.argmax(axis=-1) == label).astype(np.float64)
-    for row, weights in enumerate((None, conf, correct)):
-      self.top[row] += np.bincount(idx, weights, FINE_BINS)
+    self.top += top_histogram(prob, label)
     for c in range(k):
       idx_c = _fine_index(prob[:, c])
       for row, weights in enumerate((None, prob[:, c], onehot[:, c])):

@@ -117,6 +117,8 @@ def _check_objective(config, check) -> None:
   check(df.get('own_sample_sampler', 'ancestral') in diffusion.SAMPLERS,
         'diffusion.own_sample_sampler',
         f'unknown sampler; expected one of {", ".join(diffusion.SAMPLERS)}')
+  check(df.get('own_sample_start_step', 0) >= 0,
+        'diffusion.own_sample_start_step', 'must be >= 0 (a train step)')
 
 
 def _check_spad(config, check) -> None:
@@ -187,6 +189,8 @@ def _check_eval(config, check) -> None:
   check(e.mode_last >= 0, 'eval.mode_last', 'must be >= 0')
   check(e.ensemble in ('vote', 'mean'), 'eval.ensemble',
         "must be 'vote' or 'mean'")
+  check(e.get('soft_map', 'last') in diffusion.SOFT_MAPS, 'eval.soft_map',
+        f'must be one of {", ".join(diffusion.SOFT_MAPS)}')
   check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   check(e.split in ('train', 'val', 'test'), 'eval.split',
         "must be 'train', 'val' or 'test'")

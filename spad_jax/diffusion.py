@@ -220,6 +220,11 @@ Denoiser = Callable[..., jnp.ndarray]
 # per pixel: the chain state reaches the next step only through the model,
 # so a pixel drawn wrong is not carried forward by the posterior's x_t term.
 SAMPLERS = ('ancestral', 'x0_resample')
+# The soft map of a chain: 'last': its final p̂ (DESIGN §1); 'chain_mean':
+# the mean of the p̂ of every step, which keeps the early steps' estimates
+# from the image and noise beside the late ones that see the chain's own
+# (copied) errors.
+SOFT_MAPS = ('last', 'chain_mean')
 
 
 def sharpen(p_hat: jnp.ndarray, temperature: float) -> jnp.ndarray:
@@ -259,7 +264,8 @@ def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
   ``lax.scan``; call it under ``jit``.
 
   Returns ``labels`` (argmax of the last ``p̂``), ``probs`` (the last ``p̂``,
-  not sharpened) and ``sample`` (the class drawn at the last step); with
+  not sharpened), ``probs_chain_mean`` (the mean of every step's ``p̂``) and
+  ``sample`` (the class drawn at the last step); with
   ``trace`` also ``trace_input`` (the ``x_t`` each step saw, ``x_T`` first)
   and ``trace_pred`` (argmax of its ``p̂``), ``[S, B, H, W]`` uint8, and
   ``trace_prob`` (that ``p̂``, ``[S, B, H, W, K]``).
@@ -289,7 +295,7 @@ def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
   use_mode = jnp.arange(num_jumps) >= num_jumps - mode_last
 
   def step(carry, inputs):
-    x_t, p_prev = carry
+    x_t, p_prev, p_sum = carry
     (t_s, step_key, mode) = inputs
     t, s = t_s[0], t_s[1]
     xt_onehot = jax.nn.one_hot(x_t, num_classes, dtype=jnp.float32)
@@ -303,13 +309,13 @@ def sample(denoise_fn: Denoiser, image: jnp.ndarray, key: jax.Array,
     out = ((x_t.astype(jnp.uint8),
             jnp.argmax(p_hat, axis=-1).astype(jnp.uint8), p_hat)
            if trace else None)
-    return (x_s, p_hat), out
+    return (x_s, p_hat, p_sum + p_hat), out
 
   p0 = jnp.zeros((b, h, w, num_classes), jnp.float32)  # No estimate yet.
-  (x_0, p_hat), traced = jax.lax.scan(step, (x_t, p0),
-                                      (pairs, step_keys, use_mode))
+  (x_0, p_hat, p_sum), traced = jax.lax.scan(
+      step, (x_t, p0, p0), (pairs, step_keys, use_mode))
   result = {'labels': jnp.argmax(p_hat, axis=-1), 'probs': p_hat,
-            'sample': x_0}
+            'probs_chain_mean': p_sum / num_jumps, 'sample': x_0}
   if trace:
     result['trace_input'], result['trace_pred'], result['trace_prob'] = traced
   return result

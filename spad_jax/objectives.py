@@ -113,8 +113,8 @@ def make_inputs_fn(config, schedule: diffusion.Schedule) -> Callable:
 
 def make_own_sample_fn(config, schedule: diffusion.Schedule
                        ) -> Optional[Callable]:
-  """``own(apply_model, params, inputs, image, keys, x0) -> Inputs``, or
-  None when ``diffusion.own_sample_fraction`` is 0.
+  """``own(apply_model, params, inputs, image, keys, x0, step) -> Inputs``,
+  or None when ``diffusion.own_sample_fraction`` is 0.
 
   That fraction of the examples (own key each) trains on the x_t that one
   jump of the current model (no gradient) draws from
@@ -122,16 +122,19 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
   of input a sampling chain feeds the model, its errors included, where
   q(x_t | x0) only ever shows it uniform noise. The jump is
   ``diffusion.own_sample_sampler``'s (``diffusion.jump_probs``). Loss and
-  target stay the same.
+  target stay the same. Before train step ``own_sample_start_step`` (a
+  warm-up: early own guesses are mostly wrong) the inputs pass unchanged
+  and the extra forward pass is skipped.
   """
   fraction = float(config.diffusion.get('own_sample_fraction', 0.0))
   if not fraction:
     return None
   stride = int(config.diffusion.own_sample_stride)
   sampler = config.diffusion.get('own_sample_sampler', 'ancestral')
+  start_step = int(config.diffusion.get('own_sample_start_step', 0))
   num_classes = config.data.num_classes
 
-  def own(apply_model, params, inputs, image, keys, x0):
+  def draw(apply_model, params, inputs, image, keys, x0):
     keys = jax.vmap(lambda k: jax.random.fold_in(k, 1 << 27))(keys)
     split = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
     use = jax.vmap(lambda k: jax.random.bernoulli(k, fraction))(split(0))
@@ -150,6 +153,14 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
         use[:, None, None, None],
         jax.nn.one_hot(drawn, num_classes, dtype=jnp.float32),
         inputs.xt_onehot))
+
+  def own(apply_model, params, inputs, image, keys, x0, step):
+    if not start_step:
+      return draw(apply_model, params, inputs, image, keys, x0)
+    return jax.lax.cond(
+        step >= start_step,
+        lambda: draw(apply_model, params, inputs, image, keys, x0),
+        lambda: inputs)
 
   return own
 

@@ -29,6 +29,7 @@ def sampling_record(config) -> Dict[str, Any]:
           'diffusion_steps': config.diffusion.num_steps,
           'sampler': e.sampler, 'temperature': e.temperature,
           'mode_last': e.mode_last, 'ensemble': e.ensemble,
+          'soft_map': e.get('soft_map', 'last'),
           'self_condition': config.model.self_condition}
 
 
@@ -61,9 +62,10 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   chains of every smaller one. Runs ``eval.num_samples`` chains per image
   in one batched call.
   The ensemble has ``soft`` (``eval.ensemble``: the chains' vote, or the
-  mean of their final ``p̂``), ``prediction`` (its argmax) and ``entropy``
-  (its entropy), and ``prob``: the mean over chains of the final ``p̂``, the
-  soft map calibration is measured on; with
+  mean of their soft maps), ``prediction`` (its argmax) and ``entropy``
+  (its entropy), and ``prob``: the mean over chains of their soft maps
+  (``eval.soft_map``: each chain's final ``p̂``, or the mean of its steps'),
+  the soft map calibration is measured on; with
   ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
   label map, for GED and variances).
   """
@@ -90,7 +92,9 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
                            mode_last=config.eval.mode_last,
                            self_condition=config.model.self_condition)
     labels = out['labels'].reshape((n, b) + out['labels'].shape[1:])
-    probs = out['probs'].reshape((n, b) + out['probs'].shape[1:])
+    probs = out['probs' if config.eval.get('soft_map', 'last') == 'last'
+                else 'probs_chain_mean']
+    probs = probs.reshape((n, b) + probs.shape[1:])
     result = (diffusion.ensemble(labels, num_classes)
               if config.eval.ensemble == 'vote' else
               diffusion.mean_ensemble(probs))

@@ -100,7 +100,8 @@ def make_train_step(config, model: unet.UNet, schedule: diffusion.Schedule,
           image, mask, sigma, inputs.eps_keys)
 
     if own_samples is not None:
-      inputs = own_samples(apply_model, state.params, inputs, image, keys, x0)
+      inputs = own_samples(apply_model, state.params, inputs, image, keys, x0,
+                           state.step)
     p_prev = (None if self_condition_input is None else
               self_condition_input(apply_model, state.params, inputs, image,
                                    keys))

@@ -21,7 +21,8 @@ def test_sampling_curve_bench(main_runner, tmp_path):
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
        '--steps=1,4,50', '--samples=1,2', '--max_cases=4', f'--out={out}',
-       '--samplers=ancestral,x0_resample:0.5:1', '--diagnose_steps=4'],
+       '--samplers=ancestral,x0_resample:0.5:1:mean:chain_mean',
+       '--diagnose_steps=4'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.load(open(os.path.join(out, 'sampling_curve.json')))
@@ -29,9 +30,11 @@ def test_sampling_curve_bench(main_runner, tmp_path):
   settings = [(1, 1), (1, 2), (4, 1), (4, 2), (50, 1), (50, 2)]
   assert [(r['name'], r['num_steps'], r['num_samples']) for r in rows] == (
       [('ancestral',) + s for s in settings] +
-      [('x0_resample τ=0.5 mode×1',) + s for s in settings])
-  assert (rows[6]['sampler'], rows[6]['temperature'], rows[6]['mode_last']) == (
-      'x0_resample', 0.5, 1)
+      [('x0_resample τ=0.5 mode×1 mean p̂:chain_mean',) + s for s in settings])
+  assert tuple(rows[6][k] for k in ('sampler', 'temperature', 'mode_last',
+                                    'ensemble', 'soft_map')) == (
+                                        'x0_resample', 0.5, 1, 'mean',
+                                        'chain_mean')
   done = [r for r in rows if 'skipped' not in r]
   assert len(done) == 8  # T = 20 in the tiny config: 50 steps skipped.
   for r in done:
@@ -39,15 +42,31 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert 0 <= r['ece'] <= 1 and r['nll'] > 0
     assert (r['GED'] is None) == (r['num_samples'] == 1)
     assert 0 <= r['mDice_mean_prob'] <= 1
-    if r['num_samples'] == 1:  # One chain: every rule is that chain.
-      assert r['chain_mDice'] == r['mDice'] == r['mDice_mean_prob']
-    else:
+    if r['ensemble'] == 'mean':  # Its prediction is the mean p̂'s argmax.
+      assert r['mDice'] == r['mDice_mean_prob']
+    if r['num_samples'] > 1:
       assert r['chain_mDice_sd'] >= 0
+    elif r['soft_map'] == 'last':  # One chain: every rule is that chain.
+      assert r['chain_mDice'] == r['mDice'] == r['mDice_mean_prob']
   assert data['meta']['num_cases'] == 4
+  # Paired against one step: the full-sample differences are those of the
+  # rows' own dataset-level figures (the per-case sums add up).
+  for r in done:
+    if r['num_steps'] == 1:
+      assert 'vs_one_step' not in r
+      continue
+    ref = next(o for o in done if (o['name'], o['num_samples'], o['num_steps'])
+               == (r['name'], r['num_samples'], 1))
+    v = r['vs_one_step']
+    assert v['chain_mDice'] == pytest.approx(
+        r['chain_mDice'] - ref['chain_mDice'], abs=1e-9)
+    assert v['ece'] == pytest.approx(r['ece'] - ref['ece'], abs=1e-9)
+    for key in ('chain_mDice_ci95', 'ece_ci95'):
+      assert v[key][0] <= v[key][1]
   # Diagnosis: one 4-step chain per sampler, every step reported.
   diagnoses = data['diagnoses']
   assert [(d['name'], len(d['steps'])) for d in diagnoses] == [
-      ('ancestral', 4), ('x0_resample τ=0.5 mode×1', 4)]
+      ('ancestral', 4), ('x0_resample τ=0.5 mode×1 mean p̂:chain_mean', 4)]
   for d in diagnoses:
     first = d['steps'][0]
     assert first['t'] == 20 and first['changed'] == 0  # Nothing before it.
@@ -61,6 +80,7 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 1000
   text = open(os.path.join(out, 'sampling_curve.md')).read()
   assert '| sampler | steps | samples |' in text and 'mDice own' in text
+  assert 'ECE − 1 step' in text
   bad = subprocess.run(
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',

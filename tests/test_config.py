@@ -74,9 +74,11 @@ def test_default_holds_design_defaults():
     ('eval.temperature', 0.0, 'config.eval.temperature'),
     ('eval.mode_last', -1, 'config.eval.mode_last'),
     ('eval.ensemble', 'median', 'config.eval.ensemble'),
+    ('eval.soft_map', 'first', 'config.eval.soft_map'),
     ('diffusion.own_sample_fraction', 1.5, 'config.diffusion.own_sample_fraction'),
     ('diffusion.own_sample_fraction', -0.1, 'config.diffusion.own_sample_fraction'),
     ('diffusion.own_sample_sampler', 'ddim', 'config.diffusion.own_sample_sampler'),
+    ('diffusion.own_sample_start_step', -1, 'config.diffusion.own_sample_start_step'),
     ('train.val_split', 'dev', 'config.train.val_split'),
     ('train.val_split', 'test', 'config.train.val_split'),  # checkpoint=best
 ])

@@ -167,6 +167,8 @@ def test_sampler_options_recover_x0_with_oracle_model(schedule, options):
         oracle, image, key, schedule, k, times, **options))(jax.random.key(4))
     np.testing.assert_array_equal(out['labels'], labels)
     np.testing.assert_array_equal(out['sample'], labels)
+    np.testing.assert_allclose(out['probs_chain_mean'],
+                               jax.nn.one_hot(labels, k), atol=1e-6)
 
 
 def test_x0_resample_jump_is_the_marginal_of_p_hat(schedule):
@@ -237,6 +239,13 @@ def test_sampler_trace_holds_every_step(schedule):
         np.argmax(model(xt, image, t), axis=-1), traced['trace_pred'][i])
   # Each step's input is the previous step's draw, not its prediction.
   assert np.any(traced['trace_input'][1:] != traced['trace_pred'][:-1])
+  # The chain-mean soft map is the mean of the model's p̂ on every step's
+  # input, recomputed here from the traced inputs.
+  steps = [model(jax.nn.one_hot(traced['trace_input'][i].astype(np.int32), k),
+                 image, t) for i, t in enumerate(times[:-1])]
+  np.testing.assert_allclose(plain['probs_chain_mean'], np.mean(steps, 0),
+                             atol=1e-6)
+  np.testing.assert_allclose(plain['probs'], steps[-1], atol=1e-6)
 
 
 def test_time_sequence():

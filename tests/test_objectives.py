@@ -256,13 +256,15 @@ def test_variant_step_same_on_1_and_4_devices(steps_on_1_device,
 def test_importance_self_conditioning_own_samples_resume_bit_exactly(
     main_runner, tmp_path):
   """8 steps straight == 4, stop, resume to 8, including the loss history,
-  the self-conditioning and the own-sample draws; the log says when
+  the self-conditioning and the own-sample draws (from step 6, so the
+  restored step count switches them on); the log says when
   importance sampling switches on."""
   import test_train
   args = [TINY, '--config.train.num_epochs=2',
           '--config.model.self_condition=True',
           '--config.diffusion.own_sample_fraction=0.5',
           '--config.diffusion.own_sample_stride=3',
+          '--config.diffusion.own_sample_start_step=6',  # After the resume.
           '--config.diffusion.t_sampling=importance',
           '--config.diffusion.importance_history=1',
           '--config.diffusion.num_steps=10',
@@ -354,7 +356,7 @@ def test_own_sample_inputs_follow_the_samplers_jump(sampler):
   inputs = objectives.Inputs(x0, jnp.full((batch,), t, jnp.int32), None, 1.0,
                              None)
   keys = jax.random.split(jax.random.PRNGKey(0), batch)
-  drawn = np.asarray(own(apply_model, None, inputs, None, keys, x0)
+  drawn = np.asarray(own(apply_model, None, inputs, None, keys, x0, 0)
                      .xt_onehot).argmax(-1)
   freq = np.bincount(drawn.ravel(), minlength=k) / drawn.size
 
@@ -370,3 +372,31 @@ def test_own_sample_inputs_follow_the_samplers_jump(sampler):
     expected += start[x_from] * jump
   sigma = np.sqrt(expected * (1 - expected) / drawn.size)
   np.testing.assert_array_less(np.abs(freq - expected), 5 * sigma)
+
+
+def test_own_samples_start_at_their_step():
+  """Before ``own_sample_start_step`` the inputs pass unchanged; from it on
+  the draw is the one without a warm-up (same keys, same x_t)."""
+  from configs import default
+  from spad_jax import objectives
+  k, num_t, batch = 3, 10, 4
+  config = default.get_config()
+  config.data.num_classes = k
+  config.diffusion.num_steps = num_t
+  config.diffusion.own_sample_fraction = 1.0
+  config.diffusion.own_sample_stride = 2
+  schedule = diffusion.make_schedule(num_t)
+  apply_model = lambda params, xt, image, tt, keys: jnp.zeros(xt.shape)
+  x0 = jax.nn.one_hot(jnp.ones((batch, 16, 16), jnp.int32), k)
+  inputs = objectives.Inputs(x0, jnp.full((batch,), 3, jnp.int32), None, 1.0,
+                             None)
+  keys = jax.random.split(jax.random.PRNGKey(1), batch)
+  always = objectives.make_own_sample_fn(config, schedule)(
+      apply_model, None, inputs, None, keys, x0, 0).xt_onehot
+  assert not np.array_equal(always, x0)
+  config.diffusion.own_sample_start_step = 5
+  own = jax.jit(objectives.make_own_sample_fn(config, schedule),
+                static_argnums=0)
+  for step, expected in ((0, x0), (4, x0), (5, always), (9, always)):
+    got = own(apply_model, None, inputs, None, keys, x0, jnp.int32(step))
+    np.testing.assert_array_equal(got.xt_onehot, expected, err_msg=step)

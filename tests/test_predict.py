@@ -361,7 +361,8 @@ def test_one_predictor_per_sampling_setting():
                    'x0_resample')
   for key, value in [('num_steps', 3), ('num_samples', 2),
                      ('sampler', other_sampler), ('temperature', 0.5),
-                     ('mode_last', 1)]:
+                     ('mode_last', 1), ('ensemble', 'mean'),
+                     ('soft_map', 'chain_mean')]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value
     fn = predictors.cached(other, setup)
@@ -397,9 +398,10 @@ def test_chains_depend_on_seed_and_case_only():
   ids = predictors.case_key_ids(['a', 'b', 'c', 'd'])
   key = jax.random.key(7)
 
-  def run(n, order, samples=False):
+  def run(n, order, samples=False, soft_map='last'):
     cfg = config.copy_and_resolve_references()
     cfg.eval.num_samples = n
+    cfg.eval.soft_map = soft_map
     fn = predictors.make_predict_fn(cfg, setup.model, setup.schedule,
                                   return_samples=samples)
     out = jax.device_get(fn(params, images[order][None], key,
@@ -422,3 +424,9 @@ def test_chains_depend_on_seed_and_case_only():
   moved = run(1, np.arange(4), samples=True)
   assert np.any(moved['samples'] != other['samples'])
   assert predictors.case_key_ids(['a'])[0] == predictors.case_key_ids(['a'])[0]
+  # The chains' mean soft map changes what is reported, not what is drawn.
+  ids = predictors.case_key_ids(['a', 'b', 'c', 'd'])
+  averaged = run(3, np.arange(4), samples=True, soft_map='chain_mean')
+  np.testing.assert_array_equal(averaged['samples'], three['samples'])
+  assert np.abs(averaged['prob'] - three['prob']).max() > 1e-3
+  np.testing.assert_allclose(averaged['prob'].sum(-1), 1, atol=1e-5)
