@@ -1,9 +1,12 @@
-"""Duke DME at 128² on the CPU (about 35 minutes on 2 idle cores).
+"""Duke DME at 128² on the CPU (about 37 minutes on 2 idle cores).
 
 Real OCT at 128² with the demo-sized UNet (≈0.8 M parameters) and T = 10,
 300 epochs of 9 steps (2,700 steps of batch 8), left-right flips, full
-SPAD, the x0_resample sampler: test fluid Dice 0.690 ± 0.015 over seeds
-0-2 (docs/CONVERGENCE.md; without flips 0.648 ± 0.016). Larger
+SPAD, training on the model's own samples over the last 20 % of the
+steps, the x0_resample sampler: 10-step single chains 0.688 / 0.696 test
+fluid Dice on seeds 0 / 1 (mean of 16 chains, docs/SAMPLING.md); without
+the own samples 0.690 ± 0.015 over seeds 0-2 (one chain,
+docs/CONVERGENCE.md; without flips 0.648 ± 0.016). Larger
 than the ablation study's 64² budget config, still far below the paper's
 protocol (256², 5.7 M parameters, T = 250, 200 epochs: configs/duke_dme.py
 on a GPU).
@@ -51,7 +54,8 @@ def get_config():
   # the current model draws from t + 1, the inputs its own chains feed it.
   # On two seeds, paired at the same step-2,160 state, 10-step single
   # chains gained 0.5-2.3 points and ensembles 0.1-2.4 (ECE: better at
-  # τ = 2, equal at τ = 1); from step 0 (stride 5) it set learning back.
+  # τ = 2, 0.0001-0.0003 worse at τ = 1); from step 0 (stride 5) it set
+  # learning back.
   config.diffusion.own_sample_fraction = 0.5
   config.diffusion.own_sample_stride = 1
   config.diffusion.own_sample_sampler = 'x0_resample'
