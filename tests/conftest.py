@@ -1,4 +1,6 @@
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,10 +15,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # main.py runs of the tiny config (and this process) compile the same train
 # step and sampler, which then load in milliseconds. Set before any test
 # imports JAX; subprocesses inherit it through the environment.
+_CREATED_DIRS = []  # Removed when the session ends (pytest_unconfigure).
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
       prefix='spad_jax_test_xla_cache_')
+  _CREATED_DIRS.append(os.environ['JAX_COMPILATION_CACHE_DIR'])
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+# Tests run in parallel workers (pytest-xdist, pytest.ini), which inherit
+# this process's environment: a folder for results that workers build once
+# and share (see _steps_on_1_and_4_devices).
+SHARED_DIR_ENV = 'SPAD_JAX_TEST_SHARED_DIR'
+if SHARED_DIR_ENV not in os.environ:
+  os.environ[SHARED_DIR_ENV] = tempfile.mkdtemp(prefix='spad_jax_test_shared_')
+  _CREATED_DIRS.append(os.environ[SHARED_DIR_ENV])
+
+
+def pytest_unconfigure(config):
+  del config  # Only the process that made the folders (not a worker).
+  for path in _CREATED_DIRS:
+    shutil.rmtree(path, ignore_errors=True)
+
 
 # Tests compile far more than they run (tiny shapes, a few steps): LLVM at
 # -O0 cut a tiny main.py run by a quarter (80 s -> 58 s measured) and
@@ -78,28 +97,30 @@ NUM_STEPS = 2
 DEVICE_LOSS_RTOL = 5e-5
 
 
-def _start_train_steps(out_dir, devices: int, names):
-  """Starts tests/train_steps.py on ``devices`` emulated devices."""
+def _start_train_steps(out, devices: int, names):
+  """Starts tests/train_steps.py on ``devices`` emulated devices, writing
+  ``out`` (.npz)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS=xla_flags(devices))
-  out = os.path.join(str(out_dir), f'steps_{devices}.npz')
-  run = subprocess.Popen(
+  return subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'tests', 'train_steps.py'), out,
        str(NUM_STEPS)] + [STEP_VARIANTS[n] for n in names], cwd=ROOT,
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  return run, out, names
 
 
-def _finish_train_steps(started):
-  """{name: {'loss', 'init', 'step1', 'step2', 'history_counts'?, ...}} of
-  a run from ``_start_train_steps``."""
-  run, out, names = started
+def _finish_train_steps(run):
+  """Waits for a run from ``_start_train_steps``."""
   try:
     _, stderr = run.communicate(timeout=900)
   except subprocess.TimeoutExpired:
     run.kill()
     raise
   assert run.returncode == 0, stderr[-3000:]
+
+
+def _read_train_steps(out, names):
+  """{name: {'loss', 'init', 'step1', 'step2', 'history_counts'?, ...}} of
+  a finished run from ``_start_train_steps``."""
   data = dict(numpy.load(out))
   result = {}
   for i, name in enumerate(names):
@@ -116,20 +137,31 @@ def _finish_train_steps(started):
 
 
 @pytest.fixture(scope='session')
-def _steps_on_1_and_4_devices(tmp_path_factory):
-  # Both processes at once: most of their time is single-threaded
-  # compilation, so together they took 91 s against 172 s in turn.
-  started = [
-      _start_train_steps(tmp_path_factory.mktemp('steps1'), 1,
-                         list(STEP_VARIANTS)),
-      _start_train_steps(tmp_path_factory.mktemp('steps4'), 4,
-                         [n for n in STEP_VARIANTS if n != 'bf16'])]
-  try:
-    return [_finish_train_steps(s) for s in started]
-  finally:
-    for run, _, _ in started:
-      if run.poll() is None:
-        run.kill()
+def _steps_on_1_and_4_devices():
+  # Built once per test session: the first worker to need it runs it under
+  # a lock, the others wait for its files (pytest-xdist keeps session
+  # fixtures per worker, and the build is the suite's longest, ~2.5 min).
+  shared = os.path.join(os.environ[SHARED_DIR_ENV], 'train_steps')
+  os.makedirs(shared, exist_ok=True)
+  names = [list(STEP_VARIANTS), [n for n in STEP_VARIANTS if n != 'bf16']]
+  outs = [os.path.join(shared, f'steps_{d}.npz') for d in (1, 4)]
+  with open(os.path.join(shared, 'lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = os.path.join(shared, 'done')
+    if not os.path.exists(done):
+      # Both processes at once: most of their time is single-threaded
+      # compilation, so together they took 91 s against 172 s in turn.
+      runs = [_start_train_steps(out, d, n)
+              for out, d, n in zip(outs, (1, 4), names)]
+      try:
+        for run in runs:
+          _finish_train_steps(run)
+      finally:
+        for run in runs:
+          if run.poll() is None:
+            run.kill()
+      open(done, 'w').close()
+  return [_read_train_steps(out, n) for out, n in zip(outs, names)]
 
 
 @pytest.fixture(scope='session')
@@ -140,3 +172,4 @@ def steps_on_1_device(_steps_on_1_and_4_devices):
 @pytest.fixture(scope='session')
 def steps_on_4_devices(_steps_on_1_and_4_devices):
   return _steps_on_1_and_4_devices[1]
+
