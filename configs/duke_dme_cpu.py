@@ -4,7 +4,7 @@ Real OCT at 128² with the demo-sized UNet (≈0.8 M parameters) and T = 10,
 300 epochs of 9 steps (2,700 steps of batch 8), left-right flips, full
 SPAD, training on the model's own samples over the last 20 % of the
 steps, the x0_resample sampler: 10-step single chains 0.688 / 0.696 /
-0.675 test fluid Dice on seeds 0 / 1 / 2 (mean of 16 chains,
+0.675 / 0.655 test fluid Dice on seeds 0-3 (mean of 16 chains,
 docs/SAMPLING.md); without
 the own samples 0.690 ± 0.015 over seeds 0-2 (one chain,
 docs/CONVERGENCE.md; without flips 0.648 ± 0.016). Larger
@@ -53,10 +53,10 @@ def get_config():
   # Against exposure bias (docs/SAMPLING.md): over the last 20 % of the
   # steps half the examples train on the x_t that one x0_resample jump of
   # the current model draws from t + 1, the inputs its own chains feed it.
-  # On three seeds, paired at the same step-2,160 state, 10-step single
-  # chains gained 0.2-2.3 points and ensembles 0.1-2.4 (ECE: better at
-  # τ = 2, 0.0000-0.0003 worse at τ = 1); from step 0 (stride 5) it set
-  # learning back.
+  # On four seeds, paired at the same step-2,160 state, 10-step single
+  # chains gained -0.2 to +2.3 points and ensembles -0.6 to +2.4 (at τ = 2
+  # every seed gained, and ECE was better; at τ = 1 0.0000-0.0005 worse);
+  # from step 0 (stride 5) it set learning back.
   config.diffusion.own_sample_fraction = 0.5
   config.diffusion.own_sample_stride = 1
   config.diffusion.own_sample_sampler = 'x0_resample'
