@@ -32,7 +32,8 @@ if SHARED_DIR_ENV not in os.environ:
 
 
 def pytest_unconfigure(config):
-  del config  # Only the process that made the folders (not a worker).
+  del config
+  # Empty in the workers: only the process that made the folders removes them.
   for path in _CREATED_DIRS:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -172,4 +173,3 @@ def steps_on_1_device(_steps_on_1_and_4_devices):
 @pytest.fixture(scope='session')
 def steps_on_4_devices(_steps_on_1_and_4_devices):
   return _steps_on_1_and_4_devices[1]
-
