@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.own_sample_fraction = 0.0
   config.diffusion.own_sample_stride = 25
   config.diffusion.own_sample_sampler = 'ancestral'
+  # The jump draws from p̂^(1/τ) renormalised, as eval.temperature does in
+  # the chain: set it to eval.temperature for the same reason.
+  config.diffusion.own_sample_temperature = 1.0
   # Own samples start at this train step (a warm-up: a young model's own
   # guesses are mostly wrong, and training on them set Duke back).
   config.diffusion.own_sample_start_step = 0

@@ -117,6 +117,8 @@ def _check_objective(config, check) -> None:
   check(df.get('own_sample_sampler', 'ancestral') in diffusion.SAMPLERS,
         'diffusion.own_sample_sampler',
         f'unknown sampler; expected one of {", ".join(diffusion.SAMPLERS)}')
+  check(df.get('own_sample_temperature', 1.0) > 0,
+        'diffusion.own_sample_temperature', 'must be > 0 (1: p̂ unchanged)')
   check(df.get('own_sample_start_step', 0) >= 0,
         'diffusion.own_sample_start_step', 'must be >= 0 (a train step)')
 

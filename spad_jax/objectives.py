@@ -121,8 +121,10 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
   ``t' = min(t + own_sample_stride, T)``, ``x_t' ~ q(x_t' | x0)``: the kind
   of input a sampling chain feeds the model, its errors included, where
   q(x_t | x0) only ever shows it uniform noise. The jump is
-  ``diffusion.own_sample_sampler``'s (``diffusion.jump_probs``). Loss and
-  target stay the same. Before train step ``own_sample_start_step`` (a
+  ``diffusion.own_sample_sampler``'s (``diffusion.jump_probs``) on ``p̂``
+  sharpened by ``diffusion.own_sample_temperature`` (``diffusion.sharpen``,
+  as ``eval.temperature`` does in the chain). Loss and target stay the
+  same. Before train step ``own_sample_start_step`` (a
   warm-up: early own guesses are mostly wrong) the inputs pass unchanged
   and the extra forward pass is skipped.
   """
@@ -132,6 +134,7 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
   stride = int(config.diffusion.own_sample_stride)
   sampler = config.diffusion.get('own_sample_sampler', 'ancestral')
   start_step = int(config.diffusion.get('own_sample_start_step', 0))
+  temperature = float(config.diffusion.get('own_sample_temperature', 1.0))
   num_classes = config.data.num_classes
 
   def draw(apply_model, params, inputs, image, keys, x0):
@@ -145,8 +148,9 @@ def make_own_sample_fn(config, schedule: diffusion.Schedule
     p_hat = jax.lax.stop_gradient(jax.nn.softmax(
         apply_model(params, from_onehot, image, t_from,
                     split(2)).astype(jnp.float32), axis=-1))
-    probs = diffusion.jump_probs(sampler, from_onehot, p_hat, t_from,
-                                 inputs.t, schedule)
+    probs = diffusion.jump_probs(sampler, from_onehot,
+                                 diffusion.sharpen(p_hat, temperature),
+                                 t_from, inputs.t, schedule)
     drawn = jax.vmap(diffusion.sample_categorical)(split(3), probs)
     use = use & (t_from > inputs.t)  # t = T has no earlier step.
     return inputs._replace(xt_onehot=jnp.where(

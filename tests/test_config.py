@@ -79,6 +79,8 @@ def test_default_holds_design_defaults():
     ('diffusion.own_sample_fraction', -0.1, 'config.diffusion.own_sample_fraction'),
     ('diffusion.own_sample_sampler', 'ddim', 'config.diffusion.own_sample_sampler'),
     ('diffusion.own_sample_start_step', -1, 'config.diffusion.own_sample_start_step'),
+    ('diffusion.own_sample_temperature', 0.0, 'config.diffusion.own_sample_temperature'),
+    ('diffusion.own_sample_temperature', -1.0, 'config.diffusion.own_sample_temperature'),
     ('train.val_split', 'dev', 'config.train.val_split'),
     ('train.val_split', 'test', 'config.train.val_split'),  # checkpoint=best
 ])

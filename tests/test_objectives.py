@@ -257,7 +257,7 @@ def test_importance_self_conditioning_own_samples_resume_bit_exactly(
     main_runner, tmp_path):
   """8 steps straight == 4, stop, resume to 8, including the loss history,
   the self-conditioning and the own-sample draws (from step 6, so the
-  restored step count switches them on); the log says when
+  restored step count switches them on; at τ = 2); the log says when
   importance sampling switches on."""
   import test_train
   args = [TINY, '--config.train.num_epochs=2',
@@ -265,6 +265,7 @@ def test_importance_self_conditioning_own_samples_resume_bit_exactly(
           '--config.diffusion.own_sample_fraction=0.5',
           '--config.diffusion.own_sample_stride=3',
           '--config.diffusion.own_sample_start_step=6',  # After the resume.
+          '--config.diffusion.own_sample_temperature=2.0',
           '--config.diffusion.t_sampling=importance',
           '--config.diffusion.importance_history=1',
           '--config.diffusion.num_steps=10',
@@ -333,11 +334,14 @@ def test_bad_objective_settings_stop_before_any_work(main_runner, tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('sampler', ['ancestral', 'x0_resample'])
-def test_own_sample_inputs_follow_the_samplers_jump(sampler):
+@pytest.mark.parametrize('sampler,temperature', [
+    ('ancestral', 1.0), ('x0_resample', 1.0), ('ancestral', 2.0),
+    ('x0_resample', 2.0)])
+def test_own_sample_inputs_follow_the_samplers_jump(sampler, temperature):
   """With a model whose p̂ ignores its input, an own-sample x_t drawn from
-  t' = t + stride has the marginal Σ_{x_t'} q(x_t'|x0) J(x_t | x_t', p̂),
-  J the sampler's jump, built here from explicit transition matrices."""
+  t' = t + stride has the marginal Σ_{x_t'} q(x_t'|x0) J(x_t | x_t', p̃),
+  J the sampler's jump, built here from explicit transition matrices, and
+  p̃ = p̂^(1/τ)/Z."""
   from configs import default
   from spad_jax import objectives
   k, num_t, stride, t, x0_class = 3, 10, 3, 4, 1
@@ -347,9 +351,12 @@ def test_own_sample_inputs_follow_the_samplers_jump(sampler):
   config.diffusion.own_sample_fraction = 1.0
   config.diffusion.own_sample_stride = stride
   config.diffusion.own_sample_sampler = sampler
+  config.diffusion.own_sample_temperature = temperature
   own = objectives.make_own_sample_fn(config, diffusion.make_schedule(num_t))
   p_hat = np.array([0.2, 0.5, 0.3])
-  batch, size = 8, 128  # 131k draws: σ ≈ 0.0014; the samplers differ by 0.019.
+  # 131k draws: σ ≈ 0.0014; the samplers differ by 0.019, the two τ by
+  # 0.05.
+  batch, size = 8, 128
   apply_model = lambda params, xt, image, tt, keys: jnp.broadcast_to(
       jnp.log(jnp.asarray(p_hat, jnp.float32)), xt.shape)
   x0 = jax.nn.one_hot(jnp.full((batch, size, size), x0_class), k)
@@ -362,13 +369,14 @@ def test_own_sample_inputs_follow_the_samplers_jump(sampler):
 
   alphas = ref.reference_alphas(num_t)
   start = np.eye(k)[x0_class] @ ref.marginal_matrix(alphas, t + stride, k)
+  p_jump = p_hat ** (1 / temperature) / np.sum(p_hat ** (1 / temperature))
   expected = np.zeros(k)
   for x_from in range(k):
     if sampler == 'ancestral':
-      jump = sum(p_hat[c] * ref.reference_posterior(
+      jump = sum(p_jump[c] * ref.reference_posterior(
           x_from, np.eye(k)[c], t + stride, t, alphas, k) for c in range(k))
-    else:  # q(x_t | x0 ~ p̂), whatever x_t' was.
-      jump = p_hat @ ref.marginal_matrix(alphas, t, k)
+    else:  # q(x_t | x0 ~ p̃), whatever x_t' was.
+      jump = p_jump @ ref.marginal_matrix(alphas, t, k)
     expected += start[x_from] * jump
   sigma = np.sqrt(expected * (1 - expected) / drawn.size)
   np.testing.assert_array_less(np.abs(freq - expected), 5 * sigma)
