@@ -334,9 +334,8 @@ def test_bad_objective_settings_stop_before_any_work(main_runner, tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('sampler,temperature', [
-    ('ancestral', 1.0), ('x0_resample', 1.0), ('ancestral', 2.0),
-    ('x0_resample', 2.0)])
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+@pytest.mark.parametrize('sampler', ['ancestral', 'x0_resample'])
 def test_own_sample_inputs_follow_the_samplers_jump(sampler, temperature):
   """With a model whose p̂ ignores its input, an own-sample x_t drawn from
   t' = t + stride has the marginal Σ_{x_t'} q(x_t'|x0) J(x_t | x_t', p̃),
