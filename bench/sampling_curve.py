@@ -140,9 +140,7 @@ def score_setting(cfg, state, setup, source) -> dict:
   cases = metrics.summarize_cases(tables, list(source.class_names))
   calib = calib.summary(cfg.eval.ece_bins, list(source.class_names))
   names = list(source.class_names)
-  chains = ([metrics.summarize_confusion(c, names)['mDice']
-             for c in case_chain_conf.sum(0)]
-            if ensemble else [summary['mDice']])
+  chains = _chain_mdices(case_chain_conf.sum(0), names)
   return {'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
           'mDice_mean_prob': metrics.summarize_confusion(mean_conf,
                                                          names)['mDice'],
@@ -163,12 +161,18 @@ def score_setting(cfg, state, setup, source) -> dict:
 CASES = '_cases'
 
 
-def _chain_mdice(chain_conf: np.ndarray, names) -> float:
-  """Mean over chains of each chain's dataset-level mDice (``[N, K, K]``);
-  NaN when no foreground class is in the labels or predictions."""
+def _chain_mdices(chain_conf: np.ndarray, names) -> list:
+  """Each chain's dataset-level mDice from its confusion counts
+  (``[N, K, K]``); NaN where no foreground class is in the labels or
+  predictions."""
   from spad_jax import metrics  # pylint: disable=g-import-not-at-top
   values = [metrics.summarize_confusion(c, names)['mDice'] for c in chain_conf]
-  return float(np.mean([np.nan if v is None else v for v in values]))
+  return [np.nan if v is None else v for v in values]
+
+
+def _chain_mdice(chain_conf: np.ndarray, names) -> float:
+  """Mean over chains of each chain's dataset-level mDice."""
+  return float(np.mean(_chain_mdices(chain_conf, names)))
 
 
 def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,

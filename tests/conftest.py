@@ -11,24 +11,31 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+_CREATED_DIRS = []  # Removed when the session ends (pytest_unconfigure).
+
+
+def _session_dir(env: str, prefix: str) -> bool:
+  """Points ``env`` at a new temporary folder unless it is set already (the
+  workers inherit the parent's); True when this process made it."""
+  if env in os.environ:
+    return False
+  os.environ[env] = tempfile.mkdtemp(prefix=prefix)
+  _CREATED_DIRS.append(os.environ[env])
+  return True
+
+
 # One persistent XLA compilation cache for the whole test session: the many
 # main.py runs of the tiny config (and this process) compile the same train
 # step and sampler, which then load in milliseconds. Set before any test
 # imports JAX; subprocesses inherit it through the environment.
-_CREATED_DIRS = []  # Removed when the session ends (pytest_unconfigure).
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
-      prefix='spad_jax_test_xla_cache_')
-  _CREATED_DIRS.append(os.environ['JAX_COMPILATION_CACHE_DIR'])
+if _session_dir('JAX_COMPILATION_CACHE_DIR', 'spad_jax_test_xla_cache_'):
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 # Tests run in parallel workers (pytest-xdist, pytest.ini), which inherit
 # this process's environment: a folder for results that workers build once
 # and share (see _steps_on_1_and_4_devices).
 SHARED_DIR_ENV = 'SPAD_JAX_TEST_SHARED_DIR'
-if SHARED_DIR_ENV not in os.environ:
-  os.environ[SHARED_DIR_ENV] = tempfile.mkdtemp(prefix='spad_jax_test_shared_')
-  _CREATED_DIRS.append(os.environ[SHARED_DIR_ENV])
+_session_dir(SHARED_DIR_ENV, 'spad_jax_test_shared_')
 
 
 def pytest_unconfigure(config):
