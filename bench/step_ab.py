@@ -77,15 +77,6 @@ def where_update(state, grads, finite, ema_decay):
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
 
 
-def flax_norm(channels, groups, dtype, silu=False):
-  """``unet._norm`` with flax's GroupNorm (+ ``nn.silu``): the plain form."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from spad_jax.models import unet  # pylint: disable=g-import-not-at-top
-  layer = nn.GroupNorm(num_groups=unet.math.gcd(groups, channels),
-                       dtype=dtype)
-  return (lambda x: nn.silu(layer(x))) if silu else layer
-
-
 def build(variant, preset):
   """perf.py's train runner for ``variant``."""
   from spad_jax import train  # pylint: disable=g-import-not-at-top
@@ -95,7 +86,7 @@ def build(variant, preset):
     if variant == 'plain':
       train._apply_update = where_update  # pylint: disable=protected-access
     if variant in ('plain', '+cond'):
-      unet._norm = flax_norm  # pylint: disable=protected-access
+      unet._norm = unet.flax_norm  # pylint: disable=protected-access
     run, _, _ = perf.jax_train_runner(preset, preset['sizes'][0],
                                       preset['batches'][0], 'float32',
                                       variant != 'spad_off')

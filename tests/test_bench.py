@@ -105,6 +105,24 @@ def test_pipeline_throughput_bench(tmp_path):
   assert all(r['images_per_sec'] > 0 for r in rows)
 
 
+def test_step_ab_bench_tiny(tmp_path):
+  """bench/step_ab.py's alternated step timings run at toy size (the plain
+  variants build the UNet with flax's GroupNorm)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  result = subprocess.run(
+      [sys.executable, 'bench/step_ab.py', '--preset=tiny', '--rounds=2',
+       '--steps=1', '--nolayers', '--noops', f'--out={tmp_path}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  step = json.load(open(tmp_path / 'step_ab_tiny.json'))['step']
+  assert sorted(step['ms_per_step']) == sorted(
+      ['plain', '+cond', 'package', 'spad_off'])
+  assert all(v > 0 for v in step['ms_per_step'].values())
+  for med, lo, hi in [*step['speedup'].values(), step['spad_cost'],
+                      step['aa_control']]:
+    assert 0 < lo <= med <= hi
+
+
 def test_perf_bench_tiny(tmp_path):
   """bench/perf.py end to end at toy sizes (the GPU grid is --preset=gpu)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')

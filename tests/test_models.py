@@ -11,12 +11,6 @@ from spad_jax.models import norm
 from spad_jax.models import unet
 
 
-def _flax_norm(channels, groups, dtype, silu=False):
-  layer = nn.GroupNorm(num_groups=unet.math.gcd(groups, channels),
-                       dtype=dtype)
-  return (lambda x: nn.silu(layer(x))) if silu else layer
-
-
 def _rel(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
@@ -94,7 +88,7 @@ def test_unet_has_flax_groupnorm_parameters_and_outputs(monkeypatch):
   run = lambda: jax.jit(jax.grad(loss, has_aux=True), compiler_options=(
       train_state.INIT_COMPILER_OPTIONS))(params)
   grads, ours = run()
-  monkeypatch.setattr(unet, '_norm', _flax_norm)
+  monkeypatch.setattr(unet, '_norm', unet.flax_norm)
   flax_params = init()
   assert (jax.tree.structure(flax_params) == jax.tree.structure(params))
   assert (jax.tree.map(jnp.shape, flax_params) ==

@@ -39,6 +39,13 @@ def _norm(channels: int, groups: int, dtype: Dtype,
                         dtype=dtype)
 
 
+def flax_norm(channels: int, groups: int, dtype: Dtype, silu: bool = False):
+  """``_norm`` from flax's ``nn.GroupNorm`` (+ ``nn.silu``): the plain form,
+  same parameters; the tests' reference and the speed A/B's baseline."""
+  layer = nn.GroupNorm(num_groups=math.gcd(groups, channels), dtype=dtype)
+  return (lambda x: nn.silu(layer(x))) if silu else layer
+
+
 class ResBlock(nn.Module):
   out_channels: int
   norm_groups: int
