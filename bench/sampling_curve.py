@@ -5,8 +5,10 @@ evaluation split with the EMA parameters and records mDice/mIoU, per-case
 HD95, calibration (ECE, NLL of the soft map), the GED of the samples against
 the label (ensembles) and wall time per image (compilation excluded: one
 untimed warm-up batch per setting). Each multi-step setting is also compared
-with one step of the same sampler and ensemble size: single-chain mDice and
-ECE differences with paired bootstrap intervals over cases:
+with one step of the same sampler and ensemble size (single-chain mDice and
+ECE differences), and each ensemble with its own single chains (its
+prediction's mDice and its mean p̂'s, minus the chains' mean), all with
+paired bootstrap intervals over cases:
 
   python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo
   python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo \
@@ -112,18 +114,22 @@ def score_setting(cfg, state, setup, source) -> dict:
   ensemble = n > 1
   # Each chain alone (one sample per case): their spread is the noise of a
   # single-sample figure; the mean p̂'s argmax is the 'mean' ensemble rule.
-  # Per case, for the paired bootstrap against one step: each chain's
-  # confusion counts and the top-label calibration histogram.
+  # Per case, for the paired bootstraps: each chain's, the prediction's and
+  # the mean p̂'s confusion counts, and the top-label calibration histogram.
   case_chain_conf = np.zeros((len(source), n, k, k), np.int64)
+  case_pred_conf = np.zeros((len(source), k, k), np.int64)
+  case_mean_conf = np.zeros((len(source), k, k), np.int64)
   case_top = np.zeros((len(source), 3, calibration.FINE_BINS))
-  mean_conf = np.zeros((k, k), np.int64)
 
   def on_case(index, out):
     label = source.labels[index]
     tables[index] = metrics.case_metrics(out['prediction'], label, k)
     calib.add(out['prob'], out['prediction'], label)
     case_top[index] = calibration.top_histogram(out['prob'], label)
-    mean_conf[:] += metrics.confusion_counts(out['prob'].argmax(-1), label, k)
+    case_pred_conf[index] = metrics.confusion_counts(out['prediction'], label,
+                                                     k)
+    case_mean_conf[index] = metrics.confusion_counts(out['prob'].argmax(-1),
+                                                     label, k)
     chains = out['samples'] if ensemble else out['prediction'][None]
     for j in range(n):
       case_chain_conf[index, j] = metrics.confusion_counts(chains[j], label, k)
@@ -142,8 +148,8 @@ def score_setting(cfg, state, setup, source) -> dict:
   names = list(source.class_names)
   chains = _chain_mdices(case_chain_conf.sum(0), names)
   return {'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
-          'mDice_mean_prob': metrics.summarize_confusion(mean_conf,
-                                                         names)['mDice'],
+          'mDice_mean_prob': metrics.summarize_confusion(
+              case_mean_conf.sum(0), names)['mDice'],
           'chain_mDice': float(np.mean(chains)),
           'chain_mDice_sd': float(np.std(chains, ddof=1)) if ensemble else None,
           'HD95': cases['HD95'],
@@ -154,25 +160,42 @@ def score_setting(cfg, state, setup, source) -> dict:
           'ms_per_image': 1000 * out['seconds'] / len(source),
           'images_per_sec': len(source) / out['seconds'],
           'compile_and_run_seconds': time.time() - begin,
-          CASES: {'chain_conf': case_chain_conf, 'top': case_top}}
+          CASES: {'chain_conf': case_chain_conf, 'pred_conf': case_pred_conf,
+                  'mean_conf': case_mean_conf, 'top': case_top}}
 
 
-# A row's per-case arrays (for paired_vs_one_step; not written to JSON).
+# A row's per-case arrays (for the paired bootstraps; not written to JSON).
 CASES = '_cases'
+
+
+def _mdice(conf: np.ndarray, names) -> float:
+  """Dataset-level foreground mDice of confusion counts ``[K, K]``; NaN
+  where no foreground class is in the labels or predictions."""
+  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  value = metrics.summarize_confusion(conf, names)['mDice']
+  return np.nan if value is None else value
 
 
 def _chain_mdices(chain_conf: np.ndarray, names) -> list:
   """Each chain's dataset-level mDice from its confusion counts
-  (``[N, K, K]``); NaN where no foreground class is in the labels or
-  predictions."""
-  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
-  values = [metrics.summarize_confusion(c, names)['mDice'] for c in chain_conf]
-  return [np.nan if v is None else v for v in values]
+  (``[N, K, K]``)."""
+  return [_mdice(c, names) for c in chain_conf]
 
 
 def _chain_mdice(chain_conf: np.ndarray, names) -> float:
   """Mean over chains of each chain's dataset-level mDice."""
   return float(np.mean(_chain_mdices(chain_conf, names)))
+
+
+def _paired_bootstrap(diffs, cases: int, resamples: int, seed: int):
+  """``diffs(case indices)`` on all cases and its 95 % interval over
+  ``resamples`` resamples of the cases (the same cases for every figure)."""
+  rng = np.random.default_rng(seed)
+  boot = np.array([diffs(rng.integers(0, cases, cases))
+                   for _ in range(resamples)])
+  # A resample without foreground has no Dice: left out of the interval.
+  lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+  return diffs(np.arange(cases)), lo, hi
 
 
 def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
@@ -197,16 +220,32 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
                calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
       return d_dice, d_ece
 
-    cases = len(a['top'])
-    rng = np.random.default_rng(seed)
-    boot = np.array([diffs(rng.integers(0, cases, cases))
-                     for _ in range(resamples)])
-    point = diffs(np.arange(cases))
-    # A resample without foreground has no Dice: left out of the interval.
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+    point, lo, hi = _paired_bootstrap(diffs, len(a['top']), resamples, seed)
     r['vs_one_step'] = {
         'chain_mDice': point[0], 'chain_mDice_ci95': [lo[0], hi[0]],
         'ece': point[1], 'ece_ci95': [lo[1], hi[1]],
+        'resamples': resamples, 'unit': 'case'}
+
+
+def paired_vs_single(rows, class_names, resamples=1000, seed=0) -> None:
+  """Adds ``vs_single`` to every ensemble row: its prediction's mDice (the
+  row's own rule) and its mean p̂'s argmax mDice, each minus the mean of its
+  chains' single-chain mDice, with 95 % intervals from a paired bootstrap
+  over cases (the same chains and cases on both sides)."""
+  for r in rows:
+    if r.get(CASES) is None or r['num_samples'] < 2:
+      continue
+    c = r[CASES]
+
+    def diffs(idx):
+      single = _chain_mdice(c['chain_conf'][idx].sum(0), class_names)
+      return (_mdice(c['pred_conf'][idx].sum(0), class_names) - single,
+              _mdice(c['mean_conf'][idx].sum(0), class_names) - single)
+
+    point, lo, hi = _paired_bootstrap(diffs, len(c['top']), resamples, seed)
+    r['vs_single'] = {
+        'ensemble': point[0], 'ensemble_ci95': [lo[0], hi[0]],
+        'mean_prob': point[1], 'mean_prob_ci95': [lo[1], hi[1]],
         'resamples': resamples, 'unit': 'case'}
 
 
@@ -339,6 +378,7 @@ def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
                                           state, setup, source)})
       logging.info('%s: diagnosed %d-step chains.', name, s)
   paired_vs_one_step(rows, list(source.class_names), config.eval.ece_bins)
+  paired_vs_single(rows, list(source.class_names))
   for row in rows:
     row.pop(CASES, None)
   meta = {'checkpoint_step': int(jax.device_get(state.step)),
@@ -396,6 +436,21 @@ def markdown(meta, rows, diagnoses) -> str:
           f'{v["chain_mDice"]:+.4f} [{v["chain_mDice_ci95"][0]:+.4f}, '
           f'{v["chain_mDice_ci95"][1]:+.4f}] | {v["ece"]:+.4f} '
           f'[{v["ece_ci95"][0]:+.4f}, {v["ece_ci95"][1]:+.4f}] |')
+  ensembles = [r for r in rows if 'vs_single' in r]
+  if ensembles:
+    lines += ['', 'Ensembles against their own single chains: the '
+              "prediction's mDice (the row's ensemble rule) and the mean "
+              "p̂'s, minus the chains' mean single-chain mDice, with 95 % "
+              'intervals from a paired bootstrap over cases.', '',
+              '| sampler | steps | samples | ensemble − single | '
+              'mean p̂ − single |', '|---|---:|---:|---:|---:|']
+    for r in ensembles:
+      v = r['vs_single']
+      lines.append(
+          f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | '
+          f'{v["ensemble"]:+.4f} [{v["ensemble_ci95"][0]:+.4f}, '
+          f'{v["ensemble_ci95"][1]:+.4f}] | {v["mean_prob"]:+.4f} '
+          f'[{v["mean_prob_ci95"][0]:+.4f}, {v["mean_prob_ci95"][1]:+.4f}] |')
   for d in diagnoses:
     lines += ['', f'Chain of {d["num_steps"]} steps, {d["name"]}: '
               'prediction at each step on its own x_t vs on x_t ~ q(x_t|x0); '

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 
+POOLED = 'x0_resample τ=0.5 mode×1 mean p̂:chain_mean'
+
+
 def test_sampling_curve_bench(main_runner, tmp_path):
   workdir = str(tmp_path / 'tiny')
   trained = main_runner(['--config=tests/tiny_config.py', f'--workdir={workdir}',
@@ -30,7 +33,7 @@ def test_sampling_curve_bench(main_runner, tmp_path):
   settings = [(1, 1), (1, 2), (4, 1), (4, 2), (50, 1), (50, 2)]
   assert [(r['name'], r['num_steps'], r['num_samples']) for r in rows] == (
       [('ancestral',) + s for s in settings] +
-      [('x0_resample τ=0.5 mode×1 mean p̂:chain_mean',) + s for s in settings])
+      [(POOLED,) + s for s in settings])
   assert tuple(rows[6][k] for k in ('sampler', 'temperature', 'mode_last',
                                     'ensemble', 'soft_map')) == (
                                         'x0_resample', 0.5, 1, 'mean',
@@ -63,10 +66,23 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert v['ece'] == pytest.approx(r['ece'] - ref['ece'], abs=1e-9)
     for key in ('chain_mDice_ci95', 'ece_ci95'):
       assert v[key][0] <= v[key][1]
+  # Ensembles against their own chains: the full-sample differences are the
+  # rows' own figures; single-chain rows have none.
+  for r in done:
+    if r['num_samples'] == 1:
+      assert 'vs_single' not in r
+      continue
+    v = r['vs_single']
+    assert v['ensemble'] == pytest.approx(r['mDice'] - r['chain_mDice'],
+                                          abs=1e-9)
+    assert v['mean_prob'] == pytest.approx(
+        r['mDice_mean_prob'] - r['chain_mDice'], abs=1e-9)
+    for key in ('ensemble_ci95', 'mean_prob_ci95'):
+      assert v[key][0] <= v[key][1]
   # Diagnosis: one 4-step chain per sampler, every step reported.
   diagnoses = data['diagnoses']
   assert [(d['name'], len(d['steps'])) for d in diagnoses] == [
-      ('ancestral', 4), ('x0_resample τ=0.5 mode×1 mean p̂:chain_mean', 4)]
+      ('ancestral', 4), (POOLED, 4)]
   for d in diagnoses:
     first = d['steps'][0]
     assert first['t'] == 20 and first['changed'] == 0  # Nothing before it.
@@ -80,7 +96,7 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 1000
   text = open(os.path.join(out, 'sampling_curve.md')).read()
   assert '| sampler | steps | samples |' in text and 'mDice own' in text
-  assert 'ECE − 1 step' in text
+  assert 'ECE − 1 step' in text and 'mean p̂ − single' in text
   bad = subprocess.run(
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
