@@ -15,10 +15,11 @@ paired bootstrap intervals over cases:
       --samplers=ancestral,x0_resample,ancestral:0.5,ancestral:1:2 \
       --steps=1,3,10,25 --samples=1,4,16 --diagnose_steps=10,25
 
-A sampler is ``name[:temperature[:mode_last[:ensemble[:soft_map]]]]``
+A sampler is
+``name[:temperature[:mode_last[:ensemble[:soft_map[:chain_label]]]]]``
 (``eval.sampler``, ``eval.temperature``, ``eval.mode_last``,
-``eval.ensemble``, ``eval.soft_map``; plain ``ancestral`` is DESIGN §1's
-exact sampler with majority-vote ensembles).
+``eval.ensemble``, ``eval.soft_map``, ``eval.chain_label``; plain
+``ancestral`` is DESIGN §1's exact sampler with majority-vote ensembles).
 
 ``--diagnose_steps`` also runs, per sampler and step count, one traced chain
 per case and reports for every step ``t``:
@@ -54,7 +55,8 @@ flags.DEFINE_list('steps', ['1', '5', '10', '25', '50', '250'],
                   'Sampling step counts.')
 flags.DEFINE_list('samples', ['1', '4', '16'], 'Ensemble sizes.')
 flags.DEFINE_list('samplers', ['ancestral'], 'Samplers, each '
-                  'name[:temperature[:mode_last[:ensemble[:soft_map]]]].')
+                  'name[:temperature[:mode_last[:ensemble[:soft_map'
+                  '[:chain_label]]]]].')
 flags.DEFINE_list('diagnose_steps', [], 'Step counts whose chains are traced '
                   'step by step (exposure bias, changes per step).')
 flags.DEFINE_string('out', None, 'Output folder (default <workdir>/bench).')
@@ -63,18 +65,19 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_sampler(spec: str) -> dict:
-  """``'x0_resample:0.5:2:mean:chain_mean'`` -> the five ``eval.*`` sampler
-  keys."""
+  """``'x0_resample:0.5:2:mean:chain_mean:soft_map'`` -> the six ``eval.*``
+  sampler keys."""
   parts = spec.split(':')
-  if not 1 <= len(parts) <= 5:
+  if not 1 <= len(parts) <= 6:
     raise ValueError(f'--samplers: {spec!r} is not name[:temperature'
-                     '[:mode_last[:ensemble[:soft_map]]]]')
+                     '[:mode_last[:ensemble[:soft_map[:chain_label]]]]]')
   try:
     return {'sampler': parts[0],
             'temperature': float(parts[1]) if len(parts) > 1 else 1.0,
             'mode_last': int(parts[2]) if len(parts) > 2 else 0,
             'ensemble': parts[3] if len(parts) > 3 else 'vote',
-            'soft_map': parts[4] if len(parts) > 4 else 'last'}
+            'soft_map': parts[4] if len(parts) > 4 else 'last',
+            'chain_label': parts[5] if len(parts) > 5 else 'last'}
   except ValueError as e:
     raise ValueError(f'--samplers: {spec!r}: {e}') from None
 
@@ -89,6 +92,8 @@ def sampler_name(options: dict) -> str:
     name += f' {options["ensemble"]}'
   if options['soft_map'] != 'last':
     name += f' p̂:{options["soft_map"]}'
+  if options['chain_label'] != 'last':
+    name += f' label:{options["chain_label"]}'
   return name
 
 

@@ -179,6 +179,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'last' (its final p̂) or 'chain_mean' (the mean of every step's p̂; the
   # final p̂ alone inherits the confidence of errors the chain copied).
   config.eval.soft_map = 'last'
+  # A chain's label: 'last' (the argmax of its final p̂) or 'soft_map' (the
+  # argmax of its soft map: with 'chain_mean', of the mean of its steps' p̂;
+  # better single chains on Duke, less gain from ensembles).
+  config.eval.chain_label = 'last'
   config.eval.batch_size = 8  # Global.
   config.eval.split = 'test'
   config.eval.num_grid_cases = 6  # Cases shown in the PNG grid.

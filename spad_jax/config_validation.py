@@ -193,6 +193,9 @@ def _check_eval(config, check) -> None:
         "must be 'vote' or 'mean'")
   check(e.get('soft_map', 'last') in diffusion.SOFT_MAPS, 'eval.soft_map',
         f'must be one of {", ".join(diffusion.SOFT_MAPS)}')
+  check(e.get('chain_label', 'last') in diffusion.CHAIN_LABELS,
+        'eval.chain_label',
+        f'must be one of {", ".join(diffusion.CHAIN_LABELS)}')
   check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   check(e.split in ('train', 'val', 'test'), 'eval.split',
         "must be 'train', 'val' or 'test'")

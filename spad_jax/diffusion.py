@@ -225,6 +225,11 @@ SAMPLERS = ('ancestral', 'x0_resample')
 # from the image and noise beside the late ones that see the chain's own
 # (copied) errors.
 SOFT_MAPS = ('last', 'chain_mean')
+# The label of a chain: 'last': the argmax of its final p̂ (DESIGN §1);
+# 'soft_map': the argmax of its soft map, with 'chain_mean' the argmax of
+# the mean of its steps' p̂, which pools the chain's estimates like a small
+# ensemble inside one chain.
+CHAIN_LABELS = ('last', 'soft_map')
 
 
 def sharpen(p_hat: jnp.ndarray, temperature: float) -> jnp.ndarray:

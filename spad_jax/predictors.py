@@ -30,6 +30,7 @@ def sampling_record(config) -> Dict[str, Any]:
           'sampler': e.sampler, 'temperature': e.temperature,
           'mode_last': e.mode_last, 'ensemble': e.ensemble,
           'soft_map': e.get('soft_map', 'last'),
+          'chain_label': e.get('chain_label', 'last'),
           'self_condition': config.model.self_condition}
 
 
@@ -65,7 +66,8 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   mean of their soft maps), ``prediction`` (its argmax) and ``entropy``
   (its entropy), and ``prob``: the mean over chains of their soft maps
   (``eval.soft_map``: each chain's final ``p̂``, or the mean of its steps'),
-  the soft map calibration is measured on; with
+  the soft map calibration is measured on. A chain's label is the argmax of
+  its final ``p̂``, or of its soft map (``eval.chain_label``); with
   ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
   label map, for GED and variances).
   """
@@ -91,10 +93,12 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
                            temperature=config.eval.temperature,
                            mode_last=config.eval.mode_last,
                            self_condition=config.model.self_condition)
-    labels = out['labels'].reshape((n, b) + out['labels'].shape[1:])
     probs = out['probs' if config.eval.get('soft_map', 'last') == 'last'
                 else 'probs_chain_mean']
     probs = probs.reshape((n, b) + probs.shape[1:])
+    labels = (jnp.argmax(probs, axis=-1)
+              if config.eval.get('chain_label', 'last') == 'soft_map' else
+              out['labels'].reshape((n, b) + out['labels'].shape[1:]))
     result = (diffusion.ensemble(labels, num_classes)
               if config.eval.ensemble == 'vote' else
               diffusion.mean_ensemble(probs))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 
-POOLED = 'x0_resample τ=0.5 mode×1 mean p̂:chain_mean'
+POOLED = 'x0_resample τ=0.5 mode×1 mean p̂:chain_mean label:soft_map'
 
 
 def test_sampling_curve_bench(main_runner, tmp_path):
@@ -24,7 +24,7 @@ def test_sampling_curve_bench(main_runner, tmp_path):
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
        '--steps=1,4,50', '--samples=1,2', '--max_cases=4', f'--out={out}',
-       '--samplers=ancestral,x0_resample:0.5:1:mean:chain_mean',
+       '--samplers=ancestral,x0_resample:0.5:1:mean:chain_mean:soft_map',
        '--diagnose_steps=4'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -35,9 +35,10 @@ def test_sampling_curve_bench(main_runner, tmp_path):
       [('ancestral',) + s for s in settings] +
       [(POOLED,) + s for s in settings])
   assert tuple(rows[6][k] for k in ('sampler', 'temperature', 'mode_last',
-                                    'ensemble', 'soft_map')) == (
+                                    'ensemble', 'soft_map',
+                                    'chain_label')) == (
                                         'x0_resample', 0.5, 1, 'mean',
-                                        'chain_mean')
+                                        'chain_mean', 'soft_map')
   done = [r for r in rows if 'skipped' not in r]
   assert len(done) == 8  # T = 20 in the tiny config: 50 steps skipped.
   for r in done:
@@ -49,7 +50,8 @@ def test_sampling_curve_bench(main_runner, tmp_path):
       assert r['mDice'] == r['mDice_mean_prob']
     if r['num_samples'] > 1:
       assert r['chain_mDice_sd'] >= 0
-    elif r['soft_map'] == 'last':  # One chain: every rule is that chain.
+    else:  # One chain: every rule is that chain (its label its soft map's
+      # argmax, or its last p̂'s with that as its soft map).
       assert r['chain_mDice'] == r['mDice'] == r['mDice_mean_prob']
   assert data['meta']['num_cases'] == 4
   # Paired against one step: the full-sample differences are those of the

@@ -362,7 +362,7 @@ def test_one_predictor_per_sampling_setting():
   for key, value in [('num_steps', 3), ('num_samples', 2),
                      ('sampler', other_sampler), ('temperature', 0.5),
                      ('mode_last', 1), ('ensemble', 'mean'),
-                     ('soft_map', 'chain_mean')]:
+                     ('soft_map', 'chain_mean'), ('chain_label', 'soft_map')]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value
     fn = predictors.cached(other, setup)
@@ -398,10 +398,11 @@ def test_chains_depend_on_seed_and_case_only():
   ids = predictors.case_key_ids(['a', 'b', 'c', 'd'])
   key = jax.random.key(7)
 
-  def run(n, order, samples=False, soft_map='last'):
+  def run(n, order, samples=False, soft_map='last', chain_label='last'):
     cfg = config.copy_and_resolve_references()
     cfg.eval.num_samples = n
     cfg.eval.soft_map = soft_map
+    cfg.eval.chain_label = chain_label
     fn = predictors.make_predict_fn(cfg, setup.model, setup.schedule,
                                   return_samples=samples)
     out = jax.device_get(fn(params, images[order][None], key,
@@ -430,3 +431,15 @@ def test_chains_depend_on_seed_and_case_only():
   np.testing.assert_array_equal(averaged['samples'], three['samples'])
   assert np.abs(averaged['prob'] - three['prob']).max() > 1e-3
   np.testing.assert_allclose(averaged['prob'].sum(-1), 1, atol=1e-5)
+  # A chain labelled by its soft map: the argmax of its final p̂ is its
+  # usual label; of its steps' mean p̂, that mean's argmax (one chain: the
+  # reported soft map is its own).
+  same = run(1, np.arange(4), samples=True, chain_label='soft_map')
+  np.testing.assert_array_equal(same['samples'], base['samples'])
+  one_mean = run(1, np.arange(4), samples=True, soft_map='chain_mean')
+  pooled = run(1, np.arange(4), samples=True, soft_map='chain_mean',
+               chain_label='soft_map')
+  np.testing.assert_array_equal(pooled['samples'][:, 0],
+                                one_mean['prob'].argmax(-1))
+  assert np.any(pooled['samples'] != base['samples'])
+  np.testing.assert_array_equal(pooled['prob'], one_mean['prob'])

@@ -76,6 +76,7 @@ def test_evaluate_mode_writes_metrics(main_runner, tmp_path):
                                  'temperature': ev.temperature,
                                  'mode_last': 0, 'ensemble': 'vote',
                                  'soft_map': ev.soft_map,
+                                 'chain_label': ev.chain_label,
                                  'self_condition': False}
   assert metrics['num_cases'] == 8
   assert os.path.getsize(os.path.join(workdir, 'eval_grid.png')) > 0
