@@ -84,8 +84,9 @@ def get_config():
   # (chain_label='soft_map', picked on the test figures) gave single chains
   # +1.8 over one step on seeds 0-5 (+0.8 over these labels; the one chain
   # that evaluate draws by default gains that) but left the 16-chain vote
-  # only +0.3 above them and 1.2 points below this setting's vote
-  # (docs/SAMPLING.md).
+  # only +0.3 above them and 1.2 points below this setting's vote; on
+  # seed 6, trained later, its single chains lost 6.8 points to these
+  # labels (docs/SAMPLING.md).
   config.eval.chain_label = 'last'
   config.eval.batch_size = 22
   return config
