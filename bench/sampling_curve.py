@@ -400,6 +400,24 @@ def _fmt(value, digits=4):
   return '—' if value is None else f'{value:.{digits}f}'
 
 
+def _paired_table(rows, key: str, caption: str, columns: dict) -> list:
+  """Markdown lines of the rows that have ``key``: each figure ``f`` of
+  ``columns`` (figure -> header) as ``r[key][f]`` with ``f + '_ci95'``."""
+  picked = [r for r in rows if key in r]
+  if not picked:
+    return []
+  lines = ['', caption, '',
+           '| sampler | steps | samples | ' + ' | '.join(columns.values()) +
+           ' |', '|---|---:|---:|' + '---:|' * len(columns)]
+  for r in picked:
+    v = r[key]
+    cells = [f'{v[f]:+.4f} [{v[f + "_ci95"][0]:+.4f}, '
+             f'{v[f + "_ci95"][1]:+.4f}]' for f in columns]
+    lines.append(f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | ' +
+                 ' | '.join(cells) + ' |')
+  return lines
+
+
 def markdown(meta, rows, diagnoses) -> str:
   lines = [f'Checkpoint step {meta["checkpoint_step"]}, {meta["num_cases"]} '
            f'{meta["split"]} cases at {meta["image_size"]}², T = '
@@ -427,35 +445,18 @@ def markdown(meta, rows, diagnoses) -> str:
                    f'{_fmt(r["HD95"], 2)} | {_fmt(r["ece"])} | '
                    f'{_fmt(r["nll"])} | {_fmt(r["GED"])} | '
                    f'{r["ms_per_image"]:.1f} |')
-  paired = [r for r in rows if 'vs_one_step' in r]
-  if paired:
-    lines += ['', 'Against one step of the same sampler and ensemble size: '
-              'differences with 95 % intervals from a paired bootstrap over '
-              'cases.', '',
-              '| sampler | steps | samples | single chains − 1 step | '
-              'ECE − 1 step |', '|---|---:|---:|---:|---:|']
-    for r in paired:
-      v = r['vs_one_step']
-      lines.append(
-          f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | '
-          f'{v["chain_mDice"]:+.4f} [{v["chain_mDice_ci95"][0]:+.4f}, '
-          f'{v["chain_mDice_ci95"][1]:+.4f}] | {v["ece"]:+.4f} '
-          f'[{v["ece_ci95"][0]:+.4f}, {v["ece_ci95"][1]:+.4f}] |')
-  ensembles = [r for r in rows if 'vs_single' in r]
-  if ensembles:
-    lines += ['', 'Ensembles against their own single chains: the '
-              "prediction's mDice (the row's ensemble rule) and the mean "
-              "p̂'s, minus the chains' mean single-chain mDice, with 95 % "
-              'intervals from a paired bootstrap over cases.', '',
-              '| sampler | steps | samples | ensemble − single | '
-              'mean p̂ − single |', '|---|---:|---:|---:|---:|']
-    for r in ensembles:
-      v = r['vs_single']
-      lines.append(
-          f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | '
-          f'{v["ensemble"]:+.4f} [{v["ensemble_ci95"][0]:+.4f}, '
-          f'{v["ensemble_ci95"][1]:+.4f}] | {v["mean_prob"]:+.4f} '
-          f'[{v["mean_prob_ci95"][0]:+.4f}, {v["mean_prob_ci95"][1]:+.4f}] |')
+  lines += _paired_table(
+      rows, 'vs_one_step',
+      'Against one step of the same sampler and ensemble size: differences '
+      'with 95 % intervals from a paired bootstrap over cases.',
+      {'chain_mDice': 'single chains − 1 step', 'ece': 'ECE − 1 step'})
+  lines += _paired_table(
+      rows, 'vs_single',
+      "Ensembles against their own single chains: the prediction's mDice "
+      "(the row's ensemble rule) and the mean p̂'s, minus the chains' mean "
+      'single-chain mDice, with 95 % intervals from a paired bootstrap over '
+      'cases.',
+      {'ensemble': 'ensemble − single', 'mean_prob': 'mean p̂ − single'})
   for d in diagnoses:
     lines += ['', f'Chain of {d["num_steps"]} steps, {d["name"]}: '
               'prediction at each step on its own x_t vs on x_t ~ q(x_t|x0); '
