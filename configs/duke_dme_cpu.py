@@ -6,10 +6,10 @@ SPAD, training on the model's own samples over the last 20 % of the
 steps, the x0_resample sampler at τ = 2 with the mode for the last 2
 jumps: 10-step single chains 0.697 / 0.697 / 0.692 / 0.659 / 0.692 /
 0.699 test fluid Dice on seeds 0-5 (mean of 16 chains), their 16-chain
-vote 0.726 / 0.719 / 0.724 / 0.678 / 0.709 / 0.719 (docs/SAMPLING.md); without the own samples 0.690 ± 0.015
-over seeds 0-2 (one chain, docs/CONVERGENCE.md; without flips
-0.648 ± 0.016). Larger
-than the ablation study's 64² budget config, still far below the paper's
+vote 0.726 / 0.719 / 0.724 / 0.678 / 0.709 / 0.719 (docs/SAMPLING.md);
+without the own samples 0.690 ± 0.015 over seeds 0-2 (one chain,
+docs/CONVERGENCE.md; without flips 0.648 ± 0.016). Larger than the
+ablation study's 64² budget config, still far below the paper's
 protocol (256², 5.7 M parameters, T = 250, 200 epochs: configs/duke_dme.py
 on a GPU).
 
