@@ -117,6 +117,11 @@ def score_setting(cfg, state, setup, source) -> dict:
   geds = []
   calib = calibration.Accumulator(k)
   ensemble = n > 1
+  if ensemble:  # The 'medoid' rule's pick among the chains, for any row.
+    import jax  # pylint: disable=g-import-not-at-top
+    from spad_jax import diffusion  # pylint: disable=g-import-not-at-top
+    medoid = jax.jit(lambda samples: diffusion.medoid_ensemble(
+        samples[:, None], k)['prediction'][0])
   # Each chain alone (one sample per case): their spread is the noise of a
   # single-sample figure; the mean p̂'s argmax is the 'mean' ensemble rule.
   # Per case, for the paired bootstraps: each chain's, the prediction's and
@@ -124,6 +129,7 @@ def score_setting(cfg, state, setup, source) -> dict:
   case_chain_conf = np.zeros((len(source), n, k, k), np.int64)
   case_pred_conf = np.zeros((len(source), k, k), np.int64)
   case_mean_conf = np.zeros((len(source), k, k), np.int64)
+  case_medoid_conf = np.zeros((len(source), k, k), np.int64)
   case_top = np.zeros((len(source), 3, calibration.FINE_BINS))
 
   def on_case(index, out):
@@ -138,6 +144,9 @@ def score_setting(cfg, state, setup, source) -> dict:
     chains = out['samples'] if ensemble else out['prediction'][None]
     for j in range(n):
       case_chain_conf[index, j] = metrics.confusion_counts(chains[j], label, k)
+    case_medoid_conf[index] = (
+        metrics.confusion_counts(np.asarray(medoid(chains)), label, k)
+        if ensemble else case_chain_conf[index, 0])
     if ensemble:
       geds.append(metrics.generalized_energy_distance(
           out['samples'], label[None], k)['GED'])
@@ -155,6 +164,8 @@ def score_setting(cfg, state, setup, source) -> dict:
   return {'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
           'mDice_mean_prob': metrics.summarize_confusion(
               case_mean_conf.sum(0), names)['mDice'],
+          'mDice_medoid': metrics.summarize_confusion(
+              case_medoid_conf.sum(0), names)['mDice'],
           'chain_mDice': float(np.mean(chains)),
           'chain_mDice_sd': float(np.std(chains, ddof=1)) if ensemble else None,
           'HD95': cases['HD95'],
@@ -166,7 +177,8 @@ def score_setting(cfg, state, setup, source) -> dict:
           'images_per_sec': len(source) / out['seconds'],
           'compile_and_run_seconds': time.time() - begin,
           CASES: {'chain_conf': case_chain_conf, 'pred_conf': case_pred_conf,
-                  'mean_conf': case_mean_conf, 'top': case_top}}
+                  'mean_conf': case_mean_conf, 'medoid_conf': case_medoid_conf,
+                  'top': case_top}}
 
 
 # A row's per-case arrays (for the paired bootstraps; not written to JSON).
@@ -234,8 +246,8 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
 
 def paired_vs_single(rows, class_names, resamples=1000, seed=0) -> None:
   """Adds ``vs_single`` to every ensemble row: its prediction's mDice (the
-  row's own rule) and its mean p̂'s argmax mDice, each minus the mean of its
-  chains' single-chain mDice, with 95 % intervals from a paired bootstrap
+  row's own rule), its mean p̂'s argmax mDice and its medoid chain's mDice,
+  each minus the mean of its chains' single-chain mDice, with 95 % intervals from a paired bootstrap
   over cases (the same chains and cases on both sides)."""
   for r in rows:
     if r.get(CASES) is None or r['num_samples'] < 2:
@@ -244,13 +256,14 @@ def paired_vs_single(rows, class_names, resamples=1000, seed=0) -> None:
 
     def diffs(idx):
       single = _chain_mdice(c['chain_conf'][idx].sum(0), class_names)
-      return (_mdice(c['pred_conf'][idx].sum(0), class_names) - single,
-              _mdice(c['mean_conf'][idx].sum(0), class_names) - single)
+      return tuple(_mdice(c[conf][idx].sum(0), class_names) - single
+                   for conf in ('pred_conf', 'mean_conf', 'medoid_conf'))
 
     point, lo, hi = _paired_bootstrap(diffs, len(c['top']), resamples, seed)
     r['vs_single'] = {
         'ensemble': point[0], 'ensemble_ci95': [lo[0], hi[0]],
         'mean_prob': point[1], 'mean_prob_ci95': [lo[1], hi[1]],
+        'medoid': point[2], 'medoid_ci95': [lo[2], hi[2]],
         'resamples': resamples, 'unit': 'case'}
 
 
@@ -424,23 +437,26 @@ def markdown(meta, rows, diagnoses) -> str:
            f'{meta["diffusion_steps"]}, {meta["device"]} x'
            f'{meta["device_count"]}, jax {meta["jax"]}, {meta["date"]}.', '',
            'mDice: the prediction of `eval.ensemble` (majority vote unless the '
-           'sampler name says mean); mean-p̂ mDice: argmax of the chains\' mean '
-           'p̂; single chains: mean ± sd over the chains of each one\'s own '
-           'mDice (one sample per case).', '',
-           '| sampler | steps | samples | mDice | mean-p̂ mDice | single chains '
-           '| mIoU | HD95 | ECE | NLL | GED | ms / image |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           'sampler name says mean or medoid); mean-p̂ mDice: argmax of the '
+           'chains\' mean p̂; medoid mDice: the chain with the highest summed '
+           'Dice to the others (`eval.ensemble=medoid`); single chains: mean ± '
+           'sd over the chains of each one\'s own mDice (one sample per '
+           'case).', '',
+           '| sampler | steps | samples | mDice | mean-p̂ mDice | medoid mDice '
+           '| single chains | mIoU | HD95 | ECE | NLL | GED | ms / image |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     head = f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} |'
     if 'skipped' in r:
-      lines.append(f'{head} — | — | — | — | — | — | — | — | skipped: '
+      lines.append(f'{head} — | — | — | — | — | — | — | — | — | skipped: '
                    f'{r["skipped"]} |')
     else:
       chains = _fmt(r['chain_mDice']) + (
           '' if r['chain_mDice_sd'] is None else
           f' ± {r["chain_mDice_sd"]:.4f}')
       lines.append(f'{head} {_fmt(r["mDice"])} | '
-                   f'{_fmt(r["mDice_mean_prob"])} | {chains} | '
+                   f'{_fmt(r["mDice_mean_prob"])} | '
+                   f'{_fmt(r.get("mDice_medoid"))} | {chains} | '
                    f'{_fmt(r["mIoU"])} | '
                    f'{_fmt(r["HD95"], 2)} | {_fmt(r["ece"])} | '
                    f'{_fmt(r["nll"])} | {_fmt(r["GED"])} | '
@@ -453,10 +469,11 @@ def markdown(meta, rows, diagnoses) -> str:
   lines += _paired_table(
       rows, 'vs_single',
       "Ensembles against their own single chains: the prediction's mDice "
-      "(the row's ensemble rule) and the mean p̂'s, minus the chains' mean "
-      'single-chain mDice, with 95 % intervals from a paired bootstrap over '
-      'cases.',
-      {'ensemble': 'ensemble − single', 'mean_prob': 'mean p̂ − single'})
+      "(the row's ensemble rule), the mean p̂'s and the medoid's, minus the "
+      "chains' mean single-chain mDice, with 95 % intervals from a paired "
+      'bootstrap over cases.',
+      {'ensemble': 'ensemble − single', 'mean_prob': 'mean p̂ − single',
+       'medoid': 'medoid − single'})
   for d in diagnoses:
     lines += ['', f'Chain of {d["num_steps"]} steps, {d["name"]}: '
               'prediction at each step on its own x_t vs on x_t ~ q(x_t|x0); '

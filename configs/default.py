@@ -173,7 +173,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.temperature = 1.0
   config.eval.mode_last = 0
   # How N chains combine: 'vote' (majority of their labels; the soft map is
-  # the vote fractions) or 'mean' (argmax of their mean soft map).
+  # the vote fractions), 'mean' (argmax of their mean soft map) or 'medoid'
+  # (the chain agreeing best with the others, by Dice; the soft map is the
+  # vote's): a majority thins small structures the chains place differently.
   config.eval.ensemble = 'vote'
   # A chain's soft map (calibration, uncertainty, the 'mean' ensemble):
   # 'last' (its final p̂) or 'chain_mean' (the mean of every step's p̂; the

@@ -189,8 +189,8 @@ def _check_eval(config, check) -> None:
         f'{", ".join(diffusion.SAMPLERS)}')
   check(e.temperature > 0, 'eval.temperature', 'must be > 0')
   check(e.mode_last >= 0, 'eval.mode_last', 'must be >= 0')
-  check(e.ensemble in ('vote', 'mean'), 'eval.ensemble',
-        "must be 'vote' or 'mean'")
+  check(e.ensemble in diffusion.ENSEMBLES, 'eval.ensemble',
+        f'must be one of {", ".join(diffusion.ENSEMBLES)}')
   check(e.get('soft_map', 'last') in diffusion.SOFT_MAPS, 'eval.soft_map',
         f'must be one of {", ".join(diffusion.SOFT_MAPS)}')
   check(e.get('chain_label', 'last') in diffusion.CHAIN_LABELS,

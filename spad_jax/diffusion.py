@@ -230,6 +230,12 @@ SOFT_MAPS = ('last', 'chain_mean')
 # the mean of its steps' p̂, which pools the chain's estimates like a small
 # ensemble inside one chain.
 CHAIN_LABELS = ('last', 'soft_map')
+# How N chains make one prediction: 'vote': the per-pixel majority of their
+# labels; 'mean': the argmax of their mean soft map; 'medoid': the chain
+# whose label map agrees best with the others (summed foreground Dice), a
+# real sample, so it keeps the small and thin structures a per-pixel
+# majority thins where the chains place them slightly differently.
+ENSEMBLES = ('vote', 'mean', 'medoid')
 
 
 def sharpen(p_hat: jnp.ndarray, temperature: float) -> jnp.ndarray:
@@ -335,6 +341,27 @@ def ensemble(labels: jnp.ndarray, num_classes: int) -> dict:
 def mean_ensemble(probs: jnp.ndarray) -> dict:
   """Combines ``N`` chains' final ``p̂`` ``[N, B, H, W, K]`` by their mean."""
   return _soft_map(jnp.mean(probs.astype(jnp.float32), axis=0))
+
+
+def medoid_ensemble(labels: jnp.ndarray, num_classes: int) -> dict:
+  """``N`` hard samples ``[N, B, H, W]``: the vote's soft map and entropy,
+  and as prediction each case's medoid sample, the one with the highest
+  summed Dice to all ``N`` (itself included, which adds the same 1 to
+  every chain), Dice averaged over the foreground classes ``1..K-1`` and 1
+  where a class is absent from both maps; ties go to the lowest chain
+  index. Adds ``medoid`` ``[B]``, the chosen chain."""
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  fg = onehot[..., 1:]
+  inter = jnp.einsum('nbhwk,mbhwk->bnmk', fg, fg)
+  size = jnp.moveaxis(jnp.sum(fg, axis=(2, 3)), 1, 0)  # [B, N, K-1]
+  total = size[:, :, None] + size[:, None]  # [B, N, N, K-1]
+  dice = jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1), 1.0)
+  medoid = jnp.argmax(jnp.sum(jnp.mean(dice, axis=-1), axis=-1), axis=-1)
+  out = _soft_map(jnp.mean(onehot, axis=0))
+  out['prediction'] = jnp.take_along_axis(
+      labels, medoid[None, :, None, None], axis=0)[0]
+  out['medoid'] = medoid
+  return out
 
 
 def _soft_map(soft: jnp.ndarray) -> dict:

@@ -63,8 +63,9 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   chains of every smaller one. Runs ``eval.num_samples`` chains per image
   in one batched call.
   The ensemble has ``soft`` (``eval.ensemble``: the chains' vote, or the
-  mean of their soft maps), ``prediction`` (its argmax) and ``entropy``
-  (its entropy), and ``prob``: the mean over chains of their soft maps
+  mean of their soft maps; the vote for ``medoid``), ``prediction`` (its
+  argmax, or the medoid chain's labels) and ``entropy`` (of ``soft``), and
+  ``prob``: the mean over chains of their soft maps
   (``eval.soft_map``: each chain's final ``p̂``, or the mean of its steps'),
   the soft map calibration is measured on. A chain's label is the argmax of
   its final ``p̂``, or of its soft map (``eval.chain_label``); with
@@ -99,9 +100,13 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
     labels = (jnp.argmax(probs, axis=-1)
               if config.eval.get('chain_label', 'last') == 'soft_map' else
               out['labels'].reshape((n, b) + out['labels'].shape[1:]))
-    result = (diffusion.ensemble(labels, num_classes)
-              if config.eval.ensemble == 'vote' else
-              diffusion.mean_ensemble(probs))
+    if config.eval.ensemble == 'mean':
+      result = diffusion.mean_ensemble(probs)
+    elif config.eval.ensemble == 'medoid':
+      result = diffusion.medoid_ensemble(labels, num_classes)
+      del result['medoid']  # Every output is per pixel.
+    else:
+      result = diffusion.ensemble(labels, num_classes)
     result['prob'] = jnp.mean(probs, axis=0)
     if return_samples:
       result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)

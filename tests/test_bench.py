@@ -48,11 +48,13 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert 0 <= r['mDice_mean_prob'] <= 1
     if r['ensemble'] == 'mean':  # Its prediction is the mean p̂'s argmax.
       assert r['mDice'] == r['mDice_mean_prob']
+    assert 0 <= r['mDice_medoid'] <= 1
     if r['num_samples'] > 1:
       assert r['chain_mDice_sd'] >= 0
     else:  # One chain: every rule is that chain (its label its soft map's
       # argmax, or its last p̂'s with that as its soft map).
-      assert r['chain_mDice'] == r['mDice'] == r['mDice_mean_prob']
+      assert (r['chain_mDice'] == r['mDice'] == r['mDice_mean_prob'] ==
+              r['mDice_medoid'])
   assert data['meta']['num_cases'] == 4
   # Paired against one step: the full-sample differences are those of the
   # rows' own dataset-level figures (the per-case sums add up).
@@ -79,7 +81,9 @@ def test_sampling_curve_bench(main_runner, tmp_path):
                                           abs=1e-9)
     assert v['mean_prob'] == pytest.approx(
         r['mDice_mean_prob'] - r['chain_mDice'], abs=1e-9)
-    for key in ('ensemble_ci95', 'mean_prob_ci95'):
+    assert v['medoid'] == pytest.approx(
+        r['mDice_medoid'] - r['chain_mDice'], abs=1e-9)
+    for key in ('ensemble_ci95', 'mean_prob_ci95', 'medoid_ci95'):
       assert v[key][0] <= v[key][1]
   # Diagnosis: one 4-step chain per sampler, every step reported.
   diagnoses = data['diagnoses']

@@ -340,6 +340,52 @@ def test_ensemble_soft_map_and_entropy():
   assert out['prediction'][0, 0, 0] == 0
 
 
+def _medoid_reference(samples: np.ndarray, k: int) -> int:
+  """Independent loop: the chain with the highest summed foreground Dice
+  to all chains (1 where a class is in neither map), lowest index on ties."""
+  def dice(a, b):
+    scores = []
+    for c in range(1, k):
+      x, y = a == c, b == c
+      both = x.sum() + y.sum()
+      scores.append(1.0 if both == 0 else 2.0 * (x & y).sum() / both)
+    return np.mean(scores)
+  totals = [sum(dice(a, b) for b in samples) for a in samples]
+  return int(np.argmax(totals))
+
+
+def test_medoid_ensemble_picks_the_most_central_sample():
+  rng = np.random.default_rng(0)
+  for k, n in ((2, 5), (4, 16), (3, 2)):
+    labels = rng.integers(0, k, size=(n, 3, 6, 7))
+    labels[:, 1, :, :] = np.where(rng.random((n, 6, 7)) < 0.8, 0, 1)  # Sparse.
+    labels[:, 2] = 0  # No foreground: all chains tie, chain 0 is chosen.
+    out = diffusion.medoid_ensemble(jnp.asarray(labels), k)
+    for b in range(3):
+      m = _medoid_reference(labels[:, b], k)
+      assert int(out['medoid'][b]) == m, (k, n, b)
+      np.testing.assert_array_equal(out['prediction'][b], labels[m, b])
+    assert int(out['medoid'][2]) == 0
+    vote = diffusion.ensemble(jnp.asarray(labels), k)
+    for key in ('soft', 'entropy'):  # The uncertainty is the vote's.
+      np.testing.assert_array_equal(out[key], vote[key])
+
+
+def test_medoid_keeps_a_thin_structure_the_vote_erases():
+  # Five chains draw a two-row band at rows j, j + 1: no pixel is in more
+  # than two of five, so the vote drops the band; the medoid is a whole
+  # band, one that overlaps two others, not an end one that overlaps one.
+  labels = np.zeros((5, 1, 8, 5), np.int32)
+  for j in range(5):
+    labels[j, 0, j:j + 2] = 1
+  vote = diffusion.ensemble(jnp.asarray(labels), 2)
+  assert int(jnp.sum(vote['prediction'] == 1)) == 0
+  out = diffusion.medoid_ensemble(jnp.asarray(labels), 2)
+  chosen = int(out['medoid'][0])
+  assert chosen in (1, 2, 3)
+  np.testing.assert_array_equal(out['prediction'][0], labels[chosen, 0])
+
+
 def test_bfloat16_network_float32_loss(schedule):
   model = unet.UNet(num_classes=3, base_channels=8, channel_mult=(1, 2),
                     attention_resolutions=(4,), dtype=jnp.bfloat16)

@@ -362,6 +362,7 @@ def test_one_predictor_per_sampling_setting():
   for key, value in [('num_steps', 3), ('num_samples', 2),
                      ('sampler', other_sampler), ('temperature', 0.5),
                      ('mode_last', 1), ('ensemble', 'mean'),
+                     ('ensemble', 'medoid'),
                      ('soft_map', 'chain_mean'), ('chain_label', 'soft_map')]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value
@@ -398,9 +399,11 @@ def test_chains_depend_on_seed_and_case_only():
   ids = predictors.case_key_ids(['a', 'b', 'c', 'd'])
   key = jax.random.key(7)
 
-  def run(n, order, samples=False, soft_map='last', chain_label='last'):
+  def run(n, order, samples=False, soft_map='last', chain_label='last',
+          ensemble='vote'):
     cfg = config.copy_and_resolve_references()
     cfg.eval.num_samples = n
+    cfg.eval.ensemble = ensemble
     cfg.eval.soft_map = soft_map
     cfg.eval.chain_label = chain_label
     fn = predictors.make_predict_fn(cfg, setup.model, setup.schedule,
@@ -443,3 +446,15 @@ def test_chains_depend_on_seed_and_case_only():
                                 one_mean['prob'].argmax(-1))
   assert np.any(pooled['samples'] != base['samples'])
   np.testing.assert_array_equal(pooled['prob'], one_mean['prob'])
+  # The medoid ensemble: the same chains; each case's prediction is the
+  # chain the independent loop of the diffusion tests picks; the soft map
+  # is the vote's.
+  medoid = run(3, np.arange(4), samples=True, ensemble='medoid')
+  np.testing.assert_array_equal(medoid['samples'], three['samples'])
+  np.testing.assert_array_equal(medoid['soft'], three['soft'])
+  from test_diffusion import _medoid_reference
+  k = config.data.num_classes
+  for b in range(4):
+    chosen = _medoid_reference(three['samples'][b], k)
+    np.testing.assert_array_equal(medoid['prediction'][b],
+                                  three['samples'][b, chosen])
