@@ -344,6 +344,7 @@ def test_one_predictor_per_sampling_setting():
   """Validation, evaluation and the benches share compiled samplers by
   setting; any key the sampler reads gives its own."""
   import importlib.util
+  from spad_jax import diffusion
   from spad_jax import predictors
   from spad_jax import train_state
   from conftest import ROOT
@@ -359,10 +360,11 @@ def test_one_predictor_per_sampling_setting():
   seen = [base]
   other_sampler = ('ancestral' if config.eval.sampler == 'x0_resample' else
                    'x0_resample')
+  other_ensembles = [('ensemble', e) for e in diffusion.ENSEMBLES
+                     if e != config.eval.ensemble]
   for key, value in [('num_steps', 3), ('num_samples', 2),
                      ('sampler', other_sampler), ('temperature', 0.5),
-                     ('mode_last', 1), ('ensemble', 'mean'),
-                     ('ensemble', 'medoid'),
+                     ('mode_last', 1), *other_ensembles,
                      ('soft_map', 'chain_mean'), ('chain_label', 'soft_map')]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value

@@ -74,7 +74,7 @@ def test_evaluate_mode_writes_metrics(main_runner, tmp_path):
                                  'diffusion_steps': 20,
                                  'sampler': ev.sampler,
                                  'temperature': ev.temperature,
-                                 'mode_last': 0, 'ensemble': 'vote',
+                                 'mode_last': 0, 'ensemble': ev.ensemble,
                                  'soft_map': ev.soft_map,
                                  'chain_label': ev.chain_label,
                                  'self_condition': False}
