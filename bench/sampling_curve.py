@@ -247,8 +247,9 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
 def paired_vs_single(rows, class_names, resamples=1000, seed=0) -> None:
   """Adds ``vs_single`` to every ensemble row: its prediction's mDice (the
   row's own rule), its mean p̂'s argmax mDice and its medoid chain's mDice,
-  each minus the mean of its chains' single-chain mDice, with 95 % intervals from a paired bootstrap
-  over cases (the same chains and cases on both sides)."""
+  each minus the mean of its chains' single-chain mDice, with 95 %
+  intervals from a paired bootstrap over cases (the same chains and cases
+  on both sides)."""
   for r in rows:
     if r.get(CASES) is None or r['num_samples'] < 2:
       continue
