@@ -357,7 +357,7 @@ def medoid_ensemble(labels: jnp.ndarray, num_classes: int) -> dict:
   total = size[:, :, None] + size[:, None]  # [B, N, N, K-1]
   dice = jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1), 1.0)
   medoid = jnp.argmax(jnp.sum(jnp.mean(dice, axis=-1), axis=-1), axis=-1)
-  out = _soft_map(jnp.mean(onehot, axis=0))
+  out = ensemble(labels, num_classes)
   out['prediction'] = jnp.take_along_axis(
       labels, medoid[None, :, None, None], axis=0)[0]
   out['medoid'] = medoid
