@@ -32,13 +32,16 @@ per case and reports for every step ``t``:
 - how many pixels change class from the previous step's prediction, and how
   many of those changes fix an error or create one.
 
-Writes ``<out>/sampling_curve.{json,md,png}`` and, with diagnosis,
+Writes ``<out>/sampling_curve.{json,md,png}``, the per-case figures behind
+the paired intervals in ``<out>/sampling_cases.npz`` (bench/pool_folds.py
+pools them over cross-validation folds) and, with diagnosis,
 ``<out>/sampling_diagnosis.png``; ``<out>`` defaults to
 ``<workdir>/bench``. Step counts above the model's ``diffusion.num_steps``
 are skipped and listed as such.
 """
 
 import os
+import sys
 import time
 
 from absl import app
@@ -46,6 +49,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from sampling_stats import ARRAYS
+from sampling_stats import CASES
+from sampling_stats import CASES_FILE
+from sampling_stats import chain_mdices
+from sampling_stats import fmt
+from sampling_stats import paired_table
+from sampling_stats import paired_vs_one_step
+from sampling_stats import paired_vs_single
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config the workdir was '
@@ -160,7 +175,7 @@ def score_setting(cfg, state, setup, source) -> dict:
   cases = metrics.summarize_cases(tables, list(source.class_names))
   calib = calib.summary(cfg.eval.ece_bins, list(source.class_names))
   names = list(source.class_names)
-  chains = _chain_mdices(case_chain_conf.sum(0), names)
+  chains = chain_mdices(case_chain_conf.sum(0), names)
   return {'mDice': summary['mDice'], 'mIoU': summary['mIoU'],
           'mDice_mean_prob': metrics.summarize_confusion(
               case_mean_conf.sum(0), names)['mDice'],
@@ -179,93 +194,6 @@ def score_setting(cfg, state, setup, source) -> dict:
           CASES: {'chain_conf': case_chain_conf, 'pred_conf': case_pred_conf,
                   'mean_conf': case_mean_conf, 'medoid_conf': case_medoid_conf,
                   'top': case_top}}
-
-
-# A row's per-case arrays (for the paired bootstraps; not written to JSON).
-CASES = '_cases'
-
-
-def _mdice(conf: np.ndarray, names) -> float:
-  """Dataset-level foreground mDice of confusion counts ``[K, K]``; NaN
-  where no foreground class is in the labels or predictions."""
-  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
-  value = metrics.summarize_confusion(conf, names)['mDice']
-  return np.nan if value is None else value
-
-
-def _chain_mdices(chain_conf: np.ndarray, names) -> list:
-  """Each chain's dataset-level mDice from its confusion counts
-  (``[N, K, K]``)."""
-  return [_mdice(c, names) for c in chain_conf]
-
-
-def _chain_mdice(chain_conf: np.ndarray, names) -> float:
-  """Mean over chains of each chain's dataset-level mDice."""
-  return float(np.mean(_chain_mdices(chain_conf, names)))
-
-
-def _paired_bootstrap(diffs, cases: int, resamples: int, seed: int):
-  """``diffs(case indices)`` on all cases and its 95 % interval over
-  ``resamples`` resamples of the cases (the same cases for every figure)."""
-  rng = np.random.default_rng(seed)
-  boot = np.array([diffs(rng.integers(0, cases, cases))
-                   for _ in range(resamples)])
-  # A resample without foreground has no Dice: left out of the interval.
-  lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
-  return diffs(np.arange(cases)), lo, hi
-
-
-def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
-                       seed=0) -> None:
-  """Adds ``vs_one_step`` to every multi-step row that has a 1-step row of
-  the same sampler and ensemble size: the differences of the single-chain
-  mDice and of the ECE, each with a 95 % interval from a paired bootstrap
-  over cases (the same resampled cases for both rows)."""
-  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
-  one = {(r['name'], r['num_samples']): r for r in rows
-         if r.get(CASES) is not None and r['num_steps'] == 1}
-  for r in rows:
-    ref = one.get((r['name'], r['num_samples']))
-    if r.get(CASES) is None or r['num_steps'] == 1 or ref is None:
-      continue
-    a, b = r[CASES], ref[CASES]
-
-    def diffs(idx):
-      d_dice = (_chain_mdice(a['chain_conf'][idx].sum(0), class_names) -
-                _chain_mdice(b['chain_conf'][idx].sum(0), class_names))
-      d_ece = (calibration.reliability(a['top'][idx].sum(0), num_bins)['ece'] -
-               calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
-      return d_dice, d_ece
-
-    point, lo, hi = _paired_bootstrap(diffs, len(a['top']), resamples, seed)
-    r['vs_one_step'] = {
-        'chain_mDice': point[0], 'chain_mDice_ci95': [lo[0], hi[0]],
-        'ece': point[1], 'ece_ci95': [lo[1], hi[1]],
-        'resamples': resamples, 'unit': 'case'}
-
-
-def paired_vs_single(rows, class_names, resamples=1000, seed=0) -> None:
-  """Adds ``vs_single`` to every ensemble row: its prediction's mDice (the
-  row's own rule), its mean p̂'s argmax mDice and its medoid chain's mDice,
-  each minus the mean of its chains' single-chain mDice, with 95 %
-  intervals from a paired bootstrap over cases (the same chains and cases
-  on both sides)."""
-  for r in rows:
-    if r.get(CASES) is None or r['num_samples'] < 2:
-      continue
-    c = r[CASES]
-
-    def diffs(idx):
-      single = _chain_mdice(c['chain_conf'][idx].sum(0), class_names)
-      return tuple(_mdice(c[conf][idx].sum(0), class_names) - single
-                   for conf in ('pred_conf', 'mean_conf', 'medoid_conf'))
-
-    point, lo, hi = _paired_bootstrap(diffs, len(c['top']), resamples, seed)
-    r['vs_single'] = {
-        'ensemble': point[0], 'ensemble_ci95': [lo[0], hi[0]],
-        'mean_prob': point[1], 'mean_prob_ci95': [lo[1], hi[1]],
-        'medoid': point[2], 'medoid_ci95': [lo[2], hi[2]],
-        'resamples': resamples, 'unit': 'case'}
 
 
 def diagnose(cfg, state, setup, source) -> list:
@@ -398,38 +326,29 @@ def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
       logging.info('%s: diagnosed %d-step chains.', name, s)
   paired_vs_one_step(rows, list(source.class_names), config.eval.ece_bins)
   paired_vs_single(rows, list(source.class_names))
-  for row in rows:
-    row.pop(CASES, None)
   meta = {'checkpoint_step': int(jax.device_get(state.step)),
           'num_cases': len(source), 'split': config.eval.split,
           'diffusion_steps': t_max, 'device': str(jax.devices()[0]),
           'device_count': jax.device_count(), 'jax': jax.__version__,
           'image_size': config.data.image_size,
           'eval_batch_size': config.eval.batch_size,
-          'date': time.strftime('%Y-%m-%d')}
+          'date': time.strftime('%Y-%m-%d'), 'case_ids': list(source.ids),
+          'case_groups': case_groups(config, source.ids),
+          'class_names': list(source.class_names),
+          'ece_bins': int(config.eval.ece_bins)}
   return meta, rows, diagnoses
 
 
-def _fmt(value, digits=4):
-  return '—' if value is None else f'{value:.{digits}f}'
-
-
-def _paired_table(rows, key: str, caption: str, columns: dict) -> list:
-  """Markdown lines of the rows that have ``key``: each figure ``f`` of
-  ``columns`` (figure -> header) as ``r[key][f]`` with ``f + '_ci95'``."""
-  picked = [r for r in rows if key in r]
-  if not picked:
-    return []
-  lines = ['', caption, '',
-           '| sampler | steps | samples | ' + ' | '.join(columns.values()) +
-           ' |', '|---|---:|---:|' + '---:|' * len(columns)]
-  for r in picked:
-    v = r[key]
-    cells = [f'{v[f]:+.4f} [{v[f + "_ci95"][0]:+.4f}, '
-             f'{v[f + "_ci95"][1]:+.4f}]' for f in columns]
-    lines.append(f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | ' +
-                 ' | '.join(cells) + ' |')
-  return lines
+def case_groups(config, ids) -> list:
+  """Each case's resampling group for pooled analyses: its patient where
+  the folder data set names one, else the case itself."""
+  if config.data.name == 'synthetic':
+    return list(ids)
+  from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
+  _, splits = sources.folder_splits(config)
+  patient = {c['id']: c.get('patient', c['id'])
+             for cases in splits.values() for c in cases}
+  return [str(patient[i]) for i in ids]
 
 
 def markdown(meta, rows, diagnoses) -> str:
@@ -452,22 +371,22 @@ def markdown(meta, rows, diagnoses) -> str:
       lines.append(f'{head} — | — | — | — | — | — | — | — | — | skipped: '
                    f'{r["skipped"]} |')
     else:
-      chains = _fmt(r['chain_mDice']) + (
+      chains = fmt(r['chain_mDice']) + (
           '' if r['chain_mDice_sd'] is None else
           f' ± {r["chain_mDice_sd"]:.4f}')
-      lines.append(f'{head} {_fmt(r["mDice"])} | '
-                   f'{_fmt(r["mDice_mean_prob"])} | '
-                   f'{_fmt(r.get("mDice_medoid"))} | {chains} | '
-                   f'{_fmt(r["mIoU"])} | '
-                   f'{_fmt(r["HD95"], 2)} | {_fmt(r["ece"])} | '
-                   f'{_fmt(r["nll"])} | {_fmt(r["GED"])} | '
+      lines.append(f'{head} {fmt(r["mDice"])} | '
+                   f'{fmt(r["mDice_mean_prob"])} | '
+                   f'{fmt(r.get("mDice_medoid"))} | {chains} | '
+                   f'{fmt(r["mIoU"])} | '
+                   f'{fmt(r["HD95"], 2)} | {fmt(r["ece"])} | '
+                   f'{fmt(r["nll"])} | {fmt(r["GED"])} | '
                    f'{r["ms_per_image"]:.1f} |')
-  lines += _paired_table(
+  lines += paired_table(
       rows, 'vs_one_step',
       'Against one step of the same sampler and ensemble size: differences '
       'with 95 % intervals from a paired bootstrap over cases.',
       {'chain_mDice': 'single chains − 1 step', 'ece': 'ECE − 1 step'})
-  lines += _paired_table(
+  lines += paired_table(
       rows, 'vs_single',
       "Ensembles against their own single chains: the prediction's mDice "
       "(the row's ensemble rule), the mean p̂'s and the medoid's, minus the "
@@ -486,19 +405,29 @@ def markdown(meta, rows, diagnoses) -> str:
               'created |', '|' + '---:|' * 13]
     for r in d['steps']:
       lines.append(
-          f'| {r["step"]} | {r["t"]} | {_fmt(r["own_mDice"])} | '
-          f'{_fmt(r["q_mDice"])} | {_fmt(r["own_nll"])} | {_fmt(r["q_nll"])} '
-          f'| {_fmt(r["own_ece"])} | {_fmt(r["q_ece"])} | '
-          f'{_fmt(r["own_input_error"])} | {_fmt(r["q_input_error"])} | '
-          f'{_fmt(r["changed"], 5)} | {_fmt(r["fixed"], 5)} | '
-          f'{_fmt(r["created"], 5)} |')
+          f'| {r["step"]} | {r["t"]} | {fmt(r["own_mDice"])} | '
+          f'{fmt(r["q_mDice"])} | {fmt(r["own_nll"])} | {fmt(r["q_nll"])} '
+          f'| {fmt(r["own_ece"])} | {fmt(r["q_ece"])} | '
+          f'{fmt(r["own_input_error"])} | {fmt(r["q_input_error"])} | '
+          f'{fmt(r["changed"], 5)} | {fmt(r["fixed"], 5)} | '
+          f'{fmt(r["created"], 5)} |')
   return '\n'.join(lines) + '\n'
 
 
 def write_outputs(out_dir, meta, rows, diagnoses=()):
+  """Writes the JSON, Markdown and plots, and each row's per-case arrays to
+  ``sampling_cases.npz`` (``row<i>_<array>``, in ``meta['case_ids']``
+  order) for pooled analyses such as bench/pool_folds.py."""
   from spad_jax import files  # pylint: disable=g-import-not-at-top
   from spad_jax import visualize  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
+  arrays = {f'row{i}_{name}': r[CASES][name] for i, r in enumerate(rows)
+            if r.get(CASES) is not None for name in ARRAYS}
+  rows = [{k: v for k, v in r.items() if k != CASES} for r in rows]
+  path = os.path.join(out_dir, CASES_FILE)
+  with open(path + '.tmp', 'wb') as f:  # Atomic, as the other outputs.
+    np.savez_compressed(f, **arrays)
+  os.replace(path + '.tmp', path)
   files.write_json(os.path.join(out_dir, 'sampling_curve.json'),
                    {'meta': meta, 'rows': rows, 'diagnoses': list(diagnoses)})
   files.write_atomic(os.path.join(out_dir, 'sampling_curve.md'),

@@ -103,6 +103,28 @@ def test_sampling_curve_bench(main_runner, tmp_path):
   text = open(os.path.join(out, 'sampling_curve.md')).read()
   assert '| sampler | steps | samples |' in text and 'mDice own' in text
   assert 'ECE − 1 step' in text and 'mean p̂ − single' in text
+  assert data['meta']['case_ids'] == data['meta']['case_groups'] == [
+      f'synthetic_test_{i:05d}' for i in range(4)]
+  # One "fold" pooled alone: the per-case arrays it saved give back the
+  # bench's own intervals (same resamples and seed).
+  pooled = subprocess.run(
+      [sys.executable, 'bench/pool_folds.py', f'--runs={out}',
+       f'--out={tmp_path}/pooled'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert pooled.returncode == 0, pooled.stderr[-3000:]
+  again = json.load(open(tmp_path / 'pooled' / 'pooled.json'))['rows']
+  assert len(again) == len(done)
+  for r, p in zip(done, again):
+    assert (p['name'], p['num_steps'], p['num_samples'], p['chain_mDice'],
+            p['ece']) == (r['name'], r['num_steps'], r['num_samples'],
+                          r['chain_mDice'], r['ece'])
+    for key in ('vs_one_step', 'vs_single'):
+      assert p.get(f'{key}_case') == r.get(key)
+  twice = subprocess.run(
+      [sys.executable, 'bench/pool_folds.py', f'--runs={out},{out}',
+       f'--out={tmp_path}/twice'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert twice.returncode != 0 and 'is in both' in twice.stderr
   bad = subprocess.run(
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
@@ -261,3 +283,102 @@ def test_flag_and_census_helpers():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith('OK')
+
+
+def _dice_reference(conf):
+  """Foreground mDice of a [K, K] (label, prediction) count matrix by the
+  formula 2·TP / (|label| + |prediction|)."""
+  return np.mean([2 * conf[c, c] / (conf[c, :].sum() + conf[:, c].sum())
+                  for c in range(1, len(conf))])
+
+
+def _fake_fold(folder, rng, case_ids, groups, settings):
+  """A bench output folder (the files bench/sampling_curve.py writes) with
+  random per-case counts for each (steps, samples) setting."""
+  os.makedirs(folder)
+  rows, arrays = [], {}
+  for i, (steps, samples) in enumerate(settings):
+    n = len(case_ids)
+    arrays.update({
+        f'row{i}_chain_conf': rng.integers(1, 50, (n, samples, 3, 3)),
+        **{f'row{i}_{a}': rng.integers(1, 50, (n, 3, 3))
+           for a in ('pred_conf', 'mean_conf', 'medoid_conf')},
+        f'row{i}_top': rng.integers(0, 20, (n, 3, 64)).astype(float)})
+    rows.append({'name': 'x0_resample', 'num_steps': steps,
+                 'num_samples': samples, 'mDice': 0.5, 'mDice_medoid': 0.5,
+                 'chain_mDice': 0.5, 'ece': 0.1})
+  np.savez(os.path.join(folder, 'sampling_cases.npz'), **arrays)
+  meta = {'checkpoint_step': 1, 'case_ids': case_ids, 'case_groups': groups,
+          'class_names': ['bg', 'a', 'b'], 'ece_bins': 15}
+  with open(os.path.join(folder, 'sampling_curve.json'), 'w') as f:
+    json.dump({'meta': meta, 'rows': rows, 'diagnoses': []}, f)
+  return arrays
+
+
+def test_pool_folds_against_reference(tmp_path):
+  """bench/pool_folds.py's pooling: dataset-level figures over all folds'
+  cases equal the Dice formula on the summed counts; grouped bootstraps
+  reduce to case bootstraps for one case per group and collapse for one
+  group; bad inputs are named."""
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import sampling_stats as st
+  rng = np.random.default_rng(0)
+  settings = [(1, 3), (10, 3)]
+  folds = [(['a1', 'a2', 'b1'], ['pa', 'pa', 'pb']),
+           (['c1', 'c2', 'c3', 'd1'], ['pc', 'pc', 'pc', 'pd'])]
+  made = [_fake_fold(str(tmp_path / f'f{k}'), rng, ids, groups,
+                     settings + ([(25, 3)] if k == 0 else []))
+          for k, (ids, groups) in enumerate(folds)]
+  runs = [st.load_run(str(tmp_path / f'f{k}')) for k in range(2)]
+  result = st.pool(runs, resamples=200)
+  assert result['meta']['num_cases'] == 7
+  assert result['meta']['num_patients'] == 4
+  assert result['meta']['left_out'] == [['x0_resample', 25, 3]]
+  by_steps = {r['num_steps']: r for r in result['rows']}
+  assert sorted(by_steps) == [1, 10]
+  for i, steps in enumerate([1, 10]):
+    cat = {a: np.concatenate([m[f'row{i}_{a}'] for m in made])
+           for a in ('chain_conf', 'pred_conf', 'medoid_conf')}
+    chains = [_dice_reference(cat['chain_conf'][:, j].sum(0))
+              for j in range(3)]
+    r = by_steps[steps]
+    assert r['chain_mDice'] == pytest.approx(np.mean(chains), abs=1e-12)
+    assert r['mDice'] == pytest.approx(
+        _dice_reference(cat['pred_conf'].sum(0)), abs=1e-12)
+    assert r['mDice_medoid'] == pytest.approx(
+        _dice_reference(cat['medoid_conf'].sum(0)), abs=1e-12)
+    assert r['vs_single_case']['medoid'] == pytest.approx(
+        r['mDice_medoid'] - r['chain_mDice'], abs=1e-12)
+    assert [f['folder'] for f in r['folds']] == [run['folder'] for run in runs]
+  ten, one = by_steps[10], by_steps[1]
+  for unit in ('case', 'patient'):
+    v = ten[f'vs_one_step_{unit}']
+    assert v['chain_mDice'] == pytest.approx(
+        ten['chain_mDice'] - one['chain_mDice'], abs=1e-12)
+    assert v['ece'] == pytest.approx(ten['ece'] - one['ece'], abs=1e-12)
+  # Patients resample their cases together: a different interval here.
+  assert (ten['vs_one_step_patient']['chain_mDice_ci95'] !=
+          ten['vs_one_step_case']['chain_mDice_ci95'])
+  text = st.pooled_markdown(result)
+  assert '7 cases in 4 groups' in text and 'over patients' in text
+  # Grouped bootstraps: one case per group is the case bootstrap; one group
+  # holding every case always resamples all of them.
+  diffs = lambda idx: (float(np.mean(np.arange(7.0)[idx])),)
+  units = st.case_units(7)
+  assert np.allclose(st.paired_bootstrap(diffs, units, 100, 3),
+                     st.paired_bootstrap(diffs, st.case_units(
+                         7, [str(i) for i in range(7)]), 100, 3))
+  point, lo, hi = st.paired_bootstrap(diffs, st.case_units(7, ['p'] * 7),
+                                      100, 3)
+  assert point[0] == lo[0] == hi[0] == 3.0
+  with pytest.raises(ValueError, match='6 group labels for 7 cases'):
+    st.case_units(7, ['p'] * 6)
+  # Errors name what is wrong.
+  with pytest.raises(st.PoolError, match="'a1' is in both"):
+    st.pool([runs[0], st.load_run(str(tmp_path / 'f0'))])
+  os.remove(tmp_path / 'f1' / 'sampling_cases.npz')
+  with pytest.raises(st.PoolError, match='f1/sampling_cases.npz: missing'):
+    st.load_run(str(tmp_path / 'f1'))
+  runs[1]['meta']['class_names'] = ['bg', 'a']
+  with pytest.raises(st.PoolError, match='class_names'):
+    st.pool(runs)

@@ -1,0 +1,59 @@
+r"""Pools bench/sampling_curve.py outputs over cross-validation folds.
+
+Under k-fold cross-validation every case is tested once, by the model that
+did not train on it. This reads each fold's bench folder (its
+``sampling_curve.json`` and ``sampling_cases.npz``), keeps the settings
+(sampler, steps, samples) that every fold ran, and scores them over all the
+pooled cases: dataset-level mDice of the single chains, of the row's
+ensemble rule, of the mean p̂ and of the medoid chain, and ECE. The paired
+comparisons of bench/sampling_curve.py (single chains − one step,
+ensembles − single chains) are rebuilt over the pooled cases, with 95 %
+intervals from a paired bootstrap over cases and one over patients (a
+patient's cases resampled together: the unit that generalises to new
+patients). Each fold's own figures are listed beside them.
+
+  python bench/pool_folds.py --out=runs/cv_pooled \
+      --runs=runs/cv_f0/bench,runs/cv_f1/bench,runs/cv_f2/bench,runs/cv_f3/bench,runs/cv_f4/bench
+
+Writes ``<out>/pooled.json`` and ``<out>/pooled.md``.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import sampling_stats as st
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('runs', None, 'Bench output folders of bench/'
+                  'sampling_curve.py, one per fold.')
+flags.DEFINE_string('out', None, 'Output folder.')
+flags.DEFINE_integer('resamples', 1000, 'Bootstrap resamples.')
+flags.mark_flags_as_required(['runs', 'out'])
+
+
+def main(argv):
+  del argv
+  from spad_jax import files  # pylint: disable=g-import-not-at-top
+  try:
+    result = st.pool([st.load_run(folder) for folder in FLAGS.runs],
+                     FLAGS.resamples)
+  except st.PoolError as e:
+    sys.exit(f'pool_folds.py: {e}')
+  if not result['rows']:
+    sys.exit('pool_folds.py: the folds share no scored setting '
+             '(sampler, steps, samples)')
+  os.makedirs(FLAGS.out, exist_ok=True)
+  files.write_json(os.path.join(FLAGS.out, 'pooled.json'), result)
+  files.write_atomic(os.path.join(FLAGS.out, 'pooled.md'),
+                     st.pooled_markdown(result))
+  print(open(os.path.join(FLAGS.out, 'pooled.md')).read())
+
+
+if __name__ == '__main__':
+  app.run(main)

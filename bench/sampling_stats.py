@@ -1,0 +1,289 @@
+"""The paired statistics of bench/sampling_curve.py, shared with
+bench/pool_folds.py: dataset-level Dice from per-case confusion counts,
+paired bootstraps over cases or over groups of cases (patients), and their
+Markdown tables, and the pooling of per-fold bench outputs. No flags, so
+other benches and the tests can import it."""
+
+import json
+import os
+
+import numpy as np
+
+
+# A row's per-case arrays (for the paired bootstraps): kept out of the JSON,
+# written to CASES_FILE as ``row<i>_<array>`` for each array of ARRAYS.
+CASES = '_cases'
+CURVE, CASES_FILE = 'sampling_curve.json', 'sampling_cases.npz'
+ARRAYS = ('chain_conf', 'pred_conf', 'mean_conf', 'medoid_conf', 'top')
+
+
+def mdice(conf: np.ndarray, names) -> float:
+  """Dataset-level foreground mDice of confusion counts ``[K, K]``; NaN
+  where no foreground class is in the labels or predictions."""
+  from spad_jax import metrics  # pylint: disable=g-import-not-at-top
+  value = metrics.summarize_confusion(conf, names)['mDice']
+  return np.nan if value is None else value
+
+
+def chain_mdices(chain_conf: np.ndarray, names) -> list:
+  """Each chain's dataset-level mDice from its confusion counts
+  (``[N, K, K]``)."""
+  return [mdice(c, names) for c in chain_conf]
+
+
+def chain_mdice(chain_conf: np.ndarray, names) -> float:
+  """Mean over chains of each chain's dataset-level mDice."""
+  return float(np.mean(chain_mdices(chain_conf, names)))
+
+
+def case_units(num_cases: int, groups=None) -> list:
+  """The resampling units of the paired bootstraps: one per case, or with
+  ``groups`` (one label per case, e.g. its patient) one per group, holding
+  the indices of its cases."""
+  if groups is None:
+    return [np.array([i]) for i in range(num_cases)]
+  if len(groups) != num_cases:
+    raise ValueError(f'{len(groups)} group labels for {num_cases} cases')
+  order = list(dict.fromkeys(groups))
+  return [np.flatnonzero(np.asarray(groups) == g) for g in order]
+
+
+def paired_bootstrap(diffs, units, resamples: int, seed: int):
+  """``diffs(case indices)`` on all cases and its 95 % interval over
+  ``resamples`` resamples of the ``units`` (``case_units``) with
+  replacement; every figure sees the same resampled cases."""
+  rng = np.random.default_rng(seed)
+  boot = np.array([
+      diffs(np.concatenate([units[u] for u in
+                            rng.integers(0, len(units), len(units))]))
+      for _ in range(resamples)])
+  # A resample without foreground has no Dice: left out of the interval.
+  lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+  return diffs(np.concatenate(units)), lo, hi
+
+
+def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
+                       seed=0, groups=None, key='vs_one_step') -> None:
+  """Adds ``key`` to every multi-step row that has a 1-step row of the same
+  sampler and ensemble size: the differences of the single-chain mDice and
+  of the ECE, each with a 95 % interval from a paired bootstrap over cases,
+  or over ``groups`` of cases (``case_units``); both rows see the same
+  resampled cases."""
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
+  one = {(r['name'], r['num_samples']): r for r in rows
+         if r.get(CASES) is not None and r['num_steps'] == 1}
+  for r in rows:
+    ref = one.get((r['name'], r['num_samples']))
+    if r.get(CASES) is None or r['num_steps'] == 1 or ref is None:
+      continue
+    a, b = r[CASES], ref[CASES]
+
+    def diffs(idx):
+      d_dice = (chain_mdice(a['chain_conf'][idx].sum(0), class_names) -
+                chain_mdice(b['chain_conf'][idx].sum(0), class_names))
+      d_ece = (calibration.reliability(a['top'][idx].sum(0), num_bins)['ece'] -
+               calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
+      return d_dice, d_ece
+
+    point, lo, hi = paired_bootstrap(
+        diffs, case_units(len(a['top']), groups), resamples, seed)
+    r[key] = {
+        'chain_mDice': point[0], 'chain_mDice_ci95': [lo[0], hi[0]],
+        'ece': point[1], 'ece_ci95': [lo[1], hi[1]],
+        'resamples': resamples, 'unit': 'case' if groups is None else 'group'}
+
+
+def paired_vs_single(rows, class_names, resamples=1000, seed=0, groups=None,
+                     key='vs_single') -> None:
+  """Adds ``key`` to every ensemble row: its prediction's mDice (the row's
+  own rule), its mean p̂'s argmax mDice and its medoid chain's mDice, each
+  minus the mean of its chains' single-chain mDice, with 95 % intervals
+  from a paired bootstrap over cases, or over ``groups`` of cases (the same
+  chains and cases on both sides)."""
+  for r in rows:
+    if r.get(CASES) is None or r['num_samples'] < 2:
+      continue
+    c = r[CASES]
+
+    def diffs(idx):
+      single = chain_mdice(c['chain_conf'][idx].sum(0), class_names)
+      return tuple(mdice(c[conf][idx].sum(0), class_names) - single
+                   for conf in ('pred_conf', 'mean_conf', 'medoid_conf'))
+
+    point, lo, hi = paired_bootstrap(
+        diffs, case_units(len(c['top']), groups), resamples, seed)
+    r[key] = {
+        'ensemble': point[0], 'ensemble_ci95': [lo[0], hi[0]],
+        'mean_prob': point[1], 'mean_prob_ci95': [lo[1], hi[1]],
+        'medoid': point[2], 'medoid_ci95': [lo[2], hi[2]],
+        'resamples': resamples, 'unit': 'case' if groups is None else 'group'}
+
+
+def fmt(value, digits=4):
+  return '—' if value is None else f'{value:.{digits}f}'
+
+
+def paired_table(rows, key: str, caption: str, columns: dict) -> list:
+  """Markdown lines of the rows that have ``key``: each figure ``f`` of
+  ``columns`` (figure -> header) as ``r[key][f]`` with ``f + '_ci95'``."""
+  picked = [r for r in rows if key in r]
+  if not picked:
+    return []
+  lines = ['', caption, '',
+           '| sampler | steps | samples | ' + ' | '.join(columns.values()) +
+           ' |', '|---|---:|---:|' + '---:|' * len(columns)]
+  for r in picked:
+    v = r[key]
+    cells = [f'{v[f]:+.4f} [{v[f + "_ci95"][0]:+.4f}, '
+             f'{v[f + "_ci95"][1]:+.4f}]' for f in columns]
+    lines.append(f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | ' +
+                 ' | '.join(cells) + ' |')
+  return lines
+
+
+# Pooling over cross-validation folds (bench/pool_folds.py).
+
+
+class PoolError(ValueError):
+  """A fold's outputs are missing or do not fit the others'."""
+
+
+def load_run(folder: str) -> dict:
+  """One fold's bench outputs: meta, rows, and each row's per-case arrays
+  under ``CASES``."""
+  paths = [os.path.join(folder, name) for name in (CURVE, CASES_FILE)]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise PoolError(f'{path}: missing (run bench/sampling_curve.py with '
+                      f'--out={folder} first)')
+  with open(paths[0]) as f:
+    data = json.load(f)
+  meta = data['meta']
+  if 'case_ids' not in meta:
+    raise PoolError(f'{paths[0]}: written before the bench saved case ids; '
+                    'rerun bench/sampling_curve.py')
+  with np.load(paths[1]) as arrays:
+    for i, row in enumerate(data['rows']):
+      if 'skipped' in row:
+        continue
+      try:
+        row[CASES] = {a: arrays[f'row{i}_{a}'] for a in ARRAYS}
+      except KeyError as e:
+        raise PoolError(f'{paths[1]}: no {e.args[0]} for row {i} of '
+                        f'{paths[0]}') from None
+      if len(row[CASES]['top']) != len(meta['case_ids']):
+        raise PoolError(f'{paths[1]}: row {i} has '
+                        f'{len(row[CASES]["top"])} cases, {paths[0]} '
+                        f'lists {len(meta["case_ids"])}')
+  return {'folder': folder, 'meta': meta, 'rows': data['rows']}
+
+
+def _setting(row) -> tuple:
+  return row['name'], row['num_steps'], row['num_samples']
+
+
+def pool(runs, resamples: int = 1000) -> dict:
+  """Pooled rows over the folds ``runs`` (``load_run`` outputs)."""
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
+  first = runs[0]['meta']
+  seen = {}
+  for run in runs:
+    meta = run['meta']
+    for key in ('class_names', 'ece_bins'):
+      if meta[key] != first[key]:
+        raise PoolError(f'{run["folder"]}: {key} = {meta[key]!r}, but '
+                        f'{runs[0]["folder"]} has {first[key]!r}')
+    for case in meta['case_ids']:
+      if case in seen:
+        raise PoolError(f'case {case!r} is in both {seen[case]} and '
+                        f'{run["folder"]}: folds must not share test cases')
+      seen[case] = run['folder']
+  names, bins = first['class_names'], first['ece_bins']
+  scored = [{_setting(r): r for r in run['rows'] if CASES in r}
+            for run in runs]
+  common = [s for s in scored[0] if all(s in other for other in scored[1:])]
+  left_out = sorted({s for sc in scored for s in sc} - set(common))
+  groups = [g for run in runs for g in run['meta']['case_groups']]
+  rows = []
+  for setting in common:
+    parts = [sc[setting] for sc in scored]
+    cases = {a: np.concatenate([p[CASES][a] for p in parts])
+             for a in ARRAYS}
+    chains = chain_mdices(cases['chain_conf'].sum(0), names)
+    row = {'name': setting[0], 'num_steps': setting[1],
+           'num_samples': setting[2],
+           'mDice': mdice(cases['pred_conf'].sum(0), names),
+           'mDice_mean_prob': mdice(cases['mean_conf'].sum(0), names),
+           'mDice_medoid': mdice(cases['medoid_conf'].sum(0), names),
+           'chain_mDice': float(np.mean(chains)),
+           'chain_mDice_sd': (float(np.std(chains, ddof=1))
+                              if len(chains) > 1 else None),
+           'ece': calibration.reliability(cases['top'].sum(0), bins)['ece'],
+           'folds': [{'folder': run['folder'],
+                      'checkpoint_step': run['meta']['checkpoint_step'],
+                      **{k: p.get(k) for k in (
+                          'mDice', 'mDice_medoid', 'chain_mDice', 'ece',
+                          'vs_one_step', 'vs_single')}}
+                     for run, p in zip(runs, parts)],
+           CASES: cases}
+    rows.append(row)
+  for unit, grouping in (('case', None), ('patient', groups)):
+    paired_vs_one_step(rows, names, bins, resamples, groups=grouping,
+                          key=f'vs_one_step_{unit}')
+    paired_vs_single(rows, names, resamples, groups=grouping,
+                        key=f'vs_single_{unit}')
+  for row in rows:
+    row.pop(CASES)
+  return {'meta': {'folds': [r['folder'] for r in runs],
+                   'num_cases': len(groups),
+                   'num_patients': len(set(groups)),
+                   'class_names': names, 'ece_bins': bins,
+                   'resamples': resamples,
+                   'left_out': [list(s) for s in left_out]},
+          'rows': rows}
+
+
+def pooled_markdown(result: dict) -> str:
+  meta, rows = result['meta'], result['rows']
+  lines = [f'{len(meta["folds"])} folds pooled: {meta["num_cases"]} cases '
+           f'in {meta["num_patients"]} groups (patients, where the data set '
+           'names them), each scored by the model of the fold that tested '
+           'it.', '',
+           '| sampler | steps | samples | single chains | ensemble | mean p̂ '
+           '| medoid | ECE |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    chains = fmt(r['chain_mDice']) + (
+        '' if r['chain_mDice_sd'] is None else f' ± {r["chain_mDice_sd"]:.4f}')
+    lines.append(f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} | '
+                 f'{chains} | {fmt(r["mDice"])} | '
+                 f'{fmt(r["mDice_mean_prob"])} | '
+                 f'{fmt(r["mDice_medoid"])} | {fmt(r["ece"])} |')
+  for unit in ('case', 'patient'):
+    lines += paired_table(
+        rows, f'vs_one_step_{unit}',
+        'Against one step, pooled, with 95 % intervals from a paired '
+        f'bootstrap over {unit}s.',
+        {'chain_mDice': 'single chains − 1 step', 'ece': 'ECE − 1 step'})
+    lines += paired_table(
+        rows, f'vs_single_{unit}',
+        'Ensembles against their own single chains, pooled, with 95 % '
+        f'intervals from a paired bootstrap over {unit}s.',
+        {'ensemble': 'ensemble − single', 'mean_prob': 'mean p̂ − single',
+         'medoid': 'medoid − single'})
+  lines += ['', 'Per fold (each over its own test cases; intervals over '
+            'cases):', '',
+            '| sampler | steps | samples | fold | single chains | ensemble | '
+            'single − 1 step |', '|---|---:|---:|---|---:|---:|---:|']
+  for r in rows:
+    for f in r['folds']:
+      v = f.get('vs_one_step')
+      gain = '—' if not v else (
+          f'{v["chain_mDice"]:+.4f} [{v["chain_mDice_ci95"][0]:+.4f}, '
+          f'{v["chain_mDice_ci95"][1]:+.4f}]')
+      lines.append(f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} '
+                   f'| {f["folder"]} | {fmt(f["chain_mDice"])} | '
+                   f'{fmt(f["mDice"])} | {gain} |')
+  if meta['left_out']:
+    lines += ['', 'Settings not run by every fold (left out): ' + '; '.join(
+        f'{n} × {s} steps × {k} samples' for n, s, k in meta['left_out'])]
+  return '\n'.join(lines) + '\n'
