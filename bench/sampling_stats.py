@@ -229,9 +229,9 @@ def pool(runs, resamples: int = 1000) -> dict:
     rows.append(row)
   for unit, grouping in (('case', None), ('patient', groups)):
     paired_vs_one_step(rows, names, bins, resamples, groups=grouping,
-                          key=f'vs_one_step_{unit}')
+                       key=f'vs_one_step_{unit}')
     paired_vs_single(rows, names, resamples, groups=grouping,
-                        key=f'vs_single_{unit}')
+                     key=f'vs_single_{unit}')
   for row in rows:
     row.pop(CASES)
   return {'meta': {'folds': [r['folder'] for r in runs],
