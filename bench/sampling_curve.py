@@ -385,7 +385,8 @@ def markdown(meta, rows, diagnoses) -> str:
       rows, 'vs_one_step',
       'Against one step of the same sampler and ensemble size: differences '
       'with 95 % intervals from a paired bootstrap over cases.',
-      {'chain_mDice': 'single chains − 1 step', 'ece': 'ECE − 1 step'})
+      {'chain_mDice': 'single chains − 1 step',
+       'ensemble_mDice': 'ensemble − 1 step single', 'ece': 'ECE − 1 step'})
   lines += paired_table(
       rows, 'vs_single',
       "Ensembles against their own single chains: the prediction's mDice "

@@ -65,10 +65,12 @@ def paired_bootstrap(diffs, units, resamples: int, seed: int):
 def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
                        seed=0, groups=None, key='vs_one_step') -> None:
   """Adds ``key`` to every multi-step row that has a 1-step row of the same
-  sampler and ensemble size: the differences of the single-chain mDice and
-  of the ECE, each with a 95 % interval from a paired bootstrap over cases,
-  or over ``groups`` of cases (``case_units``); both rows see the same
-  resampled cases."""
+  sampler and ensemble size: the differences of the single-chain mDice, of
+  the row's ensemble prediction's mDice against one step's single chains
+  (what N chains add over one sample of one step), and of the ECE, each
+  with a 95 % interval from a paired bootstrap over cases, or over
+  ``groups`` of cases (``case_units``); both rows see the same resampled
+  cases."""
   from spad_jax import calibration  # pylint: disable=g-import-not-at-top
   one = {(r['name'], r['num_samples']): r for r in rows
          if r.get(CASES) is not None and r['num_steps'] == 1}
@@ -79,17 +81,19 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
     a, b = r[CASES], ref[CASES]
 
     def diffs(idx):
-      d_dice = (chain_mdice(a['chain_conf'][idx].sum(0), class_names) -
-                chain_mdice(b['chain_conf'][idx].sum(0), class_names))
+      one_step = chain_mdice(b['chain_conf'][idx].sum(0), class_names)
+      d_dice = chain_mdice(a['chain_conf'][idx].sum(0), class_names) - one_step
+      d_ensemble = mdice(a['pred_conf'][idx].sum(0), class_names) - one_step
       d_ece = (calibration.reliability(a['top'][idx].sum(0), num_bins)['ece'] -
                calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
-      return d_dice, d_ece
+      return d_dice, d_ensemble, d_ece
 
     point, lo, hi = paired_bootstrap(
         diffs, case_units(len(a['top']), groups), resamples, seed)
     r[key] = {
         'chain_mDice': point[0], 'chain_mDice_ci95': [lo[0], hi[0]],
-        'ece': point[1], 'ece_ci95': [lo[1], hi[1]],
+        'ensemble_mDice': point[1], 'ensemble_mDice_ci95': [lo[1], hi[1]],
+        'ece': point[2], 'ece_ci95': [lo[2], hi[2]],
         'resamples': resamples, 'unit': 'case' if groups is None else 'group'}
 
 
@@ -263,7 +267,8 @@ def pooled_markdown(result: dict) -> str:
         rows, f'vs_one_step_{unit}',
         'Against one step, pooled, with 95 % intervals from a paired '
         f'bootstrap over {unit}s.',
-        {'chain_mDice': 'single chains − 1 step', 'ece': 'ECE − 1 step'})
+        {'chain_mDice': 'single chains − 1 step',
+         'ensemble_mDice': 'ensemble − 1 step single', 'ece': 'ECE − 1 step'})
     lines += paired_table(
         rows, f'vs_single_{unit}',
         'Ensembles against their own single chains, pooled, with 95 % '

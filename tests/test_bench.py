@@ -68,7 +68,9 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert v['chain_mDice'] == pytest.approx(
         r['chain_mDice'] - ref['chain_mDice'], abs=1e-9)
     assert v['ece'] == pytest.approx(r['ece'] - ref['ece'], abs=1e-9)
-    for key in ('chain_mDice_ci95', 'ece_ci95'):
+    assert v['ensemble_mDice'] == pytest.approx(
+        r['mDice'] - ref['chain_mDice'], abs=1e-9)
+    for key in ('chain_mDice_ci95', 'ensemble_mDice_ci95', 'ece_ci95'):
       assert v[key][0] <= v[key][1]
   # Ensembles against their own chains: the full-sample differences are the
   # rows' own figures; single-chain rows have none.
@@ -356,6 +358,8 @@ def test_pool_folds_against_reference(tmp_path):
     assert v['chain_mDice'] == pytest.approx(
         ten['chain_mDice'] - one['chain_mDice'], abs=1e-12)
     assert v['ece'] == pytest.approx(ten['ece'] - one['ece'], abs=1e-12)
+    assert v['ensemble_mDice'] == pytest.approx(
+        ten['mDice'] - one['chain_mDice'], abs=1e-12)
   # Patients resample their cases together: a different interval here.
   assert (ten['vs_one_step_patient']['chain_mDice_ci95'] !=
           ten['vs_one_step_case']['chain_mDice_ci95'])
