@@ -6,8 +6,9 @@ did not train on it. This reads each fold's bench folder (its
 (sampler, steps, samples) that every fold ran, and scores them over all the
 pooled cases: dataset-level mDice of the single chains, of the row's
 ensemble rule, of the mean p̂ and of the medoid chain, and ECE. The paired
-comparisons of bench/sampling_curve.py (single chains − one step,
-ensembles − single chains) are rebuilt over the pooled cases, with 95 %
+comparisons of bench/sampling_curve.py (single chains and ensembles
+against one step's single samples, ensembles against their own single
+chains) are rebuilt over the pooled cases, with 95 %
 intervals from a paired bootstrap over cases and one over patients (a
 patient's cases resampled together: the unit that generalises to new
 patients). Each fold's own figures are listed beside them.

@@ -5,9 +5,11 @@ evaluation split with the EMA parameters and records mDice/mIoU, per-case
 HD95, calibration (ECE, NLL of the soft map), the GED of the samples against
 the label (ensembles) and wall time per image (compilation excluded: one
 untimed warm-up batch per setting). Each multi-step setting is also compared
-with one step of the same sampler and ensemble size (single-chain mDice and
-ECE differences), and each ensemble with its own single chains (its
-prediction's mDice and its mean p̂'s, minus the chains' mean), all with
+with one step of the same sampler and ensemble size (the differences of the
+single-chain mDice, of the ensemble prediction's mDice against one step's
+single chains, and of the ECE), and each ensemble with its own single
+chains (its prediction's, its mean p̂'s and its medoid's mDice, minus the
+chains' mean), all with
 paired bootstrap intervals over cases:
 
   python bench/sampling_curve.py --config=configs/demo.py --workdir=runs/demo
