@@ -42,6 +42,7 @@ pools them over cross-validation folds) and, with diagnosis,
 are skipped and listed as such.
 """
 
+import io
 import os
 import sys
 import time
@@ -427,10 +428,9 @@ def write_outputs(out_dir, meta, rows, diagnoses=()):
   arrays = {f'row{i}_{name}': r[CASES][name] for i, r in enumerate(rows)
             if r.get(CASES) is not None for name in ARRAYS}
   rows = [{k: v for k, v in r.items() if k != CASES} for r in rows]
-  path = os.path.join(out_dir, CASES_FILE)
-  with open(path + '.tmp', 'wb') as f:  # Atomic, as the other outputs.
-    np.savez_compressed(f, **arrays)
-  os.replace(path + '.tmp', path)
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  files.write_atomic(os.path.join(out_dir, CASES_FILE), buffer.getvalue())
   files.write_json(os.path.join(out_dir, 'sampling_curve.json'),
                    {'meta': meta, 'rows': rows, 'diagnoses': list(diagnoses)})
   files.write_atomic(os.path.join(out_dir, 'sampling_curve.md'),
