@@ -62,6 +62,21 @@ def paired_bootstrap(diffs, units, resamples: int, seed: int):
   return diffs(np.concatenate(units)), lo, hi
 
 
+def paired_record(diffs, figures, num_cases: int, groups, resamples: int,
+                  seed: int) -> dict:
+  """``paired_bootstrap`` of ``diffs`` over cases (or ``groups``) as a
+  record: each of ``figures`` (the names of ``diffs``'s outputs, in order)
+  with its ``<figure>_ci95``, the resamples and the unit."""
+  point, lo, hi = paired_bootstrap(diffs, case_units(num_cases, groups),
+                                   resamples, seed)
+  record = {}
+  for i, name in enumerate(figures):
+    record[name], record[name + '_ci95'] = point[i], [lo[i], hi[i]]
+  record.update(resamples=resamples,
+                unit='case' if groups is None else 'group')
+  return record
+
+
 def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
                        seed=0, groups=None, key='vs_one_step') -> None:
   """Adds ``key`` to every multi-step row that has a 1-step row of the same
@@ -88,13 +103,8 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
                calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
       return d_dice, d_ensemble, d_ece
 
-    point, lo, hi = paired_bootstrap(
-        diffs, case_units(len(a['top']), groups), resamples, seed)
-    r[key] = {
-        'chain_mDice': point[0], 'chain_mDice_ci95': [lo[0], hi[0]],
-        'ensemble_mDice': point[1], 'ensemble_mDice_ci95': [lo[1], hi[1]],
-        'ece': point[2], 'ece_ci95': [lo[2], hi[2]],
-        'resamples': resamples, 'unit': 'case' if groups is None else 'group'}
+    r[key] = paired_record(diffs, ('chain_mDice', 'ensemble_mDice', 'ece'),
+                           len(a['top']), groups, resamples, seed)
 
 
 def paired_vs_single(rows, class_names, resamples=1000, seed=0, groups=None,
@@ -114,13 +124,8 @@ def paired_vs_single(rows, class_names, resamples=1000, seed=0, groups=None,
       return tuple(mdice(c[conf][idx].sum(0), class_names) - single
                    for conf in ('pred_conf', 'mean_conf', 'medoid_conf'))
 
-    point, lo, hi = paired_bootstrap(
-        diffs, case_units(len(c['top']), groups), resamples, seed)
-    r[key] = {
-        'ensemble': point[0], 'ensemble_ci95': [lo[0], hi[0]],
-        'mean_prob': point[1], 'mean_prob_ci95': [lo[1], hi[1]],
-        'medoid': point[2], 'medoid_ci95': [lo[2], hi[2]],
-        'resamples': resamples, 'unit': 'case' if groups is None else 'group'}
+    r[key] = paired_record(diffs, ('ensemble', 'mean_prob', 'medoid'),
+                           len(c['top']), groups, resamples, seed)
 
 
 def fmt(value, digits=4):
