@@ -18,10 +18,12 @@ paired bootstrap intervals over cases:
       --steps=1,3,10,25 --samples=1,4,16 --diagnose_steps=10,25
 
 A sampler is
-``name[:temperature[:mode_last[:ensemble[:soft_map[:chain_label]]]]]``
-(``eval.sampler``, ``eval.temperature``, ``eval.mode_last``,
-``eval.ensemble``, ``eval.soft_map``, ``eval.chain_label``; plain
-``ancestral`` is DESIGN §1's exact sampler with majority-vote ensembles).
+``name[:temperature[:mode_last[:ensemble[:soft_map[:chain_label
+[:ensemble_of]]]]]]`` (``eval.sampler``, ``eval.temperature``,
+``eval.mode_last``, ``eval.ensemble``, ``eval.soft_map``,
+``eval.chain_label``, ``eval.ensemble_of``; plain ``ancestral`` is DESIGN
+§1's exact sampler with majority-vote ensembles). Single chains are scored
+on each chain's own label, ensembles on what they combine.
 
 ``--diagnose_steps`` also runs, per sampler and step count, one traced chain
 per case and reports for every step ``t``:
@@ -74,7 +76,7 @@ flags.DEFINE_list('steps', ['1', '5', '10', '25', '50', '250'],
 flags.DEFINE_list('samples', ['1', '4', '16'], 'Ensemble sizes.')
 flags.DEFINE_list('samplers', ['ancestral'], 'Samplers, each '
                   'name[:temperature[:mode_last[:ensemble[:soft_map'
-                  '[:chain_label]]]]].')
+                  '[:chain_label[:ensemble_of]]]]]].')
 flags.DEFINE_list('diagnose_steps', [], 'Step counts whose chains are traced '
                   'step by step (exposure bias, changes per step).')
 flags.DEFINE_string('out', None, 'Output folder (default <workdir>/bench).')
@@ -83,19 +85,21 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_sampler(spec: str) -> dict:
-  """``'x0_resample:0.5:2:mean:chain_mean:soft_map'`` -> the six ``eval.*``
-  sampler keys."""
+  """``'x0_resample:0.5:2:mean:chain_mean:soft_map:last'`` -> the seven
+  ``eval.*`` sampler keys."""
   parts = spec.split(':')
-  if not 1 <= len(parts) <= 6:
+  if not 1 <= len(parts) <= 7:
     raise ValueError(f'--samplers: {spec!r} is not name[:temperature'
-                     '[:mode_last[:ensemble[:soft_map[:chain_label]]]]]')
+                     '[:mode_last[:ensemble[:soft_map[:chain_label'
+                     '[:ensemble_of]]]]]]')
   try:
     return {'sampler': parts[0],
             'temperature': float(parts[1]) if len(parts) > 1 else 1.0,
             'mode_last': int(parts[2]) if len(parts) > 2 else 0,
             'ensemble': parts[3] if len(parts) > 3 else 'vote',
             'soft_map': parts[4] if len(parts) > 4 else 'last',
-            'chain_label': parts[5] if len(parts) > 5 else 'last'}
+            'chain_label': parts[5] if len(parts) > 5 else 'last',
+            'ensemble_of': parts[6] if len(parts) > 6 else 'chain_label'}
   except ValueError as e:
     raise ValueError(f'--samplers: {spec!r}: {e}') from None
 
@@ -112,6 +116,8 @@ def sampler_name(options: dict) -> str:
     name += f' p̂:{options["soft_map"]}'
   if options['chain_label'] != 'last':
     name += f' label:{options["chain_label"]}'
+  if options['ensemble_of'] != 'chain_label':
+    name += f' of:{options["ensemble_of"]}'
   return name
 
 
@@ -159,11 +165,11 @@ def score_setting(cfg, state, setup, source) -> dict:
                                                      k)
     case_mean_conf[index] = metrics.confusion_counts(out['prob'].argmax(-1),
                                                      label, k)
-    chains = out['samples'] if ensemble else out['prediction'][None]
+    chains = out['chain_labels'] if ensemble else out['prediction'][None]
     for j in range(n):
       case_chain_conf[index, j] = metrics.confusion_counts(chains[j], label, k)
-    case_medoid_conf[index] = (
-        metrics.confusion_counts(np.asarray(medoid(chains)), label, k)
+    case_medoid_conf[index] = (  # Of what the ensemble combines.
+        metrics.confusion_counts(np.asarray(medoid(out['samples'])), label, k)
         if ensemble else case_chain_conf[index, 0])
     if ensemble:
       geds.append(metrics.generalized_energy_distance(

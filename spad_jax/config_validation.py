@@ -196,6 +196,9 @@ def _check_eval(config, check) -> None:
   check(e.get('chain_label', 'last') in diffusion.CHAIN_LABELS,
         'eval.chain_label',
         f'must be one of {", ".join(diffusion.CHAIN_LABELS)}')
+  check(e.get('ensemble_of', 'chain_label') in diffusion.ENSEMBLE_OF,
+        'eval.ensemble_of',
+        f'must be one of {", ".join(diffusion.ENSEMBLE_OF)}')
   check(e.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   check(e.split in ('train', 'val', 'test'), 'eval.split',
         "must be 'train', 'val' or 'test'")

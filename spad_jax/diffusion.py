@@ -228,8 +228,16 @@ SOFT_MAPS = ('last', 'chain_mean')
 # The label of a chain: 'last': the argmax of its final p̂ (DESIGN §1);
 # 'soft_map': the argmax of its soft map, with 'chain_mean' the argmax of
 # the mean of its steps' p̂, which pools the chain's estimates like a small
-# ensemble inside one chain.
-CHAIN_LABELS = ('last', 'soft_map')
+# ensemble inside one chain; 'chain_mean': that pooled argmax whatever the
+# soft map (so calibration can stay on the final p̂).
+CHAIN_LABELS = ('last', 'soft_map', 'chain_mean')
+# What an ensemble of N > 1 chains combines: 'chain_label': each chain's
+# label (CHAIN_LABELS); 'last': the argmax of each chain's final p̂, its
+# sample, whatever the chain's own label. The pooled labels of 'soft_map'
+# are a better answer of one chain but agree with each other, so a vote of
+# them gains little; the vote of the samples averages the chains' draws.
+# One chain (N = 1) is always its own label.
+ENSEMBLE_OF = ('chain_label', 'last')
 # How N chains make one prediction: 'vote': the per-pixel majority of their
 # labels; 'mean': the argmax of their mean soft map; 'medoid': the chain
 # whose label map agrees best with the others (summed foreground Dice), a

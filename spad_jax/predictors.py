@@ -31,6 +31,7 @@ def sampling_record(config) -> Dict[str, Any]:
           'mode_last': e.mode_last, 'ensemble': e.ensemble,
           'soft_map': e.get('soft_map', 'last'),
           'chain_label': e.get('chain_label', 'last'),
+          'ensemble_of': e.get('ensemble_of', 'chain_label'),
           'self_condition': config.model.self_condition}
 
 
@@ -68,9 +69,12 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   ``prob``: the mean over chains of their soft maps
   (``eval.soft_map``: each chain's final ``p̂``, or the mean of its steps'),
   the soft map calibration is measured on. A chain's label is the argmax of
-  its final ``p̂``, or of its soft map (``eval.chain_label``); with
-  ``return_samples`` also ``samples`` ``[B, N, H, W]`` uint8 (each chain's
-  label map, for GED and variances).
+  its final ``p̂``, or of its soft map (``eval.chain_label``); more than one
+  chain combine their labels or their final ``p̂``'s argmax
+  (``eval.ensemble_of``). With ``return_samples`` also ``samples``
+  ``[B, N, H, W]`` uint8 (the label maps the ensemble combined, for GED and
+  variances) and ``chain_labels`` (each chain's own label map: its answer
+  alone).
   """
   num_classes = config.data.num_classes
   n = config.eval.num_samples
@@ -97,27 +101,36 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
     probs = out['probs' if config.eval.get('soft_map', 'last') == 'last'
                 else 'probs_chain_mean']
     probs = probs.reshape((n, b) + probs.shape[1:])
-    labels = (jnp.argmax(probs, axis=-1)
-              if config.eval.get('chain_label', 'last') == 'soft_map' else
-              out['labels'].reshape((n, b) + out['labels'].shape[1:]))
+    last = out['labels'].reshape((n, b) + out['labels'].shape[1:])
+    chain_label = config.eval.get('chain_label', 'last')
+    if chain_label == 'last':
+      labels = last
+    else:
+      pooled = (probs if chain_label == 'soft_map' else
+                out['probs_chain_mean'].reshape(probs.shape))
+      labels = jnp.argmax(pooled, axis=-1)
+    combined = (last if n > 1 and config.eval.get(
+        'ensemble_of', 'chain_label') == 'last' else labels)
     if config.eval.ensemble == 'mean':
       result = diffusion.mean_ensemble(probs)
     elif config.eval.ensemble == 'medoid':
-      result = diffusion.medoid_ensemble(labels, num_classes)
+      result = diffusion.medoid_ensemble(combined, num_classes)
       del result['medoid']  # Every output is per pixel.
     else:
-      result = diffusion.ensemble(labels, num_classes)
+      result = diffusion.ensemble(combined, num_classes)
     result['prob'] = jnp.mean(probs, axis=0)
     if return_samples:
-      result['samples'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
+      result['samples'] = jnp.moveaxis(combined, 0, 1).astype(jnp.uint8)
+      result['chain_labels'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
     return result
 
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
 
 
 def _make_deterministic_predict_fn(config, model, return_samples: bool):
-  """One forward pass: the softmax is the soft map. ``samples`` (for GED)
-  repeats the prediction ``eval.num_samples`` times."""
+  """One forward pass: the softmax is the soft map. ``samples`` and
+  ``chain_labels`` (for GED) repeat the prediction ``eval.num_samples``
+  times."""
   n = config.eval.num_samples
 
   def predict(params, images, key, case_ids):
@@ -134,6 +147,7 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
     if return_samples:
       result['samples'] = jnp.repeat(prediction[:, None], n,
                                      axis=1).astype(jnp.uint8)
+      result['chain_labels'] = result['samples']
     return result
 
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 
-POOLED = 'x0_resample τ=0.5 mode×1 mean p̂:chain_mean label:soft_map'
+POOLED = 'x0_resample τ=0.5 mode×1 mean p̂:chain_mean label:soft_map of:last'
 
 
 def test_sampling_curve_bench(main_runner, tmp_path):
@@ -24,7 +24,7 @@ def test_sampling_curve_bench(main_runner, tmp_path):
       [sys.executable, 'bench/sampling_curve.py',
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
        '--steps=1,4,50', '--samples=1,2', '--max_cases=4', f'--out={out}',
-       '--samplers=ancestral,x0_resample:0.5:1:mean:chain_mean:soft_map',
+       '--samplers=ancestral,x0_resample:0.5:1:mean:chain_mean:soft_map:last',
        '--diagnose_steps=4'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -36,9 +36,9 @@ def test_sampling_curve_bench(main_runner, tmp_path):
       [(POOLED,) + s for s in settings])
   assert tuple(rows[6][k] for k in ('sampler', 'temperature', 'mode_last',
                                     'ensemble', 'soft_map',
-                                    'chain_label')) == (
+                                    'chain_label', 'ensemble_of')) == (
                                         'x0_resample', 0.5, 1, 'mean',
-                                        'chain_mean', 'soft_map')
+                                        'chain_mean', 'soft_map', 'last')
   done = [r for r in rows if 'skipped' not in r]
   assert len(done) == 8  # T = 20 in the tiny config: 50 steps skipped.
   for r in done:

@@ -76,6 +76,7 @@ def test_default_holds_design_defaults():
     ('eval.ensemble', 'median', 'config.eval.ensemble'),
     ('eval.soft_map', 'first', 'config.eval.soft_map'),
     ('eval.chain_label', 'mode', 'config.eval.chain_label'),
+    ('eval.ensemble_of', 'samples', 'config.eval.ensemble_of'),
     ('diffusion.own_sample_fraction', 1.5, 'config.diffusion.own_sample_fraction'),
     ('diffusion.own_sample_fraction', -0.1, 'config.diffusion.own_sample_fraction'),
     ('diffusion.own_sample_sampler', 'ddim', 'config.diffusion.own_sample_sampler'),

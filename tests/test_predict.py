@@ -365,7 +365,8 @@ def test_one_predictor_per_sampling_setting():
   for key, value in [('num_steps', 3), ('num_samples', 2),
                      ('sampler', other_sampler), ('temperature', 0.5),
                      ('mode_last', 1), *other_ensembles,
-                     ('soft_map', 'chain_mean'), ('chain_label', 'soft_map')]:
+                     ('soft_map', 'chain_mean'), ('chain_label', 'soft_map'),
+                     ('chain_label', 'chain_mean'), ('ensemble_of', 'last')]:
     other = config.copy_and_resolve_references()
     other.eval[key] = value
     fn = predictors.cached(other, setup)
@@ -402,12 +403,13 @@ def test_chains_depend_on_seed_and_case_only():
   key = jax.random.key(7)
 
   def run(n, order, samples=False, soft_map='last', chain_label='last',
-          ensemble='vote'):
+          ensemble='vote', ensemble_of='chain_label'):
     cfg = config.copy_and_resolve_references()
     cfg.eval.num_samples = n
     cfg.eval.ensemble = ensemble
     cfg.eval.soft_map = soft_map
     cfg.eval.chain_label = chain_label
+    cfg.eval.ensemble_of = ensemble_of
     fn = predictors.make_predict_fn(cfg, setup.model, setup.schedule,
                                   return_samples=samples)
     out = jax.device_get(fn(params, images[order][None], key,
@@ -448,6 +450,29 @@ def test_chains_depend_on_seed_and_case_only():
                                 one_mean['prob'].argmax(-1))
   assert np.any(pooled['samples'] != base['samples'])
   np.testing.assert_array_equal(pooled['prob'], one_mean['prob'])
+  # An ensemble of the chains' samples: it votes the final p̂'s labels (the
+  # same vote as chains labelled by them), while each chain's own label is
+  # still its pooled one; one chain stays its own label.
+  pooled3 = run(3, np.arange(4), samples=True, soft_map='chain_mean',
+                chain_label='soft_map')
+  of_last = run(3, np.arange(4), samples=True, soft_map='chain_mean',
+                chain_label='soft_map', ensemble_of='last')
+  for name in ('samples', 'prediction', 'soft', 'prob'):
+    np.testing.assert_array_equal(of_last[name], averaged[name])
+  np.testing.assert_array_equal(of_last['chain_labels'], pooled3['samples'])
+  np.testing.assert_array_equal(pooled3['chain_labels'], pooled3['samples'])
+  assert np.any(of_last['chain_labels'] != of_last['samples'])
+  alone = run(1, np.arange(4), samples=True, soft_map='chain_mean',
+              chain_label='soft_map', ensemble_of='last')
+  for name in ('samples', 'chain_labels', 'prediction'):
+    np.testing.assert_array_equal(alone[name], pooled[name])
+  # The pooled label whatever the soft map: the soft map stays the final
+  # p̂, the labels are those of the chain-mean soft map.
+  kept = run(3, np.arange(4), samples=True, chain_label='chain_mean',
+             ensemble_of='last')
+  np.testing.assert_array_equal(kept['chain_labels'], pooled3['samples'])
+  for name in ('samples', 'prediction', 'soft', 'prob'):
+    np.testing.assert_array_equal(kept[name], three[name])
   # The medoid ensemble: the same chains; each case's prediction is the
   # chain the independent loop of the diffusion tests picks; the soft map
   # is the vote's.

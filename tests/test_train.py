@@ -77,6 +77,7 @@ def test_evaluate_mode_writes_metrics(main_runner, tmp_path):
                                  'mode_last': 0, 'ensemble': ev.ensemble,
                                  'soft_map': ev.soft_map,
                                  'chain_label': ev.chain_label,
+                                 'ensemble_of': ev.ensemble_of,
                                  'self_condition': False}
   assert metrics['num_cases'] == 8
   assert os.path.getsize(os.path.join(workdir, 'eval_grid.png')) > 0
