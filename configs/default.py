@@ -187,7 +187,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.chain_label = 'last'
   # What an ensemble (num_samples > 1) combines: 'chain_label' (each chain's
   # label above) or 'last' (each chain's final p̂'s argmax, its sample): with
-  # chain_label='soft_map', one chain answers with its steps' pooled p̂ and
+  # a pooled chain_label, one chain answers with its steps' pooled p̂ and
   # many vote their samples. One chain is always its own label.
   config.eval.ensemble_of = 'chain_label'
   config.eval.batch_size = 8  # Global.
