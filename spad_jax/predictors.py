@@ -83,6 +83,7 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
 
   if config.model.kind == 'deterministic':
     return _make_deterministic_predict_fn(config, model, return_samples)
+  rules = sampling_record(config)  # The eval keys with their defaults.
 
   def predict(params, images, key, case_ids):
     b = images.shape[0]
@@ -98,19 +99,18 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
                            temperature=config.eval.temperature,
                            mode_last=config.eval.mode_last,
                            self_condition=config.model.self_condition)
-    probs = out['probs' if config.eval.get('soft_map', 'last') == 'last'
-                else 'probs_chain_mean']
-    probs = probs.reshape((n, b) + probs.shape[1:])
-    last = out['labels'].reshape((n, b) + out['labels'].shape[1:])
-    chain_label = config.eval.get('chain_label', 'last')
-    if chain_label == 'last':
+    per_chain = lambda x: x.reshape((n, b) + x.shape[1:])
+    probs = per_chain(out['probs' if rules['soft_map'] == 'last'
+                          else 'probs_chain_mean'])
+    last = per_chain(out['labels'])
+    if rules['chain_label'] == 'last':
       labels = last
     else:
-      pooled = (probs if chain_label == 'soft_map' else
-                out['probs_chain_mean'].reshape(probs.shape))
+      pooled = (probs if rules['chain_label'] == 'soft_map' else
+                per_chain(out['probs_chain_mean']))
       labels = jnp.argmax(pooled, axis=-1)
-    combined = (last if n > 1 and config.eval.get(
-        'ensemble_of', 'chain_label') == 'last' else labels)
+    combined = (last if n > 1 and rules['ensemble_of'] == 'last' else
+                labels)
     if config.eval.ensemble == 'mean':
       result = diffusion.mean_ensemble(probs)
     elif config.eval.ensemble == 'medoid':
