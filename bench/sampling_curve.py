@@ -25,8 +25,9 @@ A sampler is
 §1's exact sampler with majority-vote ensembles). Single chains are scored
 on each chain's own label, ensembles on what they combine.
 
-``--diagnose_steps`` also runs, per sampler and step count, one traced chain
-per case and reports for every step ``t``:
+``--diagnose_steps`` also runs, per sampler and step count,
+``--diagnose_chains`` traced chains per case (default one) and reports for
+every step ``t``:
 
 - the step's prediction (argmax ``p̂``) against the label: foreground mDice,
   NLL of the label under ``p̂`` and its ECE, on the chain's own ``x_t`` and on
@@ -34,7 +35,13 @@ per case and reports for every step ``t``:
   distribution). Their gap is the exposure bias;
 - the fraction of ``x_t`` pixels that differ from the label, own vs q;
 - how many pixels change class from the previous step's prediction, and how
-  many of those changes fix an error or create one.
+  many of those changes fix an error or create one;
+
+and, for the chain as a whole, the mDice of its label pooled from its
+steps' ``p̂`` in each way of ``sampling_stats.POOLINGS`` (the first step's,
+the last step's, their mean, the mean of the last half, weighted by the
+signal share ᾱ_t of each step's input), figures on the counts summed over
+all chains.
 
 Writes ``<out>/sampling_curve.{json,md,png}``, the per-case figures behind
 the paired intervals in ``<out>/sampling_cases.npz`` (bench/pool_folds.py
@@ -45,6 +52,7 @@ are skipped and listed as such.
 """
 
 import io
+import itertools
 import os
 import sys
 import time
@@ -65,6 +73,9 @@ from sampling_stats import fmt
 from sampling_stats import paired_table
 from sampling_stats import paired_vs_one_step
 from sampling_stats import paired_vs_single
+from sampling_stats import POOLINGS
+from sampling_stats import pooled_label
+from sampling_stats import pooling_weights
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -79,6 +90,8 @@ flags.DEFINE_list('samplers', ['ancestral'], 'Samplers, each '
                   '[:chain_label[:ensemble_of]]]]]].')
 flags.DEFINE_list('diagnose_steps', [], 'Step counts whose chains are traced '
                   'step by step (exposure bias, changes per step).')
+flags.DEFINE_integer('diagnose_chains', 1, 'Traced chains per case in the '
+                     'diagnosis.', lower_bound=1)
 flags.DEFINE_string('out', None, 'Output folder (default <workdir>/bench).')
 flags.DEFINE_integer('max_cases', 0, 'Use only the first N cases (0: all).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -205,9 +218,11 @@ def score_setting(cfg, state, setup, source) -> dict:
                   'top': case_top}}
 
 
-def diagnose(cfg, state, setup, source) -> list:
+def diagnose(cfg, state, setup, source, num_chains: int = 1) -> dict:
   """Per step of ``cfg``'s chain: own-chain vs q(x_t|x0) prediction quality,
-  and the changes of the prediction (one chain per case, one device)."""
+  and the changes of the prediction; and the mDice of the chain's label
+  under each of POOLINGS. ``num_chains`` traced chains per case (one
+  device); every figure is on the counts summed over them."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from spad_jax import calibration  # pylint: disable=g-import-not-at-top
@@ -248,13 +263,21 @@ def diagnose(cfg, state, setup, source) -> list:
            for kind in kinds}
   input_errors = {kind: np.zeros(steps) for kind in kinds}
   changes = np.zeros((steps, 3), np.int64)  # changed, fixed, created.
+  weights = pooling_weights(times[:-1], setup.schedule.alphas_cumprod)
+  pooled_conf = {name: np.zeros((k, k), np.int64) for name in POOLINGS}
   pixels = 0
-  key = setup.keys()[2]
   bs = cfg.eval.batch_size
-  for start in range(0, len(source), bs):
+  for c, start in itertools.product(range(num_chains),
+                                     range(0, len(source), bs)):
+    # Chain 0 keeps the keys of the one-chain diagnosis.
+    key = setup.keys()[2]
+    key = key if c == 0 else jax.random.fold_in(key, 1_000_000 + c)
     images = jnp.asarray(source.images[start:start + bs], jnp.float32)
     labels = np.asarray(source.labels[start:start + bs], np.int32)
     out = jax.device_get(chain(images, jax.random.fold_in(key, start)))
+    for name in POOLINGS:
+      pooled_conf[name] += metrics.confusion_counts(
+          pooled_label(out['trace_prob'], weights[name]), labels, k)
     previous = None
     for i in range(steps):
       x_own, p_own = out['trace_input'][i], out['trace_prob'][i]
@@ -290,11 +313,13 @@ def diagnose(cfg, state, setup, source) -> list:
                 'fixed': float(changes[i, 1] / pixels),
                 'created': float(changes[i, 2] / pixels)})
     rows.append(row)
-  return rows
+  return {'steps': rows, 'num_chains': num_chains,
+          'pooled_mDice': {name: metrics.summarize_confusion(
+              pooled_conf[name], names)['mDice'] for name in POOLINGS}}
 
 
 def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
-        diagnose_steps=()):
+        diagnose_steps=(), diagnose_chains=1):
   """Returns (meta, rows, diagnoses): one row per setting (skipped ones
   too), one diagnosis per (sampler, diagnosed step count)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -330,8 +355,8 @@ def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
       if s > t_max:
         continue
       diagnoses.append({'name': name, **options, 'num_steps': s,
-                        'steps': diagnose(_configured(config, options, s, 1),
-                                          state, setup, source)})
+                        **diagnose(_configured(config, options, s, 1),
+                                   state, setup, source, diagnose_chains)})
       logging.info('%s: diagnosed %d-step chains.', name, s)
   paired_vs_one_step(rows, list(source.class_names), config.eval.ece_bins)
   paired_vs_single(rows, list(source.class_names))
@@ -421,6 +446,13 @@ def markdown(meta, rows, diagnoses) -> str:
           f'{fmt(r["own_input_error"])} | {fmt(r["q_input_error"])} | '
           f'{fmt(r["changed"], 5)} | {fmt(r["fixed"], 5)} | '
           f'{fmt(r["created"], 5)} |')
+    pooled = d['pooled_mDice']
+    lines += ['', f'The label of each of these chains ({d["num_chains"]} per '
+              'case) pooled from its steps\' p̂: first step (one step), last '
+              'step, mean of all, mean of the last half, weighted by ᾱ_t of '
+              'each step\'s input.', '',
+              '| ' + ' | '.join(POOLINGS) + ' |', '|' + '---:|' * len(POOLINGS),
+              '| ' + ' | '.join(fmt(pooled[p]) for p in POOLINGS) + ' |']
   return '\n'.join(lines) + '\n'
 
 
@@ -498,7 +530,8 @@ def main(argv):
   samples = sorted({int(n) for n in FLAGS.samples})
   meta, rows, diagnoses = run(
       FLAGS.config, FLAGS.workdir, steps, samples, FLAGS.max_cases,
-      FLAGS.samplers, sorted({int(s) for s in FLAGS.diagnose_steps}))
+      FLAGS.samplers, sorted({int(s) for s in FLAGS.diagnose_steps}),
+      FLAGS.diagnose_chains)
   out = FLAGS.out or os.path.join(FLAGS.workdir, 'bench')
   write_outputs(out, meta, rows, diagnoses)
   print(open(os.path.join(out, 'sampling_curve.md')).read())

@@ -36,6 +36,40 @@ def chain_mdice(chain_conf: np.ndarray, names) -> float:
   return float(np.mean(chain_mdices(chain_conf, names)))
 
 
+# Ways to label one chain by pooling the p̂ of its steps (the diagnosis of
+# bench/sampling_curve.py): each maps the step times ``t_0 > … > t_{S-1}``
+# the steps saw and ``ᾱ`` to non-negative weights over the steps. 'first':
+# the first step's p̂ (the one-step prediction); 'last': the final p̂
+# (eval.chain_label=last); 'mean': all steps alike (eval.chain_label=
+# chain_mean); 'last_half': the steps from S//2 on; 'alpha_bar': each step
+# by ᾱ_t of its input, the share of it that is signal rather than noise, so
+# the steps that saw nearly pure noise count little.
+POOLINGS = ('first', 'last', 'mean', 'last_half', 'alpha_bar')
+
+
+def pooling_weights(step_times, alphas_cumprod) -> dict:
+  """``{pooling: weights [S]}`` for the steps whose inputs had times
+  ``step_times`` (``[S]``), under the schedule's ``alphas_cumprod``."""
+  step_times = np.asarray(step_times)
+  s = len(step_times)
+  index = np.arange(s)
+  return {'first': (index == 0).astype(np.float64),
+          'last': (index == s - 1).astype(np.float64),
+          'mean': np.ones(s),
+          'last_half': (index >= s // 2).astype(np.float64),
+          'alpha_bar': np.asarray(alphas_cumprod, np.float64)[step_times]}
+
+
+def pooled_label(step_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """argmax over classes of the ``weights``-weighted sum over steps of
+  ``step_probs`` ``[S, ..., K]``."""
+  if not np.sum(weights) > 0:
+    raise ValueError(f'pooling weights sum to {np.sum(weights)}; they must '
+                     'give some step a positive weight')
+  return np.tensordot(np.asarray(weights, np.float64),
+                      np.asarray(step_probs, np.float64), axes=(0, 0)).argmax(-1)
+
+
 def case_units(num_cases: int, groups=None) -> list:
   """The resampling units of the paired bootstraps: one per case, or with
   ``groups`` (one label per case, e.g. its patient) one per group, holding

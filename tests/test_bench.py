@@ -25,7 +25,7 @@ def test_sampling_curve_bench(main_runner, tmp_path):
        '--config=tests/tiny_config.py', f'--workdir={workdir}',
        '--steps=1,4,50', '--samples=1,2', '--max_cases=4', f'--out={out}',
        '--samplers=ancestral,x0_resample:0.5:1:mean:chain_mean:soft_map:last',
-       '--diagnose_steps=4'],
+       '--diagnose_steps=4', '--diagnose_chains=2'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.load(open(os.path.join(out, 'sampling_curve.json')))
@@ -100,11 +100,20 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     assert last['s'] == 0 and last['q_input_error'] < 0.2
     for r in d['steps']:
       assert r['fixed'] + r['created'] <= r['changed'] + 1e-12
+    # The first and last steps' labels pooled over both chains are the
+    # step table's own predictions at those steps (same summed counts).
+    assert d['num_chains'] == 2
+    pooled = d['pooled_mDice']
+    assert pooled['first'] == first['own_mDice']
+    assert pooled['last'] == last['own_mDice']
+    for name in ('mean', 'last_half', 'alpha_bar'):
+      assert 0 <= pooled[name] <= 1
   for name in ('sampling_curve.png', 'sampling_diagnosis.png'):
     assert os.path.getsize(os.path.join(out, name)) > 1000
   text = open(os.path.join(out, 'sampling_curve.md')).read()
   assert '| sampler | steps | samples |' in text and 'mDice own' in text
   assert 'ECE − 1 step' in text and 'mean p̂ − single' in text
+  assert '| first | last | mean | last_half | alpha_bar |' in text
   assert data['meta']['case_ids'] == data['meta']['case_groups'] == [
       f'synthetic_test_{i:05d}' for i in range(4)]
   # One "fold" pooled alone: the per-case arrays it saved give back the
@@ -285,6 +294,48 @@ def test_flag_and_census_helpers():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith('OK')
+
+
+def test_chain_poolings_against_reference():
+  """The diagnosis's pooled chain labels: each pixel's class maximises the
+  weighted sum of the steps' p̂ (a loop over pixels); the weights select
+  the first or last step, the last half, or follow ᾱ_t, so a step whose
+  input was pure noise (ᾱ_T ≈ 0) cannot outvote the others."""
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import sampling_stats as st
+  from spad_jax import diffusion
+  schedule = diffusion.make_schedule(20)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  times = diffusion.time_sequence(20, 5)[:-1]  # The 5 steps' input times.
+  weights = st.pooling_weights(times, abar)
+  assert set(weights) == set(st.POOLINGS)
+  rng = np.random.default_rng(0)
+  probs = rng.dirichlet(np.ones(3), size=(5, 2, 4, 6))  # [S, B, H, W, K]
+  for name, w in weights.items():
+    got = st.pooled_label(probs, w)
+    assert got.shape == (2, 4, 6)
+    for idx in np.ndindex(2, 4, 6):
+      totals = [sum(w[i] * probs[(i,) + idx + (c,)] for i in range(5))
+                for c in range(3)]
+      assert got[idx] == int(np.argmax(totals))
+  np.testing.assert_array_equal(st.pooled_label(probs, weights['first']),
+                                probs[0].argmax(-1))
+  np.testing.assert_array_equal(st.pooled_label(probs, weights['last']),
+                                probs[-1].argmax(-1))
+  np.testing.assert_array_equal(st.pooled_label(probs, weights['mean']),
+                                probs.mean(0).argmax(-1))
+  np.testing.assert_array_equal(st.pooled_label(probs, weights['last_half']),
+                                probs[2:].mean(0).argmax(-1))
+  # The first step saw x_T: its certain, wrong p̂ sways the plain mean but
+  # not the ᾱ-weighted one.
+  agree = np.zeros((5, 1, 1, 1, 3))
+  agree[1:, ..., 1] = 0.4
+  agree[1:, ..., 0] = agree[1:, ..., 2] = 0.3
+  agree[0, ..., 2] = 1.0
+  assert st.pooled_label(agree, weights['mean']).item() == 2
+  assert st.pooled_label(agree, weights['alpha_bar']).item() == 1
+  with pytest.raises(ValueError, match='positive weight'):
+    st.pooled_label(probs, np.zeros(5))
 
 
 def _dice_reference(conf):
