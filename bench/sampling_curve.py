@@ -267,11 +267,11 @@ def diagnose(cfg, state, setup, source, num_chains: int = 1) -> dict:
   pooled_conf = {name: np.zeros((k, k), np.int64) for name in POOLINGS}
   pixels = 0
   bs = cfg.eval.batch_size
+  base_key = setup.keys()[2]
   for c, start in itertools.product(range(num_chains),
                                      range(0, len(source), bs)):
     # Chain 0 keeps the keys of the one-chain diagnosis.
-    key = setup.keys()[2]
-    key = key if c == 0 else jax.random.fold_in(key, 1_000_000 + c)
+    key = base_key if c == 0 else jax.random.fold_in(base_key, 1_000_000 + c)
     images = jnp.asarray(source.images[start:start + bs], jnp.float32)
     labels = np.asarray(source.labels[start:start + bs], np.int32)
     out = jax.device_get(chain(images, jax.random.fold_in(key, start)))
