@@ -11,7 +11,11 @@ against one step's single samples, ensembles against their own single
 chains) are rebuilt over the pooled cases, with 95 %
 intervals from a paired bootstrap over cases and one over patients (a
 patient's cases resampled together: the unit that generalises to new
-patients). Each fold's own figures are listed beside them.
+patients). ECE, a property of one model, is also compared per fold: the
+mean over folds of each fold's ECE minus its one step's, with an interval
+from a bootstrap of cases within each fold (pooled histograms let the
+folds' over- and under-confidence cancel). Each fold's own figures are
+listed beside them.
 
   python bench/pool_folds.py --out=runs/cv_pooled \
       --runs=runs/cv_f0/bench,runs/cv_f1/bench,runs/cv_f2/bench,runs/cv_f3/bench,runs/cv_f4/bench

@@ -39,9 +39,11 @@ every step ``t``:
 
 and, for the chain as a whole, the mDice of its label pooled from its
 steps' ``p̂`` in each way of ``sampling_stats.POOLINGS`` (the first step's,
-the last step's, their mean, the mean of the last half, weighted by the
-signal share ᾱ_t of each step's input), figures on the counts summed over
-all chains.
+the last step's, their mean, the mean of the first or the last half,
+weighted by the signal share ᾱ_t of each step's input), figures on the
+counts summed over all chains; and the ECE and NLL of the soft map each
+pooling gives the traced chains' ensemble (per case, the mean over the
+chains of their pooled ``p̂``, as ``eval.soft_map`` is measured).
 
 Writes ``<out>/sampling_curve.{json,md,png}``, the per-case figures behind
 the paired intervals in ``<out>/sampling_cases.npz`` (bench/pool_folds.py
@@ -74,7 +76,7 @@ from sampling_stats import paired_table
 from sampling_stats import paired_vs_one_step
 from sampling_stats import paired_vs_single
 from sampling_stats import POOLINGS
-from sampling_stats import pooled_label
+from sampling_stats import pooled_soft_map
 from sampling_stats import pooling_weights
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -265,6 +267,9 @@ def diagnose(cfg, state, setup, source, num_chains: int = 1) -> dict:
   changes = np.zeros((steps, 3), np.int64)  # changed, fixed, created.
   weights = pooling_weights(times[:-1], setup.schedule.alphas_cumprod)
   pooled_conf = {name: np.zeros((k, k), np.int64) for name in POOLINGS}
+  # Per case, the sum over chains of each pooling's soft map.
+  pooled_soft = {name: np.zeros(np.shape(source.labels) + (k,))
+                 for name in POOLINGS}
   pixels = 0
   bs = cfg.eval.batch_size
   base_key = setup.keys()[2]
@@ -276,8 +281,10 @@ def diagnose(cfg, state, setup, source, num_chains: int = 1) -> dict:
     labels = np.asarray(source.labels[start:start + bs], np.int32)
     out = jax.device_get(chain(images, jax.random.fold_in(key, start)))
     for name in POOLINGS:
-      pooled_conf[name] += metrics.confusion_counts(
-          pooled_label(out['trace_prob'], weights[name]), labels, k)
+      soft = pooled_soft_map(out['trace_prob'], weights[name])
+      pooled_conf[name] += metrics.confusion_counts(soft.argmax(-1), labels,
+                                                    k)
+      pooled_soft[name][start:start + bs] += soft
     previous = None
     for i in range(steps):
       x_own, p_own = out['trace_input'][i], out['trace_prob'][i]
@@ -298,6 +305,13 @@ def diagnose(cfg, state, setup, source, num_chains: int = 1) -> dict:
       previous = pred
     pixels += labels.size
   names = list(source.class_names)
+  pooled_calib = {}
+  for name in POOLINGS:
+    acc = calibration.Accumulator(k)
+    for j, label in enumerate(source.labels):
+      soft = pooled_soft[name][j] / num_chains
+      acc.add(soft, soft.argmax(-1), label)
+    pooled_calib[name] = acc.summary(cfg.eval.ece_bins, names)['calibration']
   rows = []
   for i in range(steps):
     row = {'step': i + 1, 't': int(times[i]), 's': int(times[i + 1])}
@@ -315,7 +329,9 @@ def diagnose(cfg, state, setup, source, num_chains: int = 1) -> dict:
     rows.append(row)
   return {'steps': rows, 'num_chains': num_chains,
           'pooled_mDice': {name: metrics.summarize_confusion(
-              pooled_conf[name], names)['mDice'] for name in POOLINGS}}
+              pooled_conf[name], names)['mDice'] for name in POOLINGS},
+          'pooled_ece': {name: pooled_calib[name]['ece'] for name in POOLINGS},
+          'pooled_nll': {name: pooled_calib[name]['nll'] for name in POOLINGS}}
 
 
 def run(config, workdir, steps, samples, max_cases=0, samplers=('ancestral',),
@@ -446,13 +462,19 @@ def markdown(meta, rows, diagnoses) -> str:
           f'{fmt(r["own_input_error"])} | {fmt(r["q_input_error"])} | '
           f'{fmt(r["changed"], 5)} | {fmt(r["fixed"], 5)} | '
           f'{fmt(r["created"], 5)} |')
-    pooled = d['pooled_mDice']
-    lines += ['', f'The label of each of these chains ({d["num_chains"]} per '
-              'case) pooled from its steps\' p̂: first step (one step), last '
-              'step, mean of all, mean of the last half, weighted by ᾱ_t of '
-              'each step\'s input.', '',
-              '| ' + ' | '.join(POOLINGS) + ' |', '|' + '---:|' * len(POOLINGS),
-              '| ' + ' | '.join(fmt(pooled[p]) for p in POOLINGS) + ' |']
+    lines += ['', f'These chains ({d["num_chains"]} per case) pooled from '
+              'their steps\' p̂: first step (one step), last step, mean of '
+              'all, of the first half, of the last half, weighted by ᾱ_t of '
+              'each step\'s input. mDice: each chain\'s pooled label; ECE and '
+              'NLL: the soft map of their ensemble (per case, the mean over '
+              'the chains of their pooled p̂).', '',
+              '| | ' + ' | '.join(POOLINGS) + ' |',
+              '|---|' + '---:|' * len(POOLINGS)]
+    for key, title in (('pooled_mDice', 'mDice'), ('pooled_ece', 'ECE'),
+                       ('pooled_nll', 'NLL')):
+      if key in d:  # Diagnoses written before the calibration lack them.
+        lines.append(f'| {title} | ' + ' | '.join(fmt(d[key][p])
+                                                  for p in POOLINGS) + ' |')
   return '\n'.join(lines) + '\n'
 
 

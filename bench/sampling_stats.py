@@ -41,10 +41,12 @@ def chain_mdice(chain_conf: np.ndarray, names) -> float:
 # the steps saw and ``ᾱ`` to non-negative weights over the steps. 'first':
 # the first step's p̂ (the one-step prediction); 'last': the final p̂
 # (eval.chain_label=last); 'mean': all steps alike (eval.chain_label=
-# chain_mean); 'last_half': the steps from S//2 on; 'alpha_bar': each step
-# by ᾱ_t of its input, the share of it that is signal rather than noise, so
-# the steps that saw nearly pure noise count little.
-POOLINGS = ('first', 'last', 'mean', 'last_half', 'alpha_bar')
+# chain_mean); 'first_half': the steps before S//2 (the first alone for one
+# step), which saw little of the chain's own draws; 'last_half': the steps
+# from S//2 on; 'alpha_bar': each step by ᾱ_t of its input, the share of it
+# that is signal rather than noise, so the steps that saw nearly pure noise
+# count little.
+POOLINGS = ('first', 'last', 'mean', 'first_half', 'last_half', 'alpha_bar')
 
 
 def pooling_weights(step_times, alphas_cumprod) -> dict:
@@ -56,18 +58,26 @@ def pooling_weights(step_times, alphas_cumprod) -> dict:
   return {'first': (index == 0).astype(np.float64),
           'last': (index == s - 1).astype(np.float64),
           'mean': np.ones(s),
+          'first_half': ((index < s // 2) | (index == 0)).astype(np.float64),
           'last_half': (index >= s // 2).astype(np.float64),
           'alpha_bar': np.asarray(alphas_cumprod, np.float64)[step_times]}
 
 
-def pooled_label(step_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-  """argmax over classes of the ``weights``-weighted sum over steps of
-  ``step_probs`` ``[S, ..., K]``."""
+def pooled_soft_map(step_probs: np.ndarray, weights: np.ndarray
+                    ) -> np.ndarray:
+  """The ``weights``-weighted mean over steps of ``step_probs``
+  ``[S, ..., K]``: a chain's soft map pooled from its steps."""
+  weights = np.asarray(weights, np.float64)
   if not np.sum(weights) > 0:
     raise ValueError(f'pooling weights sum to {np.sum(weights)}; they must '
                      'give some step a positive weight')
-  return np.tensordot(np.asarray(weights, np.float64),
-                      np.asarray(step_probs, np.float64), axes=(0, 0)).argmax(-1)
+  return np.tensordot(weights / np.sum(weights),
+                      np.asarray(step_probs, np.float64), axes=(0, 0))
+
+
+def pooled_label(step_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """argmax over classes of ``pooled_soft_map``."""
+  return pooled_soft_map(step_probs, weights).argmax(-1)
 
 
 def case_units(num_cases: int, groups=None) -> list:
@@ -141,6 +151,48 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
                            len(a['top']), groups, resamples, seed)
 
 
+def stratified_bootstrap(stat, strata, resamples: int, seed: int):
+  """``stat(index arrays, one per stratum)`` on all cases and its 95 %
+  interval over ``resamples`` resamples that draw each stratum's cases
+  (``strata``: index arrays) with replacement from that stratum alone."""
+  rng = np.random.default_rng(seed)
+  boot = np.array([stat([s[rng.integers(0, len(s), len(s))] for s in strata])
+                   for _ in range(resamples)])
+  lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+  return np.asarray(stat(strata)), lo, hi
+
+
+def fold_mean_ece_vs_one_step(rows, num_bins: int, resamples=1000, seed=0,
+                              key='vs_one_step_fold_mean') -> None:
+  """Adds ``key`` to every pooled multi-step row (with ``FOLDS``, its folds'
+  case indices) that has a 1-step row of the same sampler and ensemble
+  size: each fold's ECE minus its one step's, their mean over folds, and
+  that mean's 95 % interval from a bootstrap resampling cases within each
+  fold. ECE is a property of one model: pooling the histograms of several
+  (``paired_vs_one_step`` on pooled rows) lets their miscalibrations in
+  opposite directions cancel, so this is the per-model reading beside it."""
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
+  one = {(r['name'], r['num_samples']): r for r in rows
+         if r.get(CASES) is not None and r['num_steps'] == 1}
+  for r in rows:
+    ref = one.get((r['name'], r['num_samples']))
+    if r.get(CASES) is None or r['num_steps'] == 1 or ref is None:
+      continue
+    a, b = r[CASES]['top'], ref[CASES]['top']
+
+    def per_fold(strata):
+      return [calibration.reliability(a[idx].sum(0), num_bins)['ece'] -
+              calibration.reliability(b[idx].sum(0), num_bins)['ece']
+              for idx in strata]
+
+    point, lo, hi = stratified_bootstrap(
+        lambda strata: (float(np.mean(per_fold(strata))),), r[FOLDS],
+        resamples, seed)
+    r[key] = {'ece': float(point[0]), 'ece_ci95': [lo[0], hi[0]],
+              'per_fold': [float(d) for d in per_fold(r[FOLDS])],
+              'resamples': resamples, 'unit': 'case within fold'}
+
+
 def paired_vs_single(rows, class_names, resamples=1000, seed=0, groups=None,
                      key='vs_single') -> None:
   """Adds ``key`` to every ensemble row: its prediction's mDice (the row's
@@ -185,6 +237,8 @@ def paired_table(rows, key: str, caption: str, columns: dict) -> list:
 
 
 # Pooling over cross-validation folds (bench/pool_folds.py).
+# A pooled row's case indices per fold (kept out of the JSON, as CASES).
+FOLDS = '_folds'
 
 
 class PoolError(ValueError):
@@ -247,6 +301,8 @@ def pool(runs, resamples: int = 1000) -> dict:
   common = [s for s in scored[0] if all(s in other for other in scored[1:])]
   left_out = sorted({s for sc in scored for s in sc} - set(common))
   groups = [g for run in runs for g in run['meta']['case_groups']]
+  bounds = np.cumsum([0] + [len(run['meta']['case_ids']) for run in runs])
+  folds = [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
   rows = []
   for setting in common:
     parts = [sc[setting] for sc in scored]
@@ -268,15 +324,17 @@ def pool(runs, resamples: int = 1000) -> dict:
                           'mDice', 'mDice_medoid', 'chain_mDice', 'ece',
                           'vs_one_step', 'vs_single')}}
                      for run, p in zip(runs, parts)],
-           CASES: cases}
+           CASES: cases, FOLDS: folds}
     rows.append(row)
   for unit, grouping in (('case', None), ('patient', groups)):
     paired_vs_one_step(rows, names, bins, resamples, groups=grouping,
                        key=f'vs_one_step_{unit}')
     paired_vs_single(rows, names, resamples, groups=grouping,
                      key=f'vs_single_{unit}')
+  fold_mean_ece_vs_one_step(rows, bins, resamples)
   for row in rows:
     row.pop(CASES)
+    row.pop(FOLDS)
   return {'meta': {'folds': [r['folder'] for r in runs],
                    'num_cases': len(groups),
                    'num_patients': len(set(groups)),
@@ -314,6 +372,18 @@ def pooled_markdown(result: dict) -> str:
         f'intervals from a paired bootstrap over {unit}s.',
         {'ensemble': 'ensemble − single', 'mean_prob': 'mean p̂ − single',
          'medoid': 'medoid − single'})
+  lines += paired_table(
+      rows, 'vs_one_step_fold_mean',
+      'ECE per model: the mean over folds of each fold\'s ECE minus its one '
+      'step\'s, with a 95 % interval from a bootstrap of cases within each '
+      'fold (pooled histograms let the folds\' miscalibrations cancel).',
+      {'ece': 'mean over folds of ECE − 1 step'})
+  for r in rows:
+    if 'vs_one_step_fold_mean' in r:
+      lines.append(f'\n{r["name"]}, {r["num_steps"]} steps, '
+                   f'{r["num_samples"]} samples, ECE − 1 step per fold: ' +
+                   ', '.join(f'{d:+.4f}' for d in
+                             r['vs_one_step_fold_mean']['per_fold']))
   lines += ['', 'Per fold (each over its own test cases; intervals over '
             'cases):', '',
             '| sampler | steps | samples | fold | single chains | ensemble | '

@@ -106,14 +106,19 @@ def test_sampling_curve_bench(main_runner, tmp_path):
     pooled = d['pooled_mDice']
     assert pooled['first'] == first['own_mDice']
     assert pooled['last'] == last['own_mDice']
-    for name in ('mean', 'last_half', 'alpha_bar'):
+    for name in ('mean', 'first_half', 'last_half', 'alpha_bar'):
       assert 0 <= pooled[name] <= 1
+    # The ensemble soft maps' calibration, one figure per pooling.
+    assert set(d['pooled_ece']) == set(d['pooled_nll']) == set(pooled)
+    for name in pooled:
+      assert 0 <= d['pooled_ece'][name] <= 1 and d['pooled_nll'][name] > 0
   for name in ('sampling_curve.png', 'sampling_diagnosis.png'):
     assert os.path.getsize(os.path.join(out, name)) > 1000
   text = open(os.path.join(out, 'sampling_curve.md')).read()
   assert '| sampler | steps | samples |' in text and 'mDice own' in text
   assert 'ECE − 1 step' in text and 'mean p̂ − single' in text
-  assert '| first | last | mean | last_half | alpha_bar |' in text
+  assert ('| | first | last | mean | first_half | last_half | alpha_bar |'
+          in text and '| ECE |' in text)
   assert data['meta']['case_ids'] == data['meta']['case_groups'] == [
       f'synthetic_test_{i:05d}' for i in range(4)]
   # One "fold" pooled alone: the per-case arrays it saved give back the
@@ -326,6 +331,18 @@ def test_chain_poolings_against_reference():
                                 probs.mean(0).argmax(-1))
   np.testing.assert_array_equal(st.pooled_label(probs, weights['last_half']),
                                 probs[2:].mean(0).argmax(-1))
+  np.testing.assert_array_equal(st.pooled_label(probs, weights['first_half']),
+                                probs[:2].mean(0).argmax(-1))
+  # The pooled soft map is the normalised weighted mean: a distribution.
+  for name, w in weights.items():
+    soft = st.pooled_soft_map(probs, w)
+    ref = sum(w[i] * probs[i] for i in range(5)) / sum(w)
+    np.testing.assert_allclose(soft, ref, rtol=1e-12)
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-12)
+  # One step: every pooling is that step.
+  one = st.pooling_weights(diffusion.time_sequence(20, 1)[:-1], abar)
+  for name, w in one.items():
+    np.testing.assert_array_equal(st.pooled_soft_map(probs[:1], w), probs[0])
   # The first step saw x_T: its certain, wrong p̂ sways the plain mean but
   # not the ᾱ-weighted one.
   agree = np.zeros((5, 1, 1, 1, 3))
@@ -411,6 +428,24 @@ def test_pool_folds_against_reference(tmp_path):
     assert v['ece'] == pytest.approx(ten['ece'] - one['ece'], abs=1e-12)
     assert v['ensemble_mDice'] == pytest.approx(
         ten['mDice'] - one['chain_mDice'], abs=1e-12)
+  # ECE per model: each fold's ECE difference from its own histograms.
+  from spad_jax import calibration
+  per_fold = [calibration.reliability(m['row1_top'].sum(0), 15)['ece'] -
+              calibration.reliability(m['row0_top'].sum(0), 15)['ece']
+              for m in made]
+  v = ten['vs_one_step_fold_mean']
+  np.testing.assert_allclose(v['per_fold'], per_fold, rtol=1e-12)
+  assert v['ece'] == pytest.approx(np.mean(per_fold), abs=1e-12)
+  assert v['ece_ci95'][0] <= v['ece'] <= v['ece_ci95'][1]
+  assert 'mean over folds of ECE − 1 step' in st.pooled_markdown(result)
+  # Resampling stays within each stratum: with one case per stratum every
+  # resample is the full sample, whatever the seed.
+  stat = lambda strata: (float(sum(np.arange(5.0)[i].sum() for i in strata)),)
+  point, lo, hi = st.stratified_bootstrap(
+      stat, [np.array([i]) for i in range(5)], 50, 1)
+  assert point[0] == lo[0] == hi[0] == 10.0
+  _, lo, hi = st.stratified_bootstrap(stat, [np.arange(5)], 50, 1)
+  assert lo[0] < 10.0 < hi[0]
   # Patients resample their cases together: a different interval here.
   assert (ten['vs_one_step_patient']['chain_mDice_ci95'] !=
           ten['vs_one_step_case']['chain_mDice_ci95'])
