@@ -4,7 +4,10 @@ For every (sampler, sampling steps, ensemble size) setting, samples the
 evaluation split with the EMA parameters and records mDice/mIoU, per-case
 HD95, calibration (ECE, NLL of the soft map), the GED of the samples against
 the label (ensembles) and wall time per image (compilation excluded: one
-untimed warm-up batch per setting). Each multi-step setting is also compared
+untimed warm-up batch per setting), and the expected mDice of a label
+drawn pixel by pixel from the soft map (at one step: what a chain whose
+samples followed the model's one-step marginals would score, to hold its
+single chains against). Each multi-step setting is also compared
 with one step of the same sampler and ensemble size (the differences of the
 single-chain mDice, of the ensemble prediction's mDice against one step's
 single chains, and of the ECE), and each ensemble with its own single
@@ -78,6 +81,7 @@ from sampling_stats import paired_vs_single
 from sampling_stats import POOLINGS
 from sampling_stats import pooled_soft_map
 from sampling_stats import pooling_weights
+from sampling_stats import soft_confusion
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -170,11 +174,13 @@ def score_setting(cfg, state, setup, source) -> dict:
   case_mean_conf = np.zeros((len(source), k, k), np.int64)
   case_medoid_conf = np.zeros((len(source), k, k), np.int64)
   case_top = np.zeros((len(source), 3, calibration.FINE_BINS))
+  soft_conf = np.zeros((k, k))  # Of a pixel-by-pixel draw from the soft map.
 
   def on_case(index, out):
     label = source.labels[index]
     tables[index] = metrics.case_metrics(out['prediction'], label, k)
     calib.add(out['prob'], out['prediction'], label)
+    soft_conf[:] += soft_confusion(out['prob'], label)
     case_top[index] = calibration.top_histogram(out['prob'], label)
     case_pred_conf[index] = metrics.confusion_counts(out['prediction'], label,
                                                      k)
@@ -205,6 +211,8 @@ def score_setting(cfg, state, setup, source) -> dict:
               case_mean_conf.sum(0), names)['mDice'],
           'mDice_medoid': metrics.summarize_confusion(
               case_medoid_conf.sum(0), names)['mDice'],
+          'mDice_soft_draw': metrics.summarize_confusion(soft_conf,
+                                                         names)['mDice'],
           'chain_mDice': float(np.mean(chains)),
           'chain_mDice_sd': float(np.std(chains, ddof=1)) if ensemble else None,
           'HD95': cases['HD95'],
@@ -411,15 +419,17 @@ def markdown(meta, rows, diagnoses) -> str:
            'chains\' mean p̂; medoid mDice: the chain with the highest summed '
            'Dice to the others (`eval.ensemble=medoid`); single chains: mean ± '
            'sd over the chains of each one\'s own mDice (one sample per '
-           'case).', '',
+           'case); draw from p̂: the expected mDice of a label drawn pixel by '
+           'pixel from the soft map.', '',
            '| sampler | steps | samples | mDice | mean-p̂ mDice | medoid mDice '
-           '| single chains | mIoU | HD95 | ECE | NLL | GED | ms / image |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           '| single chains | draw from p̂ | mIoU | HD95 | ECE | NLL | GED '
+           '| ms / image |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:'
+           '|---:|']
   for r in rows:
     head = f'| {r["name"]} | {r["num_steps"]} | {r["num_samples"]} |'
     if 'skipped' in r:
-      lines.append(f'{head} — | — | — | — | — | — | — | — | — | skipped: '
-                   f'{r["skipped"]} |')
+      lines.append(f'{head}' + ' — |' * 10 + f' skipped: {r["skipped"]} |')
     else:
       chains = fmt(r['chain_mDice']) + (
           '' if r['chain_mDice_sd'] is None else
@@ -427,6 +437,7 @@ def markdown(meta, rows, diagnoses) -> str:
       lines.append(f'{head} {fmt(r["mDice"])} | '
                    f'{fmt(r["mDice_mean_prob"])} | '
                    f'{fmt(r.get("mDice_medoid"))} | {chains} | '
+                   f'{fmt(r.get("mDice_soft_draw"))} | '
                    f'{fmt(r["mIoU"])} | '
                    f'{fmt(r["HD95"], 2)} | {fmt(r["ece"])} | '
                    f'{fmt(r["nll"])} | {fmt(r["GED"])} | '

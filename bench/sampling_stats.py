@@ -25,6 +25,15 @@ def mdice(conf: np.ndarray, names) -> float:
   return np.nan if value is None else value
 
 
+def soft_confusion(prob: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """``[K, K]`` (rows label, columns class) expected confusion counts of a
+  label map drawn pixel by pixel from ``prob`` ``[..., K]``: Σ over the
+  pixels of label l of their probability of class c."""
+  prob = np.asarray(prob, np.float64)
+  k = prob.shape[-1]
+  return np.eye(k)[np.asarray(label).reshape(-1)].T @ prob.reshape(-1, k)
+
+
 def chain_mdices(chain_conf: np.ndarray, names) -> list:
   """Each chain's dataset-level mDice from its confusion counts
   (``[N, K, K]``)."""

@@ -117,6 +117,9 @@ def test_sampling_curve_bench(main_runner, tmp_path):
   text = open(os.path.join(out, 'sampling_curve.md')).read()
   assert '| sampler | steps | samples |' in text and 'mDice own' in text
   assert 'ECE − 1 step' in text and 'mean p̂ − single' in text
+  assert '| draw from p̂ |' in text
+  for r in data['rows']:
+    assert 'skipped' in r or 0 <= r['mDice_soft_draw'] <= 1
   assert ('| | first | last | mean | first_half | last_half | alpha_bar |'
           in text and '| ECE |' in text)
   assert data['meta']['case_ids'] == data['meta']['case_groups'] == [
@@ -353,6 +356,31 @@ def test_chain_poolings_against_reference():
   assert st.pooled_label(agree, weights['alpha_bar']).item() == 1
   with pytest.raises(ValueError, match='positive weight'):
     st.pooled_label(probs, np.zeros(5))
+
+
+def test_soft_confusion_is_the_expected_draw():
+  """The bench's 'draw from p̂' counts: the mean confusion of many label
+  maps drawn pixel by pixel from the soft map (Monte Carlo), and for a
+  one-hot soft map the argmax's counts exactly."""
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import sampling_stats as st
+  from spad_jax import metrics
+  rng = np.random.default_rng(1)
+  prob = rng.dirichlet(np.ones(3) * 0.7, size=(5, 7))
+  label = rng.integers(0, 3, (5, 7))
+  draws = 20000
+  cum = prob.cumsum(-1)
+  total = np.zeros((3, 3))
+  for _ in range(draws):
+    drawn = (rng.random((5, 7, 1)) > cum).sum(-1)
+    total += metrics.confusion_counts(drawn, label, 3)
+  got = st.soft_confusion(prob, label)
+  np.testing.assert_allclose(got, total / draws, atol=0.05)
+  assert got.sum() == pytest.approx(35.0)
+  onehot = np.eye(3)[prob.argmax(-1)]
+  np.testing.assert_array_equal(st.soft_confusion(onehot, label),
+                                metrics.confusion_counts(prob.argmax(-1),
+                                                         label, 3))
 
 
 def _dice_reference(conf):
