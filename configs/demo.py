@@ -45,6 +45,11 @@ def get_config():
   # Jumps drawn from p̂^(1/2): single chains 0.857 / 0.873 at 10 / 25 steps
   # vs 0.838 / 0.852 at τ = 1, and lower ECE (docs/SAMPLING.md).
   config.eval.temperature = 2.0
+  # Chains keep their final labels (eval.chain_label = 'last'): single
+  # chains end near 0.885 on five seeds whatever one step scores, so a
+  # model with a strong one step loses to it (seed 3: 0.901 -> 0.885). Its
+  # steps' mean label ties one step there but costs the weak seed-0 model
+  # five points (docs/SAMPLING.md, "Two more demo seeds").
   # With --config.eval.num_samples=N: the medoid chain, +0.8 / +1.0 mDice
   # over single chains at 10 / 25 steps (both intervals clear of zero over
   # the 64 test cases) where the majority vote gains +0.2 / +0.6: a vote
