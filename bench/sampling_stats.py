@@ -130,6 +130,24 @@ def paired_record(diffs, figures, num_cases: int, groups, resamples: int,
   return record
 
 
+def _with_one_step(rows):
+  """Each multi-step row with per-case arrays, paired with the 1-step row of
+  the same sampler and ensemble size, where there is one."""
+  one = {(r['name'], r['num_samples']): r for r in rows
+         if r.get(CASES) is not None and r['num_steps'] == 1}
+  for r in rows:
+    ref = one.get((r['name'], r['num_samples']))
+    if r.get(CASES) is not None and r['num_steps'] != 1 and ref is not None:
+      yield r, ref
+
+
+def _ece_difference(a, b, idx, num_bins: int) -> float:
+  """ECE of the cases ``idx`` of per-case arrays ``a`` minus that of ``b``."""
+  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
+  return (calibration.reliability(a['top'][idx].sum(0), num_bins)['ece'] -
+          calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
+
+
 def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
                        seed=0, groups=None, key='vs_one_step') -> None:
   """Adds ``key`` to every multi-step row that has a 1-step row of the same
@@ -139,22 +157,14 @@ def paired_vs_one_step(rows, class_names, num_bins: int, resamples=1000,
   with a 95 % interval from a paired bootstrap over cases, or over
   ``groups`` of cases (``case_units``); both rows see the same resampled
   cases."""
-  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
-  one = {(r['name'], r['num_samples']): r for r in rows
-         if r.get(CASES) is not None and r['num_steps'] == 1}
-  for r in rows:
-    ref = one.get((r['name'], r['num_samples']))
-    if r.get(CASES) is None or r['num_steps'] == 1 or ref is None:
-      continue
+  for r, ref in _with_one_step(rows):
     a, b = r[CASES], ref[CASES]
 
     def diffs(idx):
       one_step = chain_mdice(b['chain_conf'][idx].sum(0), class_names)
       d_dice = chain_mdice(a['chain_conf'][idx].sum(0), class_names) - one_step
       d_ensemble = mdice(a['pred_conf'][idx].sum(0), class_names) - one_step
-      d_ece = (calibration.reliability(a['top'][idx].sum(0), num_bins)['ece'] -
-               calibration.reliability(b['top'][idx].sum(0), num_bins)['ece'])
-      return d_dice, d_ensemble, d_ece
+      return d_dice, d_ensemble, _ece_difference(a, b, idx, num_bins)
 
     r[key] = paired_record(diffs, ('chain_mDice', 'ensemble_mDice', 'ece'),
                            len(a['top']), groups, resamples, seed)
@@ -180,19 +190,11 @@ def fold_mean_ece_vs_one_step(rows, num_bins: int, resamples=1000, seed=0,
   fold. ECE is a property of one model: pooling the histograms of several
   (``paired_vs_one_step`` on pooled rows) lets their miscalibrations in
   opposite directions cancel, so this is the per-model reading beside it."""
-  from spad_jax import calibration  # pylint: disable=g-import-not-at-top
-  one = {(r['name'], r['num_samples']): r for r in rows
-         if r.get(CASES) is not None and r['num_steps'] == 1}
-  for r in rows:
-    ref = one.get((r['name'], r['num_samples']))
-    if r.get(CASES) is None or r['num_steps'] == 1 or ref is None:
-      continue
-    a, b = r[CASES]['top'], ref[CASES]['top']
+  for r, ref in _with_one_step(rows):
+    a, b = r[CASES], ref[CASES]
 
     def per_fold(strata):
-      return [calibration.reliability(a[idx].sum(0), num_bins)['ece'] -
-              calibration.reliability(b[idx].sum(0), num_bins)['ece']
-              for idx in strata]
+      return [_ece_difference(a, b, idx, num_bins) for idx in strata]
 
     point, lo, hi = stratified_bootstrap(
         lambda strata: (float(np.mean(per_fold(strata))),), r[FOLDS],
