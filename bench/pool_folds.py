@@ -20,6 +20,10 @@ listed beside them.
   python bench/pool_folds.py --out=runs/cv_pooled \
       --runs=runs/cv_f0/bench,runs/cv_f1/bench,runs/cv_f2/bench,runs/cv_f3/bench,runs/cv_f4/bench
 
+With ``--picks=last,chain_mean,...`` (one per fold, e.g. each fold's
+``eval.chain_label='auto'`` pick) every fold contributes only the rows of
+its own chain label, pooled as one ``label:picked`` setting.
+
 Writes ``<out>/pooled.json`` and ``<out>/pooled.md``.
 """
 
@@ -39,15 +43,25 @@ flags.DEFINE_list('runs', None, 'Bench output folders of bench/'
                   'sampling_curve.py, one per fold.')
 flags.DEFINE_string('out', None, 'Output folder.')
 flags.DEFINE_integer('resamples', 1000, 'Bootstrap resamples.')
+flags.DEFINE_list('picks', None, 'One chain label per fold (the '
+                  "eval.chain_label='auto' pick in each fold's metrics.json):"
+                  " each fold's rows with that label pool as one setting, "
+                  "'label:picked'; other rows are left out.")
 flags.mark_flags_as_required(['runs', 'out'])
 
 
 def main(argv):
   del argv
   from spad_jax import files  # pylint: disable=g-import-not-at-top
+  if FLAGS.picks and len(FLAGS.picks) != len(FLAGS.runs):
+    sys.exit(f'pool_folds.py: --picks has {len(FLAGS.picks)} labels for '
+             f'{len(FLAGS.runs)} --runs')
   try:
-    result = st.pool([st.load_run(folder) for folder in FLAGS.runs],
-                     FLAGS.resamples)
+    runs = [st.load_run(folder) for folder in FLAGS.runs]
+    if FLAGS.picks:
+      runs = [st.keep_label(run, label)
+              for run, label in zip(runs, FLAGS.picks)]
+    result = st.pool(runs, FLAGS.resamples)
   except st.PoolError as e:
     sys.exit(f'pool_folds.py: {e}')
   if not result['rows']:

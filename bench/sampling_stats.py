@@ -286,6 +286,28 @@ def load_run(folder: str) -> dict:
   return {'folder': folder, 'meta': meta, 'rows': data['rows']}
 
 
+def keep_label(run: dict, label: str) -> dict:
+  """``run`` (``load_run``) with only the rows whose chains are labelled
+  ``label`` (its model's ``eval.chain_label='auto'`` pick), renamed so that
+  folds with different picks pool as one setting: the name without its
+  label and ensemble parts, then `` of:last`` where the ensemble combines
+  the chains' samples (as any ensemble of ``last``-labelled chains does),
+  then `` label:picked``."""
+  rows = []
+  for row in run['rows']:
+    if row.get('chain_label', 'last') != label:
+      continue
+    of_samples = (label == 'last' or
+                  row.get('ensemble_of', 'chain_label') == 'last')
+    base = ' '.join(t for t in row['name'].split(' ')
+                    if not t.startswith(('label:', 'of:')))
+    rows.append(dict(row, name=base + (' of:last' if of_samples else '') +
+                     ' label:picked'))
+  if not rows:
+    raise PoolError(f'{run["folder"]}: no row has chain_label {label!r}')
+  return dict(run, rows=rows)
+
+
 def _setting(row) -> tuple:
   return row['name'], row['num_steps'], row['num_samples']
 

@@ -193,9 +193,15 @@ def _check_eval(config, check) -> None:
         f'must be one of {", ".join(diffusion.ENSEMBLES)}')
   check(e.get('soft_map', 'last') in diffusion.SOFT_MAPS, 'eval.soft_map',
         f'must be one of {", ".join(diffusion.SOFT_MAPS)}')
-  check(e.get('chain_label', 'last') in diffusion.CHAIN_LABELS,
-        'eval.chain_label',
-        f'must be one of {", ".join(diffusion.CHAIN_LABELS)}')
+  chain_labels = diffusion.CHAIN_LABELS + ('auto',)
+  check(e.get('chain_label', 'last') in chain_labels, 'eval.chain_label',
+        f'must be one of {", ".join(chain_labels)}')
+  check(e.get('chain_label', 'last') != 'auto' or
+        config.train.get('val_split', 'val') == 'val', 'eval.chain_label',
+        "= 'auto' picks the label on the val split at every validation, "
+        f'and train.val_split = {config.train.get("val_split")!r} would '
+        'make it pick on the curve\'s own split; set '
+        '--config.eval.chain_label=last (or chain_mean) for this curve')
   check(e.get('ensemble_of', 'chain_label') in diffusion.ENSEMBLE_OF,
         'eval.ensemble_of',
         f'must be one of {", ".join(diffusion.ENSEMBLE_OF)}')

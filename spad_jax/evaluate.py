@@ -6,7 +6,9 @@ Writes into the workdir:
   over foreground classes, the mean per-case Dice/IoU/HD95/ASSD
   (``per_case_mean``), GED and per-pixel variances when cases have several
   annotations (``multi_annotation``), sampling settings, checkpoint step,
-  timing;
+  timing, and with ``eval.chain_label='auto'`` the label picked on the
+  validation split and what each candidate scored there
+  (``chain_label_auto``);
 - ``per_case.csv``: one row per case and foreground class present in its
   label or prediction (DESIGN §4), with missed/spurious flags;
 - ``eval_grid.png`` (image / label / prediction [/ uncertainty]) and
@@ -121,6 +123,57 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
     conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
   return {'confusion': conf, 'shown': shown, 'seconds': time.time() - start,
           'scoring_seconds': scoring}
+
+
+def score_chain_labels(config, ema_params, setup, source,
+                       num_shown: int = 0) -> Dict[str, Any]:
+  """Samples ``source`` once per label of ``predictors.AUTO_CHAIN_LABELS``
+  (the same draws: a label only reads the chain's steps differently) and
+  picks the one whose prediction (``eval.ensemble`` of ``eval.num_samples``
+  chains, as evaluated) has the highest dataset mDice; ties go to the
+  first. Returns ``pick``, ``mDice`` per label, and ``runs`` (each label's
+  ``sample_split`` result)."""
+  runs, scores = {}, {}
+  for label in predictors.AUTO_CHAIN_LABELS:
+    runs[label] = sample_split(predictors.with_chain_label(config, label),
+                               ema_params, setup, source, num_shown=num_shown)
+    scores[label] = metrics.summarize_confusion(
+        runs[label]['confusion'], list(source.class_names))['mDice']
+  ranked = [-np.inf if scores[l] is None else scores[l]
+            for l in predictors.AUTO_CHAIN_LABELS]
+  pick = predictors.AUTO_CHAIN_LABELS[int(np.argmax(ranked))]
+  return {'pick': pick, 'mDice': scores, 'runs': runs}
+
+
+def resolve_chain_label(config, ema_params, setup, source=None):
+  """``config`` with ``eval.chain_label='auto'`` replaced by the label its
+  model scores best with on the validation split (``score_chain_labels``),
+  and the record of that choice for metrics.json; any other config comes
+  back as is, with ``None``. ``source`` defaults to the clean val split:
+  the choice belongs to the model, not to the images being evaluated."""
+  if not predictors.picks_chain_label(config):
+    return config, None
+  if source is None:
+    source = sources.load_split(config, 'val')
+  if not len(source):
+    raise ValueError("eval.chain_label='auto' picks on the validation split, "
+                     f'and data.name={config.data.name!r} has no validation '
+                     'cases; set eval.chain_label to one of '
+                     f'{", ".join(predictors.AUTO_CHAIN_LABELS)}')
+  if config.eval.split == 'val':
+    logging.warning("eval.chain_label='auto' picks on the validation split "
+                    'that is also evaluated: its figures favour the pick.')
+  start = time.time()
+  scored = score_chain_labels(config, ema_params, setup, source)
+  record = {'picked': scored['pick'], 'split': 'val',
+            'num_cases': len(source), 'val_mDice': scored['mDice'],
+            'seconds': time.time() - start}
+  logging.info("eval.chain_label='auto' on %d val cases: %s; picked %s.",
+               len(source), ', '.join(
+                   f'{label} mDice {formatting.number(value, 4)}'
+                   for label, value in scored['mDice'].items()),
+               scored['pick'])
+  return predictors.with_chain_label(config, scored['pick']), record
 
 
 def case_spacing(original_size, image_size: int,
@@ -247,6 +300,7 @@ def evaluate(config, workdir: str, state=None, setup=None,
   setup = setup or train_state.Setup.from_config(config)
   if state is None:
     state = train_state.load_eval_state(config, workdir, setup)
+  config, pick = resolve_chain_label(config, state.ema_params, setup)
   split = config.eval.split
   source = load_eval_source(config, split)
   out_dir = out_dir or output_dir(config, workdir)
@@ -295,6 +349,8 @@ def evaluate(config, workdir: str, state=None, setup=None,
     calib.merge({name: np.asarray(v).sum(axis=0)
                  for name, v in gathered.items()})
   result = _summary(config, workdir, state, source, run, tables)
+  if pick is not None:
+    result['chain_label_auto'] = pick
   result.update(calib.summary(config.eval.ece_bins, list(source.class_names)))
   result['uncertainty']['case_dice_spearman'] = calibration.spearman(
       uncertainty, [metrics.case_score(t) for t in tables])

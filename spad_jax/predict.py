@@ -11,7 +11,9 @@ input folder (no labels needed), writes into the output folder:
   <stem>_entropy.npy      that entropy in nats, float32 (``save_npy``)
 
 and appends one JSON line per run to ``predict_log.jsonl`` (checkpoint step,
-sampling settings, counts, timing, unreadable files).
+sampling settings, counts, timing, unreadable files). With
+``eval.chain_label='auto'`` the chains' label is first picked on the
+validation split of the config's data set, which must be readable.
 
 Images go through the training preprocessing (``folder.read_image``, resize
 to ``data.image_size``², scale to [-1, 1]) in batches of ``eval.batch_size``
@@ -34,6 +36,7 @@ import cv2
 import jax
 import numpy as np
 
+from spad_jax import evaluate
 from spad_jax import files
 from spad_jax import formatting
 from spad_jax import predictors
@@ -300,6 +303,7 @@ def predict_folder(config, workdir: str, input_dir: str, output_dir: str,
   setup = train_state.Setup.from_config(config)
   state = train_state.load_eval_state(config, workdir, setup)
   step = int(jax.device_get(state.step))
+  config, pick = evaluate.resolve_chain_label(config, state.ema_params, setup)
   logging.info('Predicting %d image(s) from %s with checkpoint step %d (EMA '
                'parameters): %d sampling steps, %d sample(s) each.',
                len(paths), input_dir, step, config.eval.num_steps,
@@ -312,6 +316,8 @@ def predict_folder(config, workdir: str, input_dir: str, output_dir: str,
             'params': 'ema',
             'sampling': predictors.sampling_record(config),
             'image_size': config.data.image_size}
+  if pick is not None:
+    record['chain_label_auto'] = pick
   record.update(summary.as_dict())
   for name in ('written', 'skipped'):
     record[name] = len(record[name])

@@ -19,6 +19,27 @@ from spad_jax.models import unet
 
 AXIS = train_state.AXIS
 
+# eval.chain_label = 'auto': the label each model answers with is picked on
+# its validation split among these (ties go to the first). Which label
+# wins changes from model to model (docs/SAMPLING.md: a chain's final p̂
+# beats its steps' mean by eight points on one demo model and loses to it
+# by one and a half on another), so no fixed choice is right for all.
+AUTO = 'auto'
+AUTO_CHAIN_LABELS = ('last', 'chain_mean')
+
+
+def picks_chain_label(config) -> bool:
+  """Whether ``config``'s chain label is to be picked on the val split."""
+  return (config.model.kind == 'diffusion' and
+          config.eval.get('chain_label', 'last') == AUTO)
+
+
+def with_chain_label(config, label: str):
+  """A copy of ``config`` whose chains are labelled ``label``."""
+  config = config.copy_and_resolve_references()
+  config.eval.chain_label = label
+  return config
+
 
 def sampling_record(config) -> Dict[str, Any]:
   """How predictions were made, as written into metrics.json."""
@@ -84,6 +105,11 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   if config.model.kind == 'deterministic':
     return _make_deterministic_predict_fn(config, model, return_samples)
   rules = sampling_record(config)  # The eval keys with their defaults.
+  if rules['chain_label'] == AUTO:
+    raise ValueError(
+        "eval.chain_label='auto' is a choice made on the validation split "
+        '(evaluate.resolve_chain_label) before a sampler is built; resolve '
+        f'it first or set one of {", ".join(AUTO_CHAIN_LABELS)}')
 
   def predict(params, images, key, case_ids):
     b = images.shape[0]

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from absl import logging
 import numpy as np
@@ -63,6 +63,8 @@ def sweep(config, workdir: str) -> List[Dict[str, Any]]:
   state = train_state.load_eval_state(config, workdir, setup)
   import jax  # pylint: disable=g-import-not-at-top
   step = int(jax.device_get(state.step))
+  # One pick for the whole sweep, on the clean validation split.
+  config, pick = evaluate.resolve_chain_label(config, state.ema_params, setup)
   plan = [('none', 0)] + [(n, s) for n in corruptions.SEVERITIES
                           for s in range(1, 6)]
   rows, start, fresh = [], time.time(), 0
@@ -85,15 +87,16 @@ def sweep(config, workdir: str) -> List[Dict[str, Any]]:
                  i + 1, len(plan), name, severity,
                  formatting.percent(rows[-1]['mDice']), formatting.hms(left))
     if jax.process_index() == 0:
-      _write(config, workdir, rows, step)
+      _write(config, workdir, rows, step, pick)
   return rows
 
 
-def _write(config, workdir: str, rows: List[Dict[str, Any]],
-           step: int) -> None:
+def _write(config, workdir: str, rows: List[Dict[str, Any]], step: int,
+           pick: Optional[Dict[str, Any]] = None) -> None:
+  extra = {} if pick is None else {'chain_label_auto': pick}
   files.write_json(os.path.join(workdir, 'robustness.json'), {
       'checkpoint_step': step, 'split': config.eval.split,
-      'sampling': predictors.sampling_record(config),
+      'sampling': predictors.sampling_record(config), **extra,
       'severities': {k: list(v) for k, v in corruptions.SEVERITIES.items()},
       'rows': rows})
   files.write_atomic(os.path.join(workdir, 'robustness.csv'),

@@ -307,15 +307,36 @@ def validate(config, workdir, setup, state, val_source, step: int,
              rec, predict) -> Dict[str, Any]:
   """Samples the val split with the EMA parameters; logs mIoU/mDice and a
   grid (``val_grid.png`` and TensorBoard). ``predict`` is the compiled
-  sampler (``predictors.make_predict_fn``), shared with the final evaluation."""
+  sampler (``predictors.make_predict_fn``), shared with the final evaluation.
+  With ``eval.chain_label='auto'`` (``predict`` unused) every candidate
+  label is scored and the picked one's figures are the validation's, so
+  the best checkpoint is chosen with the label evaluation will use."""
   ema = train_state.unreplicate(state.ema_params)
-  run = evaluate.sample_split(config, ema, setup, val_source,
-                              num_shown=config.eval.num_grid_cases,
-                              predict=predict)
+  auto = predictors.picks_chain_label(config)
+  if auto:  # The label evaluation will pick, and so the best checkpoint's.
+    scored = evaluate.score_chain_labels(
+        config, ema, setup, val_source, num_shown=config.eval.num_grid_cases)
+    run = scored['runs'][scored['pick']]
+    seconds = sum(r['seconds'] for r in scored['runs'].values())
+  else:
+    run = evaluate.sample_split(config, ema, setup, val_source,
+                                num_shown=config.eval.num_grid_cases,
+                                predict=predict)
+    seconds = run['seconds']
   result = metrics_lib.summarize_confusion(run['confusion'],
                                            list(val_source.class_names))
   summary = {'val_mIoU': result['mIoU'], 'val_mDice': result['mDice'],
-             'val_seconds': run['seconds']}
+             'val_seconds': seconds}
+  picked = ''
+  if auto:
+    result['chain_label_auto'] = {'picked': scored['pick'],
+                                  'val_mDice': scored['mDice']}
+    summary.update({f'val_mDice_{label}': value
+                    for label, value in scored['mDice'].items()})
+    picked = f"; chain label {scored['pick']} (" + ', '.join(
+        f'{label} {formatting.number(value, 4)}'
+        for label, value in scored['mDice'].items()) + ')'
+
   rec.write_scalars(step, {k: (np.nan if v is None else v)
                           for k, v in summary.items()})
   if jax.process_index() == 0:
@@ -325,10 +346,10 @@ def validate(config, workdir, setup, state, val_source, step: int,
                               os.path.join(workdir, 'val_grid.png'),
                               scale=max(1, 128 // config.data.image_size))
     rec.write_images(step, {'val/image_label_prediction': grid[None]})
-  logging.info('[%d] validation: mIoU %s  mDice %s  (%d cases, %.1f s)', step,
-               formatting.number(result['mIoU'], 4),
+  logging.info('[%d] validation: mIoU %s  mDice %s  (%d cases, %.1f s)%s',
+               step, formatting.number(result['mIoU'], 4),
                formatting.number(result['mDice'], 4), len(val_source),
-               run['seconds'])
+               seconds, picked)
   return result
 
 
@@ -343,7 +364,8 @@ class _Loop:
     self.total_steps, self.metadata = total_steps, metadata
     self.spe = examples.steps_per_epoch
     self.predict = (predictors.cached(config, setup)
-                    if val_source is not None else None)
+                    if val_source is not None and
+                    not predictors.picks_chain_label(config) else None)
     self.eval_every = config.train.eval_every_epochs * self.spe
     self.best = _best_val_mdice(best_mgr)
     self.lr_fn = train_state.learning_rate_schedule(config, total_steps)

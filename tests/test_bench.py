@@ -500,3 +500,37 @@ def test_pool_folds_against_reference(tmp_path):
   runs[1]['meta']['class_names'] = ['bg', 'a']
   with pytest.raises(st.PoolError, match='class_names'):
     st.pool(runs)
+
+
+def test_pool_folds_keeps_each_folds_picked_label(tmp_path):
+  """--picks: each fold contributes only its own label's rows, pooled as
+  one setting; the pooled figures are those of the chosen rows' counts."""
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import sampling_stats as st
+  rng = np.random.default_rng(2)
+  settings = [(1, 2), (10, 2)] * 2  # Rows 0, 1: 'last'; 2, 3: 'chain_mean'.
+  folds = [(['a1', 'a2'], ['pa', 'pa']), (['b1', 'b2', 'b3'], ['pb'] * 3)]
+  made = []
+  for k, (ids, groups) in enumerate(folds):
+    folder = str(tmp_path / f'f{k}')
+    made.append(_fake_fold(folder, rng, ids, groups, settings))
+    path = os.path.join(folder, 'sampling_curve.json')
+    data = json.load(open(path))
+    for row in data['rows'][2:]:
+      row.update(name='x0_resample label:chain_mean of:last',
+                 chain_label='chain_mean', ensemble_of='last')
+    json.dump(data, open(path, 'w'))
+  runs = [st.keep_label(st.load_run(str(tmp_path / 'f0')), 'chain_mean'),
+          st.keep_label(st.load_run(str(tmp_path / 'f1')), 'last')]
+  result = st.pool(runs, resamples=100)
+  assert [r['name'] for r in result['rows']] == [
+      'x0_resample of:last label:picked'] * 2
+  assert result['meta']['left_out'] == []
+  for r, (i0, i1) in zip(result['rows'], [(2, 0), (3, 1)]):
+    conf = np.concatenate([made[0][f'row{i0}_chain_conf'],
+                           made[1][f'row{i1}_chain_conf']])
+    assert r['chain_mDice'] == pytest.approx(
+        np.mean([_dice_reference(conf[:, j].sum(0)) for j in range(2)]),
+        abs=1e-12)
+  with pytest.raises(st.PoolError, match="f1: no row has chain_label 'soft_map'"):
+    st.keep_label(st.load_run(str(tmp_path / 'f1')), 'soft_map')

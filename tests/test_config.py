@@ -94,6 +94,21 @@ def test_invalid_values_are_named(key, value, needle):
     config_validation.validate(config)
 
 
+def test_auto_chain_label_needs_the_val_split():
+  """'auto' picks a chain label on the val split; a curve drawn on another
+  split must not pick on it."""
+  config = importlib.import_module('configs.demo').get_config()
+  assert config.eval.chain_label == 'auto'
+  config_validation.validate(config)
+  config.train.val_split = 'test'
+  config.eval.checkpoint = 'latest'
+  with pytest.raises(config_validation.ConfigError,
+                     match="config.eval.chain_label = 'auto'.*'test'"):
+    config_validation.validate(config)
+  config.eval.chain_label = 'last'
+  config_validation.validate(config)
+
+
 def test_self_conditioning_needs_the_diffusion_model():
   config = importlib.import_module('configs.demo').get_config()
   config.model.self_condition = True

@@ -85,10 +85,17 @@ def test_predict_folder_cli(trained, tmp_path):
   stamps = {p: os.stat(outputs / p).st_mtime_ns for p in os.listdir(outputs)
             if p.endswith(('.png', '.npy'))}
   assert len(stamps) == 4 * len(names)
-  again = run_main(args)
+  # (With the chains' label picked on the config's validation split, which
+  # the log records.)
+  again = run_main(args + ['--config.eval.chain_label=auto'])
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'wrote 0' in again.stdout and 'skipped 3' in again.stdout
   assert all(os.stat(outputs / p).st_mtime_ns == t for p, t in stamps.items())
+  log = [json.loads(line) for line in open(outputs / 'predict_log.jsonl')]
+  pick = log[-1]['chain_label_auto']
+  assert pick['split'] == 'val' and pick['num_cases'] == 8
+  assert pick['picked'] == max(pick['val_mDice'], key=pick['val_mDice'].get)
+  assert log[-1]['sampling']['chain_label'] == pick['picked']
 
 
 def test_predict_needs_input_and_output(tmp_path):
@@ -485,3 +492,132 @@ def test_chains_depend_on_seed_and_case_only():
     chosen = _medoid_reference(three['samples'][b], k)
     np.testing.assert_array_equal(medoid['prediction'][b],
                                   three['samples'][b, chosen])
+
+
+def _dataset_mdice(pred, label, k):
+  """Foreground mean of per-class Dice over all pixels (classes in neither
+  map left out), written independently of spad_jax.metrics."""
+  dices = []
+  for c in range(1, k):
+    both = (pred == c).sum() + (label == c).sum()
+    if both:
+      dices.append(2 * ((pred == c) & (label == c)).sum() / both)
+  return float(np.mean(dices))
+
+
+def test_auto_chain_label_is_picked_on_validation(tmp_path):
+  """eval.chain_label='auto' scores each candidate label on the validation
+  split, picks the best, and then evaluates, validates and predicts exactly
+  as the picked label would; the record says what each scored."""
+  import importlib.util
+  import jax
+  from spad_jax import config_validation
+  from spad_jax import evaluate
+  from spad_jax import predictors
+  from spad_jax import train
+  from spad_jax import train_state
+  from spad_jax.data import sources
+  from conftest import ROOT
+  spec = importlib.util.spec_from_file_location(
+      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  config = tiny.get_config()
+  config.eval.chain_label = 'auto'
+  config_validation.validate(config)
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model,
+                                         jax.random.key(1), 1)
+  # Zero-initialised output layer: random outputs give chains whose final
+  # and pooled labels differ.
+  params = jax.tree.map(lambda x: x + 0.3 * np.asarray(
+      np.random.default_rng(0).normal(size=x.shape), x.dtype), state.params)
+  state = state.replace(params=params, ema_params=params)
+  with pytest.raises(ValueError, match='eval.chain_label'):
+    predictors.make_predict_fn(config, setup.model, setup.schedule)
+
+  # The reference: each candidate's val predictions from its fixed-label
+  # sampler, with the keys evaluation uses, scored here.
+  val = sources.load_split(config, 'val')
+  k = config.data.num_classes
+  expected = {}
+  for label in predictors.AUTO_CHAIN_LABELS:
+    fn = predictors.make_predict_fn(
+        predictors.with_chain_label(config, label), setup.model,
+        setup.schedule)
+    out = jax.device_get(fn(train_state.replicate(params),
+                            np.asarray(val.images)[None], setup.keys()[2],
+                            predictors.case_key_ids(val.ids)[None]))
+    expected[label] = _dataset_mdice(out['prediction'][0],
+                                     np.asarray(val.labels), k)
+  # Different pixel counts: the pick is decided by more than rounding.
+  assert abs(expected['last'] - expected['chain_mean']) > 1e-6, expected
+  best = max(predictors.AUTO_CHAIN_LABELS, key=expected.get)
+
+  resolved, record = evaluate.resolve_chain_label(config, params, setup)
+  assert resolved.eval.chain_label == record['picked'] == best
+  assert record['num_cases'] == len(val)
+  for label, value in expected.items():
+    assert record['val_mDice'][label] == pytest.approx(value, abs=1e-9)
+  fixed, none = evaluate.resolve_chain_label(resolved, params, setup)
+  assert fixed is resolved and none is None
+
+  # Evaluation with 'auto' equals evaluation with the picked label.
+  auto_dir, fixed_dir = str(tmp_path / 'auto'), str(tmp_path / 'fixed')
+  auto = evaluate.evaluate(config, auto_dir, state=state, setup=setup,
+                           figures=False)
+  same = evaluate.evaluate(resolved, fixed_dir, state=state, setup=setup,
+                           figures=False)
+  assert auto['mDice'] == same['mDice']
+  assert auto['sampling'] == same['sampling']
+  assert auto['chain_label_auto']['picked'] == best
+  assert 'chain_label_auto' not in same
+  assert (open(os.path.join(auto_dir, 'per_case.csv')).read() ==
+          open(os.path.join(fixed_dir, 'per_case.csv')).read())
+  written = json.load(open(os.path.join(auto_dir, 'metrics.json')))
+  assert written['chain_label_auto']['val_mDice'] == record['val_mDice']
+
+  # Validation during training reports the picked label's figures (so the
+  # best checkpoint is chosen with it) and every candidate's.
+  class Scalars:
+    def __init__(self):
+      self.scalars = {}
+
+    def write_scalars(self, step, values):
+      self.scalars.update(values)
+
+    def write_images(self, step, images):
+      del step, images
+
+  rec = Scalars()
+  replicated = state.replace(ema_params=train_state.replicate(params))
+  result = train.validate(config, str(tmp_path / 'train'), setup, replicated,
+                          val, 0, rec, None)
+  assert result['mDice'] == pytest.approx(expected[best], abs=1e-9)
+  assert result['chain_label_auto']['picked'] == best
+  for label, value in expected.items():
+    assert rec.scalars[f'val_mDice_{label}'] == pytest.approx(value,
+                                                               abs=1e-9)
+
+
+def test_auto_chain_label_on_one_and_four_devices(trained, tmp_path):
+  """The pick and the evaluation it leads to are the same on 1 and 4
+  devices: every chain is keyed by its case."""
+  import shutil
+  results = []
+  for devices in (1, 4):
+    workdir = str(tmp_path / f'd{devices}')
+    shutil.copytree(trained, workdir)
+    run = run_main([TINY, f'--workdir={workdir}', '--mode=evaluate',
+                    '--config.eval.chain_label=auto'], devices=devices)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "eval.chain_label='auto' on 8 val cases" in run.stderr
+    results.append(json.load(open(os.path.join(workdir, 'metrics.json'))))
+  one, four = results
+  assert one['chain_label_auto']['picked'] == four['chain_label_auto'][
+      'picked']
+  assert one['chain_label_auto']['val_mDice'] == four['chain_label_auto'][
+      'val_mDice']
+  assert one['sampling'] == four['sampling']
+  assert one['sampling']['chain_label'] == one['chain_label_auto']['picked']
+  assert one['mDice'] == four['mDice']

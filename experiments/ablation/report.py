@@ -362,11 +362,15 @@ def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
   k = config.data.num_classes
   # Same model and keys for all arms.
   setup = train_state.Setup.from_config(config)
-  predict = predictors.make_predict_fn(config, setup.model, setup.schedule)
+  predict = (None if predictors.picks_chain_label(config) else
+             predictors.make_predict_fn(config, setup.model, setup.schedule))
   preds = {}
   for arm, _, run in chosen:
     state = train_state.load_eval_state(run.config, run.workdir, setup)
-    out = evaluate.sample_split(run.config, state.ema_params, setup, sub,
+    # With eval.chain_label='auto', each run's label as its evaluation
+    # picked it (on its validation split).
+    cfg, _ = evaluate.resolve_chain_label(run.config, state.ema_params, setup)
+    out = evaluate.sample_split(cfg, state.ema_params, setup, sub,
                                 num_shown=len(idx), predict=predict)
     preds[arm] = np.stack(out['shown']['preds'])
 
