@@ -50,9 +50,9 @@ def get_config():
   # evaluation: single chains end near 0.885 on five seeds whatever one
   # step scores, so which label is better depends on the model. Picked this
   # way, 10-step single chains gain +7.9 / +0.7 / +0.1 / +2.4 points over
-  # one step on the four kept demo models, where the final labels gain
-  # +7.9 / +0.3 / -1.6 / +2.4 (docs/SAMPLING.md, "A label picked on the
-  # validation split").
+  # one step on four demo models, where the final labels gain +7.9 / +0.3 /
+  # -1.6 / +2.4, and +1.7 / +1.2 on two trained with it (docs/SAMPLING.md,
+  # "A label picked on the validation split").
   config.eval.chain_label = 'auto'
   # With --config.eval.num_samples=N: the medoid chain, +0.8 / +1.0 mDice
   # over single chains at 10 / 25 steps (both intervals clear of zero over
