@@ -84,11 +84,6 @@ def pooled_soft_map(step_probs: np.ndarray, weights: np.ndarray
                       np.asarray(step_probs, np.float64), axes=(0, 0))
 
 
-def pooled_label(step_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-  """argmax over classes of ``pooled_soft_map``."""
-  return pooled_soft_map(step_probs, weights).argmax(-1)
-
-
 def case_units(num_cases: int, groups=None) -> list:
   """The resampling units of the paired bootstraps: one per case, or with
   ``groups`` (one label per case, e.g. its patient) one per group, holding

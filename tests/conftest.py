@@ -64,6 +64,16 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
 import spad_jax  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
 
 
+def tiny_config():
+  """tests/tiny_config.py's config (loaded by path: tests/ is no package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def run_main(args, devices: int = 1, timeout: int = 600):
   """Runs main.py in a subprocess (own XLA device count); returns the result."""
   env = dict(os.environ)

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from conftest import run_main
+from conftest import tiny_config
 from spad_jax.data import synthetic
 
 TINY = '--config=tests/tiny_config.py'
@@ -347,19 +348,21 @@ def test_corrupted_evaluation_and_the_robustness_sweep(trained):
                                  'reliability.png')) is not None
 
 
+def _random_outputs(params):
+  """``params`` plus fixed Gaussian noise: the zero-initialised output
+  layer would give every pixel the same p̂, and chains nothing to draw."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: x + 0.3 * np.asarray(
+      np.random.default_rng(0).normal(size=x.shape), x.dtype), params)
+
+
 def test_one_predictor_per_sampling_setting():
   """Validation, evaluation and the benches share compiled samplers by
   setting; any key the sampler reads gives its own."""
-  import importlib.util
   from spad_jax import diffusion
   from spad_jax import predictors
   from spad_jax import train_state
-  from conftest import ROOT
-  spec = importlib.util.spec_from_file_location(
-      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  config = tiny.get_config()
+  config = tiny_config()
   setup = train_state.Setup.from_config(config)
   base = predictors.cached(config, setup)
   assert predictors.cached(config.copy_and_resolve_references(),
@@ -385,24 +388,15 @@ def test_one_predictor_per_sampling_setting():
 def test_chains_depend_on_seed_and_case_only():
   """A case samples the same in any batch position or batch size, an
   ensemble of 3 holds the single chain, and another case id draws others."""
-  import importlib.util
   import jax
   from spad_jax import predictors
   from spad_jax import train_state
-  from conftest import ROOT
-  spec = importlib.util.spec_from_file_location(
-      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  config = tiny.get_config()
+  config = tiny_config()
   config.eval.num_steps = 4
   setup = train_state.Setup.from_config(config)
   state = train_state.create_train_state(config, setup.model,
                                          jax.random.key(1), 1)
-  # Zero-initialised output layer: give the model random outputs to draw from.
-  params = jax.tree.map(lambda x: x + 0.3 * np.asarray(
-      np.random.default_rng(0).normal(size=x.shape), x.dtype), state.params)
-  params = train_state.replicate(params)
+  params = train_state.replicate(_random_outputs(state.params))
   s = config.data.image_size
   images = np.random.default_rng(1).normal(size=(4, s, s, 1)).astype(
       np.float32)
@@ -509,7 +503,6 @@ def test_auto_chain_label_is_picked_on_validation(tmp_path):
   """eval.chain_label='auto' scores each candidate label on the validation
   split, picks the best, and then evaluates, validates and predicts exactly
   as the picked label would; the record says what each scored."""
-  import importlib.util
   import jax
   from spad_jax import config_validation
   from spad_jax import evaluate
@@ -517,21 +510,14 @@ def test_auto_chain_label_is_picked_on_validation(tmp_path):
   from spad_jax import train
   from spad_jax import train_state
   from spad_jax.data import sources
-  from conftest import ROOT
-  spec = importlib.util.spec_from_file_location(
-      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  config = tiny.get_config()
+  config = tiny_config()
   config.eval.chain_label = 'auto'
   config_validation.validate(config)
   setup = train_state.Setup.from_config(config)
   state = train_state.create_train_state(config, setup.model,
                                          jax.random.key(1), 1)
-  # Zero-initialised output layer: random outputs give chains whose final
-  # and pooled labels differ.
-  params = jax.tree.map(lambda x: x + 0.3 * np.asarray(
-      np.random.default_rng(0).normal(size=x.shape), x.dtype), state.params)
+  # Random outputs give chains whose final and pooled labels differ.
+  params = _random_outputs(state.params)
   state = state.replace(params=params, ema_params=params)
   with pytest.raises(ValueError, match='eval.chain_label'):
     predictors.make_predict_fn(config, setup.model, setup.schedule)

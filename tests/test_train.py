@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DEVICE_LOSS_RTOL
+from conftest import tiny_config
 
 TINY = '--config=tests/tiny_config.py'
 
@@ -278,17 +279,11 @@ def test_init_compiled_unoptimised_gives_the_same_parameters():
   """create_train_state compiles its one-off init without backend
   optimisation (7 s less per run on CPU); the parameters stay the same up to
   the last bit of a few values."""
-  import importlib.util
   import jax
   import jax.numpy as jnp
-  from conftest import ROOT
   from spad_jax import train_state
   from spad_jax.models import unet
-  spec = importlib.util.spec_from_file_location(
-      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  config = tiny.get_config()
+  config = tiny_config()
   model = unet.create_model(config)
   key = jax.random.key(3)
   ours = train_state.create_train_state(config, model, key, 10).params

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import tiny_config
 from conftest import DEVICE_LOSS_RTOL
 from conftest import xla_flags
 from test_train import checkpoint_steps
@@ -22,15 +23,6 @@ from test_train import load_checkpoint
 from test_train import read_log
 
 TINY = '--config=tests/tiny_config.py'
-
-
-def tiny_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'tiny', os.path.join(ROOT, 'tests', 'tiny_config.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def group(ckpt, name):
