@@ -272,7 +272,11 @@ def plot_coverage(uncertainty: Dict[str, Any], path: str) -> None:
           label='error rate of kept pixels')
   ax.axhline(uncertainty['error_rate'], color='C3', lw=0.8, ls=':',
              label='error rate, all pixels')
-  ax.set_xscale('log')
+  if rows:  # None when no pixel is less certain than another.
+    ax.set_xscale('log')
+  else:
+    ax.text(0.5, 0.5, 'no coverage curve:\nall pixels equally certain',
+            ha='center', va='center', transform=ax.transAxes, fontsize=8)
   ax.set_xlabel('fraction dropped (most uncertain first)')
   ax.set_ylabel('error rate')
   twin = ax.twinx()

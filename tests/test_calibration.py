@@ -164,3 +164,17 @@ def test_spearman_sign_and_bad_input():
   assert calibration.spearman(x[:2], [1, 2]) is None
   with pytest.raises(ValueError, match='num_bins'):
     calibration.reliability(np.ones((3, calibration.FINE_BINS)), 1)
+
+
+def test_coverage_plot_when_every_pixel_is_equally_certain(tmp_path):
+  """All pixels in one uncertainty bin keep the whole map at every asked
+  coverage: no curve to draw on a log axis, and still a figure."""
+  conf = np.zeros((10, 2, 2), np.int64)
+  conf[0] = [[50, 3], [2, 9]]  # Every pixel in the most certain bin.
+  rows = calibration.coverage_curve(conf, calibration.COVERAGES)
+  assert all(r['coverage'] == 1 for r in rows)
+  path = str(tmp_path / 'coverage.png')
+  calibration.plot_coverage({'coverage': rows, 'error_rate': 5 / 64,
+                             'error_auroc': None}, path)
+  import cv2  # pylint: disable=g-import-not-at-top
+  assert cv2.imread(path) is not None
