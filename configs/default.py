@@ -156,6 +156,11 @@ def get_config() -> ml_collections.ConfigDict:
   # learning curve where the val split is too small to say anything, and
   # then need eval.checkpoint='latest': no model is selected on them).
   config.train.val_split = 'val'
+  # With every validation, also sample the first this many training cases
+  # (unaugmented, one chain, the chains' final labels) and log their mDice
+  # as train_mDice: whether the model still learns the data it trains on
+  # (0: off).
+  config.train.monitor_train_cases = 0
   # Stop (after a checkpoint) once this run has trained that many steps; the
   # next run resumes. 0: train to the end. For time-limited jobs; SIGTERM
   # (preemption) does the same at the next step.

@@ -163,6 +163,8 @@ def _check_train(config, check) -> None:
   check(t.checkpoint_every_steps >= 1, 'train.checkpoint_every_steps',
         'must be >= 1')
   check(t.checkpoints_to_keep >= 1, 'train.checkpoints_to_keep', 'must be >= 1')
+  check(t.get('monitor_train_cases', 0) >= 0, 'train.monitor_train_cases',
+        'must be >= 0')
   check(t.eval_every_epochs >= 0, 'train.eval_every_epochs',
         'must be >= 0 (0: no validation)')
   check(t.max_steps_per_run >= 0, 'train.max_steps_per_run',

@@ -10,7 +10,8 @@ Writes into the workdir:
   validation split and what each candidate scored there
   (``chain_label_auto``);
 - ``per_case.csv``: one row per case and foreground class present in its
-  label or prediction (DESIGN §4), with missed/spurious flags;
+  label or prediction (DESIGN §4), with missed/spurious flags and the
+  class's pixels in the label, the prediction and both;
 - ``eval_grid.png`` (image / label / prediction [/ uncertainty]) and
   ``overlays/best_<rank>_<case>.png``, ``overlays/worst_<rank>_<case>.png``
   for the cases of highest and lowest mean foreground Dice.

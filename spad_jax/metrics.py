@@ -122,7 +122,10 @@ def assd(pred: np.ndarray, gt: np.ndarray, spacing=None) -> float:
 # ------------------------------------------------------------------ per case
 
 # Columns of a per-case table; ``missed``/``spurious`` are 0/1 flags.
-CASE_FIELDS = ('Dice', 'IoU', 'HD95', 'ASSD', 'missed', 'spurious')
+# The pixel counts let Dice be pooled over any subset of cases (e.g. a
+# patient's, in a bootstrap over patients): 2·Σoverlap / (Σlabel + Σpred).
+CASE_FIELDS = ('Dice', 'IoU', 'HD95', 'ASSD', 'missed', 'spurious',
+               'label_px', 'pred_px', 'overlap_px')
 
 
 def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int,
@@ -139,7 +142,8 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int,
     if not p.any() and not g.any():
       continue
     table[c - 1] = (dice(p, g), iou(p, g)) + surface_metrics(p, g, spacing) + (
-        float(g.any() and not p.any()), float(p.any() and not g.any()))
+        float(g.any() and not p.any()), float(p.any() and not g.any()),
+        float(g.sum()), float(p.sum()), float(np.sum(p & g)))
   return table
 
 

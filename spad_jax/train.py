@@ -212,6 +212,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   source = sources.load_split(config, 'train')
   val_source = (sources.load_split(config, config.train.val_split)
                 if config.train.eval_every_epochs else None)
+  monitored = config.train.get('monitor_train_cases', 0)
+  monitor_source = (source.head(monitored) if monitored and val_source
+                    else None)
   examples = pipeline.TrainExamples(source, config, jax.process_index(),
                                     jax.process_count(),
                                     jax.local_device_count())
@@ -243,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   try:
     if not complete:
       loop = _Loop(config, workdir, setup, examples, val_source, mgr,
-                   best_mgr, total_steps, metadata)
+                   best_mgr, total_steps, metadata, monitor_source)
       state, complete = loop.run(state, train_key, start_step)
     else:
       logging.info('Training already complete (step %d of %d).', start_step,
@@ -353,13 +356,33 @@ def validate(config, workdir, setup, state, val_source, step: int,
   return result
 
 
+def monitor_train(config, setup, state, source, step: int, rec) -> float:
+  """mDice of the EMA parameters on ``source`` (the first training cases),
+  logged as ``train_mDice``: one chain labelled by its final ``p̂``, whatever
+  ``eval.chain_label`` (a learning curve, not a model selection)."""
+  if predictors.picks_chain_label(config):
+    config = predictors.with_chain_label(config, 'last')
+  run = evaluate.sample_split(config, train_state.unreplicate(state.ema_params),
+                              setup, source,
+                              predict=predictors.cached(config, setup))
+  value = metrics_lib.summarize_confusion(
+      run['confusion'], list(source.class_names))['mDice']
+  rec.write_scalars(step, {'train_mDice': np.nan if value is None else value,
+                           'train_mDice_seconds': run['seconds']})
+  logging.info('[%d] train-split monitor: mDice %s  (%d cases, %.1f s)', step,
+               formatting.number(value, 4), len(source), run['seconds'])
+  return value
+
+
 class _Loop:
   """The training loop of one run: steps, logging, checkpoints, validation."""
 
   def __init__(self, config, workdir, setup, examples, val_source, mgr,
-               best_mgr, total_steps: int, metadata: Dict[str, Any]):
+               best_mgr, total_steps: int, metadata: Dict[str, Any],
+               monitor_source=None):
     self.config, self.workdir, self.setup = config, workdir, setup
     self.examples, self.val_source = examples, val_source
+    self.monitor_source = monitor_source
     self.mgr, self.best_mgr = mgr, best_mgr
     self.total_steps, self.metadata = total_steps, metadata
     self.spe = examples.steps_per_epoch
@@ -461,6 +484,9 @@ class _Loop:
   def _validate(self, step, state, rec, meta) -> None:
     result = validate(self.config, self.workdir, self.setup, state,
                       self.val_source, step, rec, self.predict)
+    if self.monitor_source is not None:
+      monitor_train(self.config, self.setup, state, self.monitor_source, step,
+                    rec)
     value = result['mDice']
     if value is not None and value > self.best:
       self.best = value

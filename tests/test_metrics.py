@@ -119,6 +119,13 @@ def test_case_metrics_flags_and_skips():
   assert table[0, f['IoU']] == pytest.approx(48 / 80)
   assert table[0, f['HD95']] == pytest.approx(4.0)  # 2 columns x 2.0.
   assert table[0, f['missed']] == 0 and table[0, f['spurious']] == 0
+  # Pixel counts, by hand: 8x8 squares overlapping in 8x6.
+  assert [table[0, f[k]] for k in ('label_px', 'pred_px', 'overlap_px')] == [
+      64, 64, 48]
+  assert [table[1, f[k]] for k in ('label_px', 'pred_px', 'overlap_px')] == [
+      50, 0, 0]
+  assert [table[2, f[k]] for k in ('label_px', 'pred_px', 'overlap_px')] == [
+      0, 24, 0]
   diagonal = np.hypot(30 * 0.5, 40 * 2.0)
   for c, flag in ((1, 'missed'), (2, 'spurious')):
     assert table[c, f['Dice']] == 0 and table[c, f['IoU']] == 0

@@ -141,7 +141,8 @@ def test_evaluate_writes_per_case_ged_and_overlays(trained, tmp_path):
   with open(os.path.join(trained, 'per_case.csv')) as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == ['case', 'class', 'Dice', 'IoU', 'HD95', 'ASSD',
-                           'missed', 'spurious', 'mean_uncertainty']
+                           'missed', 'spurious', 'label_px', 'pred_px',
+                           'overlap_px', 'mean_uncertainty']
   # Calibration and uncertainty sections (their maths: test_calibration.py).
   cal, unc = metrics['calibration'], metrics['uncertainty']
   assert cal['pixels'] == 4 * 16 * 16
@@ -584,6 +585,44 @@ def test_auto_chain_label_is_picked_on_validation(tmp_path):
   for label, value in expected.items():
     assert rec.scalars[f'val_mDice_{label}'] == pytest.approx(value,
                                                                abs=1e-9)
+
+
+def test_train_split_monitor_scores_the_first_training_cases():
+  """train.monitor_train_cases: the logged train_mDice is the dataset mDice
+  of the first training cases under the chains' final labels, whatever
+  eval.chain_label, scored here independently."""
+  import jax
+  from spad_jax import predictors
+  from spad_jax import train
+  from spad_jax import train_state
+  from spad_jax.data import sources
+  config = tiny_config()
+  config.eval.chain_label = 'auto'
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model,
+                                         jax.random.key(1), 1)
+  params = _random_outputs(state.params)
+  head = sources.load_split(config, 'train').head(3)
+  fn = predictors.make_predict_fn(predictors.with_chain_label(config, 'last'),
+                                  setup.model, setup.schedule)
+  out = jax.device_get(fn(train_state.replicate(params),
+                          np.asarray(head.images)[None], setup.keys()[2],
+                          predictors.case_key_ids(head.ids)[None]))
+  expected = _dataset_mdice(out['prediction'][0], np.asarray(head.labels),
+                            config.data.num_classes)
+
+  class Scalars:
+    def __init__(self):
+      self.scalars = {}
+
+    def write_scalars(self, step, values):
+      self.scalars[step] = values
+
+  rec = Scalars()
+  replicated = state.replace(ema_params=train_state.replicate(params))
+  value = train.monitor_train(config, setup, replicated, head, 7, rec)
+  assert value == pytest.approx(expected, abs=1e-9)
+  assert rec.scalars[7]['train_mDice'] == pytest.approx(expected, abs=1e-9)
 
 
 def test_auto_chain_label_on_one_and_four_devices(trained, tmp_path):

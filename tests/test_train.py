@@ -28,7 +28,9 @@ def test_short_run_loss_finite_and_decreasing(main_runner, tmp_path, devices):
   workdir = str(tmp_path / f'run{devices}')
   result = main_runner([TINY, f'--workdir={workdir}',
                         '--config.train.num_epochs=8',
-                        '--config.train.eval_every_epochs=4'], devices=devices)
+                        '--config.train.eval_every_epochs=4',
+                        '--config.train.monitor_train_cases=3'],
+                       devices=devices)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'{devices} local / {devices} global devices' in result.stderr
   log = read_log(workdir)
@@ -40,6 +42,10 @@ def test_short_run_loss_finite_and_decreasing(main_runner, tmp_path, devices):
   val = [row for row in log if 'val_mDice' in row]
   assert [row['step'] for row in val] == [16, 32]
   assert all(0 <= row['val_mDice'] <= 1 for row in val)
+  # The train-split monitor runs with every validation.
+  monitored = [row for row in log if 'train_mDice' in row]
+  assert [row['step'] for row in monitored] == [16, 32]
+  assert all(0 <= row['train_mDice'] <= 1 for row in monitored)
   assert os.path.exists(os.path.join(workdir, 'val_grid.png'))
   best_step = max(val, key=lambda row: row['val_mDice'])['step']
   assert sorted(int(d) for d in os.listdir(os.path.join(
