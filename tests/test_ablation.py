@@ -61,6 +61,19 @@ def test_folds_and_paired_difference(tmp_path):
   assert [r.config.data.fold for r in runs] == [0, 1, 2]
   assert all(r.config.data.num_folds == 3 for r in runs)
   assert runs[2].workdir.endswith(os.path.join('full', 'seed0', 'fold2'))
+  # Seed, then fold, then arm: each finished fold holds every arm.
+  runs = plan.plan_runs(base, str(tmp_path), ['unet', 'full_components'],
+                        [0, 1], folds=2)
+  assert [(r.seed, r.fold, r.name) for r in runs] == [
+      (s, f, a) for s in (0, 1) for f in (0, 1)
+      for a in ('unet', 'full_components')]
+  from spad_jax import config_validation
+  unet, comp = runs[0].config, runs[1].config
+  config_validation.validate(unet)  # No diffusion-only option left on.
+  assert unet.model.kind == 'deterministic' and not unet.spad.scd
+  assert not unet.spad.bcd and unet.diffusion.own_sample_fraction == 0
+  assert comp.spad.components and comp.spad.scd and comp.spad.bcd
+  assert comp.spad.pas and comp.model.kind == 'diffusion'
   diff = stats.paired_difference({0: 0.5, 1: 0.7, 2: 0.6},
                                  {0: 0.4, 1: 0.5, 2: 0.6})
   assert diff['diffs'] == pytest.approx([0.1, 0.2, 0.0])
@@ -142,3 +155,84 @@ def test_study_end_to_end(tmp_path):
                                        'metrics.json')) == stamp
   rows = lambda text: [l for l in text.splitlines() if l.startswith('|')]
   assert rows(open(os.path.join(out, 'results.md')).read()) == rows(table)
+
+
+def _patient_dataset(root, patients=6, per_patient=4):
+  """Synthetic B-scans at 20² in the folder format, ``per_patient`` cases
+  for each of ``patients`` patients."""
+  import cv2
+  from spad_jax.data import synthetic
+  for sub in ('images', 'labels'):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+  cases = []
+  for p in range(patients):
+    for k in range(per_patient):
+      image, label = synthetic.generate_case(5, 'train', p * per_patient + k,
+                                             20)
+      case = f'p{p}_b{k}'
+      cv2.imwrite(os.path.join(root, 'images', case + '.png'), image)
+      cv2.imwrite(os.path.join(root, 'labels', case + '.png'), label)
+      cases.append({'id': case, 'patient': f'p{p}'})
+  names = synthetic.CLASS_NAMES
+  with open(os.path.join(root, 'dataset.json'), 'w') as f:
+    json.dump({'name': 'patients', 'cases': cases,
+               'labels': {n: c for c, n in enumerate(names)}}, f)
+
+
+def test_cross_validated_study_end_to_end(tmp_path):
+  """2 folds x 2 seeds x (baseline, UNet) on 6 patients: every patient is
+  tested once per seed, and the pooled scores equal those rebuilt from
+  each run's metrics.json (confusion counts, not per_case.csv)."""
+  root, out = str(tmp_path / 'data'), str(tmp_path / 'study')
+  _patient_dataset(root)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=xla_flags(1))
+  args = [sys.executable, '-m', 'experiments.ablation.main',
+          '--config=tests/tiny_config.py', f'--out={out}', '--seeds=0,1',
+          '--arms=baseline,unet', '--folds=2', '--qualitative_cases=0',
+          '--config.data.name=folder', f'--config.data.root={root}',
+          '--config.data.val_fraction=0.17', '--config.train.num_epochs=2',
+          '--config.train.eval_every_epochs=1',
+          '--config.train.monitor_train_cases=2']
+  result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  results = json.load(open(os.path.join(out, 'results.json')))
+  cv = results['cv']
+  assert cv['patients'] == [f'p{p}' for p in range(6)]
+  from spad_jax.data import synthetic
+  names = synthetic.CLASS_NAMES[1:]
+  for arm in ('baseline', 'unet'):
+    entry = cv['arms'][arm]
+    assert entry['patients_done'] == 6 and entry['runs_patients'] == 12
+    per_seed = []
+    for seed in (0, 1):
+      both, total = np.zeros(len(names)), np.zeros(len(names))
+      for fold in (0, 1):
+        m = _metrics(os.path.join(out, arm, f'seed{seed}', f'fold{fold}'))
+        for c, name in enumerate(names):
+          pc = m['per_class'][name]
+          total[c] += pc['gt_pixels'] + pc['pred_pixels']
+          if pc['Dice'] is not None:
+            both[c] += pc['Dice'] * (pc['gt_pixels'] + pc['pred_pixels']) / 2
+      present = total > 0
+      per_seed.append(np.mean(2 * both[present] / total[present]))
+      assert entry['per_seed'][str(seed)]['mDice'] == pytest.approx(
+          per_seed[-1], abs=1e-6)
+    assert entry['mDice'] == pytest.approx(np.mean(per_seed), abs=1e-6)
+  diff = cv['arms']['unet']['vs_reference']
+  assert diff['mDice'] == pytest.approx(
+      cv['arms']['unet']['mDice'] - cv['arms']['baseline']['mDice'])
+  lo, hi = diff['mDice_ci95']
+  assert lo <= diff['mDice'] <= hi and len(diff['patients']) == 6
+  # Each run's train-split curve and its plateau reading.
+  runs = [r for r in results['runs'] if r['group'] == 'arm']
+  assert len(runs) == 8 and all(r['done'] for r in runs)
+  for r in runs:
+    assert [s for s, _ in r['train_mDice']] == [1, 2]
+    assert r['train_plateau']['final'] == r['train_mDice'][-1][1]
+  table = open(os.path.join(out, 'results.md')).read()
+  assert 'Patient-level cross-validation (2 folds, 6 patients)' in table
+  row = next(line for line in table.splitlines()
+             if line.startswith('| UNet (deterministic) | 4 | 6 |'))
+  assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row

@@ -79,7 +79,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('out', None, 'Study folder (workdirs and results).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Values of config.seed.')
 flags.DEFINE_list('arms', list(plan.ARMS),
-                  f'Arms to run, of {list(plan.ARMS)}.')
+                  f'Arms to run, of {list(plan.ARMS)} (the paper\'s Table 3: '
+                  f'{",".join(plan.TABLE3_ARMS)}).')
 flags.DEFINE_integer('folds', 0, 'k >= 2: repeat every run over k '
                      'patient-level folds (data.num_folds); 0: the config\'s '
                      'single split.')

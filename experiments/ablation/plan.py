@@ -10,12 +10,19 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from experiments.ablation import patients
 from spad_jax import config_keys
 from spad_jax import files
 from spad_jax import formatting
 
-# name: (label, overrides, paper's AMD-SD (mIoU %, mDice %), Table 3).
+# name: (label, overrides, paper's AMD-SD (mIoU %, mDice %): Table 3, the
+# UNet's Table 1; None where the paper has no such arm).
 ARMS = {
+    # The same UNet without diffusion (CE + soft Dice) and without SPAD.
+    'unet': ('UNet (deterministic)', {'model.kind': 'deterministic',
+                                      'spad.scd': False, 'spad.bcd': False,
+                                      'diffusion.own_sample_fraction': 0.0},
+             (64.48, 78.40)),
     'baseline': ('baseline CCDM', {'spad.scd': False, 'spad.bcd': False},
                  (69.79, 82.20)),
     'scd_pas': ('ScD + PaS', {'spad.scd': True, 'spad.bcd': False,
@@ -28,7 +35,15 @@ ARMS = {
                       (44.07, 61.17)),
     'full': ('full SPAD', {'spad.scd': True, 'spad.bcd': True,
                            'spad.pas': True}, (71.51, 83.39)),
+    # ScD's targets are the label's connected components, so that k(e) has
+    # more than one target per class to choose from.
+    'full_components': ('full SPAD, components',
+                        {'spad.scd': True, 'spad.bcd': True, 'spad.pas': True,
+                         'spad.components': True}, None),
 }
+
+# The arms of the paper's Table 3 (the first study's five).
+TABLE3_ARMS = ('baseline', 'scd_pas', 'bcd_pas', 'scd_bcd_nopas', 'full')
 
 # name: (config key, label) of the sensitivity sweeps (paper's Fig. 6),
 # run on the full model.
@@ -64,9 +79,10 @@ def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
               sweep_values: Optional[Dict[str, Sequence[float]]] = None,
               sweep_seeds: Sequence[int] = (0,),
               sweep_epochs: int = 0) -> List[Run]:
-  """Every run of the study, in execution order (arms seed-major, so every
-  arm has a first seed early, then the sweeps). Identical configs share a
-  workdir (``same_as``)."""
+  """Every run of the study, in execution order: seed-major, then fold,
+  then arm, so that each finished (seed, fold) holds every arm's run on the
+  same patients; then the sweeps. Identical configs share a workdir
+  (``same_as``)."""
   unknown = [a for a in arms if a not in ARMS]
   if unknown:
     raise ValueError(f'unknown arm(s) {unknown}; expected some of '
@@ -91,8 +107,8 @@ def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
 
   runs = []
   for seed in seeds:
-    for arm in arms:
-      for fold in fold_list:
+    for fold in fold_list:
+      for arm in arms:
         runs.append(make('arm', arm, seed, fold, ARMS[arm][1],
                          os.path.join(out, arm, f'seed{seed}')))
   for sweep in sweeps:
@@ -232,6 +248,10 @@ def collect_run(run: Run) -> Dict[str, Any]:
       'checkpoint_step': m.get('checkpoint_step'),
       'num_test_cases': m.get('num_cases'), 'split': m.get('split'),
       'eval_seconds': m.get('seconds'),
+      'ECE': (m.get('calibration') or {}).get('ece'),
+      'NLL': (m.get('calibration') or {}).get('nll'),
+      'chain_label': ((m.get('chain_label_auto') or {}).get('picked') or
+                      (m.get('sampling') or {}).get('chain_label')),
   })
   timing = os.path.join(run.workdir, 'study_run.json')
   if os.path.exists(timing):
@@ -240,6 +260,10 @@ def collect_run(run: Run) -> Dict[str, Any]:
     out['seconds'] = t.get('seconds')
     out['resumed'] = t.get('resumed')
   log = read_log(run.workdir)
+  if log.get('train_mDice') and log.get('loss'):
+    out['train_mDice'] = log['train_mDice']
+    out['train_plateau'] = patients.plateau(log['train_mDice'],
+                                            log['loss'][-1][0])
   if log.get('steps_per_sec'):
     rates = [v for _, v in log['steps_per_sec']]
     out['train_steps_per_sec'] = float(np.median(rates))

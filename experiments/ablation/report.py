@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from experiments.ablation import patients
 from experiments.ablation import plan
 from experiments.ablation import stats
 from spad_jax import files
@@ -106,7 +107,8 @@ def markdown(results: Dict[str, Any]) -> str:
         f'{formatting.mean_std(e["HD95"], 1)} | '
         f'{_number(e["missed"]["mean"], 1)} / '
         f'{_number(e["spurious"]["mean"], 1)} | '
-        f'{e["paper_amdsd"]["mIoU"]:.2f} / {e["paper_amdsd"]["mDice"]:.2f} |')
+        + (f'{e["paper_amdsd"]["mIoU"]:.2f} / {e["paper_amdsd"]["mDice"]:.2f}'
+           if e['paper_amdsd'] else '—') + ' |')
   seeds = meta['seeds']
   if len(seeds) > 1:
     lines += ['', 'mDice (%) per seed' + (' (mean over folds)' if
@@ -157,6 +159,8 @@ def markdown(results: Dict[str, Any]) -> str:
                    f'{formatting.mean_std(row["mIoU"], 2, 100)} | '
                    f'{formatting.mean_std(row["mDice"], 2, 100)} | '
                    f'{formatting.mean_std(row["HD95"], 1)} |')
+  if results.get('cv'):
+    lines += cv_markdown(results)
   done = [r for r in results['runs'] if r.get('seconds') and not r['same_as']]
   if done:
     secs = [r['seconds'] for r in done]
@@ -169,6 +173,99 @@ def markdown(results: Dict[str, Any]) -> str:
               f'{max(secs):.0f}); median training rate '
               f'{np.median(rates) if rates else float("nan"):.2f} steps/s.']
   return '\n'.join(lines) + '\n'
+
+
+def _ci(value, interval, scale=100):
+  if value is None:
+    return '—'
+  if not interval or interval[0] is None:
+    return _number(value, 2, scale)
+  return (f'{value * scale:+.2f} [{interval[0] * scale:+.2f}, '
+          f'{interval[1] * scale:+.2f}]')
+
+
+def cv_markdown(results: Dict[str, Any]) -> List[str]:
+  """The patient-level section of a cross-validated study."""
+  cv, arms = results['cv'], results['arms']
+  runs = [r for r in results['runs'] if r['group'] == 'arm']
+  ref = cv['reference']
+  lines = [
+      '', f'## Patient-level cross-validation ({cv["folds"]} folds, '
+      f'{len(cv["patients"])} patients)', '',
+      'Every patient is tested once per seed, by the fold that did not '
+      'train on it. Pooled mDice / mIoU: per seed, the foreground Dice '
+      '(IoU) of the pixel counts summed over all tested patients, then the '
+      'mean over seeds. Per case: mean over every test case of every fold '
+      'and seed. ECE: mean over runs of each run\'s ECE. Train plateau: runs '
+      'whose train-split mDice (train.monitor_train_cases) gained at most '
+      '2 points over the last quarter of their steps.', '',
+      '| arm | runs | patients | pooled mIoU | pooled mDice | per-case Dice '
+      '| HD95 | ASSD | ECE | train plateau | chain label |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+  for arm, e in cv['arms'].items():
+    mine = [r for r in runs if r['name'] == arm and r['done']]
+    flat = [r for r in mine if (r.get('train_plateau') or {}).get(
+        'on_plateau') is not None]
+    on = sum(r['train_plateau']['on_plateau'] for r in flat)
+    labels = sorted({r['chain_label'] for r in mine if r.get('chain_label')})
+    label_counts = ', '.join(
+        f'{lab} ×{sum(r.get("chain_label") == lab for r in mine)}'
+        for lab in labels) or '—'
+    pc = e['per_case_mean']
+    lines.append(
+        f'| {arms[arm]["label"]} | {len(mine)} | {e["patients_done"]} | '
+        f'{_number(e["mIoU"], 2, 100)} | {_number(e["mDice"], 2, 100)} | '
+        f'{_number(pc["Dice"], 2, 100)} | {_number(pc["HD95"], 1)} | '
+        f'{_number(pc["ASSD"], 1)} | {_number(e["ECE"], 4)} | '
+        f'{on}/{len(flat)} | {label_counts} |')
+  lines += [
+      '', f'Paired differences to {arms[ref]["label"] if ref in arms else ref}'
+      ' (arm − reference, over the (seed, patient) pairs both have), in '
+      'points, with 95 % intervals from '
+      f'{cv["resamples"]} bootstrap resamples of patients (each with all '
+      'its seeds):', '',
+      '| arm | patients | Δ pooled mIoU | Δ pooled mDice | half-width '
+      '(mDice) |', '|---|---:|---:|---:|---:|']
+  for arm, e in cv['arms'].items():
+    v = e.get('vs_reference')
+    if not v:
+      continue
+    lines.append(
+        f'| {arms[arm]["label"]} | {len(v["patients"])} | '
+        f'{_ci(v["mIoU"], v["mIoU_ci95"])} | '
+        f'{_ci(v["mDice"], v["mDice_ci95"])} | '
+        f'{_number(v.get("mDice_half_width"), 2, 100)} |')
+  folds = cv['folds']
+  lines += ['', 'Pooled mDice (%) of each fold\'s test patients, mean over '
+            'seeds:', '', '| arm | ' + ' | '.join(
+                f'fold {f}' for f in range(folds)) + ' |',
+            '|---|' + '---:|' * folds]
+  for arm, e in cv['arms'].items():
+    cells = []
+    for row in e['per_fold']:
+      vals = [v for v in row if v is not None]
+      cells.append(_number(float(np.mean(vals)) if vals else None, 2, 100))
+    lines.append(f'| {arms[arm]["label"]} | ' + ' | '.join(cells) + ' |')
+  lines += [
+      '', 'Where the variation lies (standard deviations in mDice points): '
+      'between folds (of the true fold means) and between seeds within a '
+      'fold, from the fold-level values; between patients and between seeds '
+      'within a patient, from each patient\'s pooled Dice; and the same '
+      'between folds / seeds for the paired difference to the reference.',
+      '', '| arm | between folds | seeds within fold | between patients | '
+      'seeds within patient | Δ: between folds | Δ: seeds within fold |',
+      '|---|---:|---:|---:|---:|---:|---:|']
+  for arm, e in cv['arms'].items():
+    f, p = e['fold_components'], e['patient_components']
+    d = (e.get('vs_reference') or {}).get('fold_components') or {}
+    lines.append(
+        f'| {arms[arm]["label"]} | {_number(f["between_sd"], 2, 100)} | '
+        f'{_number(f["within_sd"], 2, 100)} | '
+        f'{_number(p["between_sd"], 2, 100)} | '
+        f'{_number(p["within_sd"], 2, 100)} | '
+        f'{_number(d.get("between_sd"), 2, 100)} | '
+        f'{_number(d.get("within_sd"), 2, 100)} |')
+  return lines
 
 
 def _mean_curve(logs: Sequence[Dict[str, List]], key: str):
@@ -185,7 +282,7 @@ def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
                 title: str) -> None:
   from spad_jax import visualize  # pylint: disable=g-import-not-at-top
   plt = visualize.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
   any_val = False
   for arm in arms:
     logs = [plan.read_log(r.workdir) for r in runs
@@ -199,9 +296,26 @@ def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
       any_val = True
       axes[1].plot(steps, val, 'o-', ms=3,
                    label=f'{plan.ARMS[arm][0]} (n={n})')
-  axes[0].set_yscale('log')
+    # Each run thin, the mean thick: the plateau is a property of each run.
+    color = None
+    for log in logs:
+      if log.get('train_mDice'):
+        st, v = zip(*log['train_mDice'])
+        line, = axes[2].plot(st, v, '-', lw=0.6, alpha=0.35, color=color)
+        color = line.get_color()
+    steps, train = _mean_curve(logs, 'train_mDice')
+    if steps is not None:
+      axes[2].plot(steps, train, 'o-', ms=3, lw=2, color=color,
+                   label=f'{plan.ARMS[arm][0]} (n={n})')
+  # The UNet's loss (CE + soft Dice term) can be negative: log scale only
+  # where every plotted value is positive.
+  positive = all(np.all(np.asarray(line.get_ydata()) > 0)
+                 for line in axes[0].lines)
+  if positive:
+    axes[0].set_yscale('log')
   axes[0].set_xlabel('step')
-  axes[0].set_ylabel('training loss (KL, per image; log scale)')
+  axes[0].set_ylabel('training loss (per image' +
+                     ('; log scale)' if positive else ')'))
   if axes[0].lines:
     axes[0].legend(fontsize=7)
   axes[1].set_xlabel('step')
@@ -211,9 +325,18 @@ def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
                  ha='center', va='center', transform=axes[1].transAxes)
   else:
     axes[1].legend(fontsize=7)
+  axes[2].set_xlabel('step')
+  axes[2].set_ylabel('train-split mDice (train.monitor_train_cases)')
+  if axes[2].lines:
+    axes[2].legend(fontsize=7)
+  else:
+    axes[2].text(0.5, 0.5, 'no train-split monitor\n'
+                 '(train.monitor_train_cases = 0)', ha='center',
+                 va='center', transform=axes[2].transAxes)
   for ax in axes:
     ax.grid(alpha=0.3)
-  fig.suptitle(title + ' — mean over seeds', fontsize=9)
+  fig.suptitle(title + ' — mean over runs (right: thin lines are runs)',
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -443,6 +566,9 @@ def report(out: str, runs: Sequence[plan.Run], arms: Sequence[str],
       'sweeps': stats.summarize_sweeps(records, sweeps, sweep_values),
       'runs': records,
   }
+  if meta_extra.get('folds'):
+    results['cv'] = patients.analyse(records, first.config, arms, seeds,
+                                     meta_extra['folds'])
   title = (f'{budget["data"]} {budget["image_size"]}², '
            f'{budget["num_epochs"]} epochs, {budget["model_params"] / 1e6:.2f}'
            f' M params')

@@ -59,7 +59,8 @@ def summarize(records: Sequence[Dict], arms: Sequence[str]) -> Dict[str, Any]:
     label, overrides, paper = plan.ARMS[arm]
     mine = [r for r in records if r['group'] == 'arm' and r['name'] == arm]
     entry = {'label': label, 'overrides': overrides,
-             'paper_amdsd': {'mIoU': paper[0], 'mDice': paper[1]},
+             'paper_amdsd': ({'mIoU': paper[0], 'mDice': paper[1]} if paper
+                             else None),
              'runs_done': sum(r['done'] for r in mine), 'runs': len(mine)}
     for metric in METRICS + ('missed', 'spurious'):
       entry[metric] = describe(seed_values(mine, metric).values())

@@ -1,0 +1,311 @@
+"""Patient-level statistics of a cross-validated study.
+
+Under k-fold cross-validation over patients each patient is tested once per
+seed, by the run of the fold that did not train on it. Every run's
+``per_case.csv`` holds each test case's pixels of every foreground class in
+the label, the prediction and both, so Dice can be pooled over any set of
+patients: ``2·Σboth / (Σlabel + Σprediction)`` per class, then the mean
+over the classes that occur. On these counts:
+
+- an arm's pooled mDice / mIoU: per seed over all patients, then the mean
+  over seeds;
+- paired differences of two arms with a bootstrap over patients (a patient,
+  with all its seeds, is the resampled unit: the unit that generalises to
+  new patients);
+- variance components of fold-level values: between folds and between seeds
+  within a fold;
+- whether a run's train-split learning curve is on its plateau.
+"""
+
+import csv
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+COUNTS = ('label_px', 'pred_px', 'overlap_px')
+
+
+def case_counts(workdir: str, class_names: Sequence[str]
+                ) -> Dict[str, np.ndarray]:
+  """Case id -> ``[K-1, 3]`` pixel counts (label, prediction, both) of the
+  foreground classes from ``workdir/per_case.csv``; a class in neither map
+  (no row) counts zeros. Raises ``ValueError`` naming the file when the
+  counts are missing (a run evaluated before they were written)."""
+  path = os.path.join(workdir, 'per_case.csv')
+  fg = list(class_names[1:])
+  out = {}
+  with open(path, newline='') as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in COUNTS if c not in (reader.fieldnames or ())]
+    if missing:
+      raise ValueError(f'{path} has no {", ".join(missing)} column(s): '
+                       'evaluate the run again (main.py --mode=evaluate)')
+    for row in reader:
+      table = out.setdefault(row['case'], np.zeros((len(fg), 3), np.float64))
+      if row['class'] not in fg:
+        raise ValueError(f'{path}: class {row["class"]!r} is not one of '
+                         f'{fg}')
+      table[fg.index(row['class'])] = [float(row[c]) for c in COUNTS]
+  return out
+
+
+def patient_of(config) -> Callable[[str], str]:
+  """Case id -> patient id: dataset.json's ``patient`` for folder data sets
+  (the case itself where none is given), the case itself otherwise."""
+  if config.data.name == 'synthetic':
+    return lambda case: case
+  from spad_jax.data import folder  # pylint: disable=g-import-not-at-top
+  meta = folder.read_metadata(config.data.root)
+  table = {c['id']: str(c.get('patient', c['id'])) for c in meta['cases']}
+  return lambda case: table.get(case, case)
+
+
+def dice_iou(counts: np.ndarray):
+  """mDice, mIoU over the last-but-one axis of ``[..., K-1, 3]`` summed
+  counts: the mean over classes present in label or prediction (NaN where
+  none is)."""
+  label, pred, both = counts[..., 0], counts[..., 1], counts[..., 2]
+  total = label + pred
+  with np.errstate(invalid='ignore', divide='ignore'):
+    dice = np.where(total > 0, 2 * both / total, np.nan)
+    iou = np.where(total > 0, both / (total - both), np.nan)
+  with np.errstate(invalid='ignore'):
+    import warnings  # pylint: disable=g-import-not-at-top
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', RuntimeWarning)  # All-NaN slices.
+      return np.nanmean(dice, axis=-1), np.nanmean(iou, axis=-1)
+
+
+class ArmCounts:
+  """One arm's test counts summed per (seed, patient): ``counts[S, P, K-1,
+  3]``, ``done[S, P]`` (that seed's run of the patient's fold finished) and
+  ``fold[P]``."""
+
+  def __init__(self, seeds: Sequence[int], patients: Sequence[str],
+               num_fg: int):
+    self.seeds, self.patients = list(seeds), list(patients)
+    self.counts = np.zeros((len(seeds), len(patients), num_fg, 3))
+    self.done = np.zeros((len(seeds), len(patients)), bool)
+    self.fold = np.full(len(patients), -1)
+
+
+def gather(records: Sequence[Dict], arm: str, seeds: Sequence[int],
+           patients: Sequence[str], class_names: Sequence[str],
+           patient: Callable[[str], str]) -> ArmCounts:
+  """The finished arm runs of ``records`` (``plan.collect_run``) as
+  ``ArmCounts``."""
+  out = ArmCounts(seeds, patients, len(class_names) - 1)
+  for r in records:
+    if r['group'] != 'arm' or r['name'] != arm or not r['done'] or (
+        r['seed'] not in out.seeds):
+      continue
+    s = out.seeds.index(r['seed'])
+    for case, table in case_counts(r['workdir'], class_names).items():
+      p = out.patients.index(patient(case))
+      out.counts[s, p] += table
+      out.done[s, p] = True
+      out.fold[p] = -1 if r['fold'] is None else r['fold']
+  return out
+
+
+def patients_in(records: Sequence[Dict], class_names: Sequence[str],
+                patient: Callable[[str], str]) -> List[str]:
+  """Every patient tested by a finished arm run, sorted."""
+  found = set()
+  for r in records:
+    if r['group'] == 'arm' and r['done']:
+      found |= {patient(c) for c in case_counts(r['workdir'], class_names)}
+  return sorted(found)
+
+
+def _scores(counts: np.ndarray, use: np.ndarray, weights: np.ndarray):
+  """Per resample (rows of ``weights[R, P]``, patient multiplicities): the
+  mean over seeds of the pooled mDice and mIoU over the patients that seed
+  has (``use[S, P]``); ``[R]`` each (NaN where no seed has a patient)."""
+  w = weights[:, None, :] * use[None]  # [R, S, P]
+  sums = np.einsum('rsp,spck->rsck', w, counts)
+  dice, iou = dice_iou(sums)  # [R, S]
+  has = w.sum(-1) > 0
+  dice, iou = np.where(has, dice, np.nan), np.where(has, iou, np.nan)
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)
+    return np.nanmean(dice, axis=1), np.nanmean(iou, axis=1)
+
+
+def pooled(arm: ArmCounts) -> Dict[str, Any]:
+  """The arm's pooled mDice / mIoU: per seed over its tested patients, and
+  their mean over the seeds that have any."""
+  ones = np.ones((1, len(arm.patients)))
+  per_seed = []
+  for s in range(len(arm.seeds)):
+    use = np.zeros_like(arm.done)
+    use[s] = arm.done[s]
+    d, i = _scores(arm.counts, use, ones)
+    per_seed.append((float(d[0]), float(i[0]), int(arm.done[s].sum())))
+  d, i = _scores(arm.counts, arm.done, ones)
+  return {'mDice': _num(d[0]), 'mIoU': _num(i[0]),
+          'per_seed': {str(seed): {'mDice': _num(v[0]), 'mIoU': _num(v[1]),
+                                   'patients': v[2]}
+                       for seed, v in zip(arm.seeds, per_seed) if v[2]},
+          'patients_done': int(arm.done.any(0).sum()),
+          'runs_patients': int(arm.done.sum())}
+
+
+def paired_bootstrap(a: ArmCounts, b: ArmCounts, resamples: int = 2000,
+                     seed: int = 0) -> Dict[str, Any]:
+  """``a − b`` of the pooled mDice and mIoU over the (seed, patient) pairs
+  both arms have, with a 95 % percentile interval from resampling patients
+  with replacement (each with all its seeds)."""
+  use = a.done & b.done
+  keep = np.flatnonzero(use.any(0))
+  out = {'patients': [a.patients[p] for p in keep],
+         'pairs': int(use.sum()), 'resamples': resamples, 'unit': 'patient'}
+  if len(keep) == 0:
+    return dict(out, mDice=None, mDice_ci95=None, mIoU=None, mIoU_ci95=None)
+  use, ca, cb = use[:, keep], a.counts[:, keep], b.counts[:, keep]
+  ones = np.ones((1, len(keep)))
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, len(keep), (resamples, len(keep)))
+  weights = np.zeros((resamples, len(keep)))
+  np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+  for name, k in (('mDice', 0), ('mIoU', 1)):
+    point = _scores(ca, use, ones)[k][0] - _scores(cb, use, ones)[k][0]
+    boot = _scores(ca, use, weights)[k] - _scores(cb, use, weights)[k]
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    out[name] = _num(point)
+    out[name + '_ci95'] = [_num(lo), _num(hi)]
+    out[name + '_half_width'] = _num((hi - lo) / 2)
+  return out
+
+
+def fold_values(arm: ArmCounts, folds: int) -> np.ndarray:
+  """``[folds, S]`` pooled mDice of each fold's test patients per seed (NaN
+  where that run is not done)."""
+  out = np.full((folds, len(arm.seeds)), np.nan)
+  for f in range(folds):
+    members = arm.fold == f
+    for s in range(len(arm.seeds)):
+      use = np.zeros_like(arm.done)
+      use[s] = arm.done[s] & members
+      if use[s].any():
+        out[f, s] = _scores(arm.counts, use, np.ones((1, len(arm.patients))))[
+            0][0]
+  return out
+
+
+def variance_components(values: np.ndarray) -> Dict[str, Any]:
+  """One-way random-effects reading of ``values[groups, replicates]`` (NaN
+  = missing): the within-group variance (mean of the groups' sample
+  variances) and the between-group variance of the true group means (the
+  variance of the group means less within/n, floored at 0), as standard
+  deviations. Groups with fewer than two replicates give no within-group
+  term; with fewer than two groups there is no between-group term."""
+  values = np.asarray(values, np.float64)
+  rows = [v[~np.isnan(v)] for v in values]
+  rows = [v for v in rows if len(v)]
+  within = [np.var(v, ddof=1) for v in rows if len(v) > 1]
+  out = {'groups': len(rows), 'replicates': [int(len(v)) for v in rows],
+         'within_sd': None, 'between_sd': None, 'means_sd': None}
+  if within:
+    out['within_sd'] = float(np.sqrt(np.mean(within)))
+  if len(rows) > 1:
+    means = np.array([v.mean() for v in rows])
+    out['means_sd'] = float(np.std(means, ddof=1))
+    n = np.mean([len(v) for v in rows])
+    var_within = np.mean(within) if within else 0.0
+    out['between_sd'] = float(np.sqrt(max(np.var(means, ddof=1) -
+                                           var_within / n, 0.0)))
+  return out
+
+
+def plateau(series: Sequence, total_steps: int, window: float = 0.25,
+            tolerance: float = 0.02) -> Dict[str, Any]:
+  """Whether a learning curve ``[(step, value), ...]`` is on its plateau at
+  its end: its last value is at most ``tolerance`` above the best value
+  reached by ``(1 − window)·total_steps``. None where the curve does not
+  reach the end or has no point that early."""
+  series = [(int(s), float(v)) for s, v in series
+            if v is not None and np.isfinite(v)]
+  out = {'final': None, 'earlier_best': None, 'gain': None,
+         'on_plateau': None}
+  if not series or series[-1][0] < total_steps:
+    return out
+  early = [v for s, v in series if s <= (1 - window) * total_steps]
+  out['final'] = series[-1][1]
+  if not early:
+    return out
+  out['earlier_best'] = max(early)
+  out['gain'] = out['final'] - out['earlier_best']
+  out['on_plateau'] = bool(out['gain'] <= tolerance)
+  return out
+
+
+def _num(x) -> Optional[float]:
+  x = float(x)
+  return None if np.isnan(x) else x
+
+
+def case_rows(workdir: str) -> List[Dict[str, Any]]:
+  """``per_case.csv`` rows with Dice, IoU, HD95 and ASSD as numbers."""
+  with open(os.path.join(workdir, 'per_case.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    for key in ('Dice', 'IoU', 'HD95', 'ASSD'):
+      row[key] = float(row[key])
+  return rows
+
+
+def analyse(records: Sequence[Dict], config, arms: Sequence[str],
+            seeds: Sequence[int], folds: int, reference: str = 'baseline',
+            resamples: int = 2000) -> Dict[str, Any]:
+  """The cross-validated study's patient-level reading: per arm the pooled
+  scores, per-fold values, per-case means, variance components and, against
+  ``reference``, paired differences with intervals over patients."""
+  # The data's own class names, as each run's metrics.json lists them
+  # (config.data.class_names may be empty: read from the data set).
+  done = [r for r in records if r['group'] == 'arm' and r['done']]
+  class_names = list((done[0].get('per_class') or {}) if done else
+                     config.data.class_names)
+  patient = patient_of(config)
+  patients = patients_in(records, class_names, patient)
+  out = {'patients': patients, 'folds': folds, 'reference': reference,
+         'resamples': resamples, 'arms': {}}
+  counts = {arm: gather(records, arm, seeds, patients, class_names, patient)
+            for arm in arms}
+  for arm in arms:
+    c = counts[arm]
+    per_fold = fold_values(c, folds)
+    per_patient = np.full((len(patients), len(seeds)), np.nan)
+    for s in range(len(seeds)):
+      for p in range(len(patients)):
+        if c.done[s, p]:
+          per_patient[p, s] = dice_iou(c.counts[s, p])[0]
+    mine = [r for r in records if r['group'] == 'arm' and r['name'] == arm
+            and r['done']]
+    case_means = {}
+    for key in ('Dice', 'HD95', 'ASSD'):
+      by_seed = {}
+      for r in mine:
+        by_seed.setdefault(r['seed'], []).extend(
+            row[key] for row in case_rows(r['workdir']))
+      values = [float(np.mean(v)) for v in by_seed.values() if v]
+      case_means[key] = (float(np.mean(values)) if values else None)
+    entry = dict(pooled(c), per_fold=[[_num(v) for v in row]
+                                      for row in per_fold],
+                 per_patient={p: [_num(v) for v in row]
+                              for p, row in zip(patients, per_patient)},
+                 per_case_mean=case_means,
+                 fold_components=variance_components(per_fold),
+                 patient_components=variance_components(per_patient))
+    for key in ('ECE', 'NLL'):
+      values = [r[key] for r in mine if r.get(key) is not None]
+      entry[key] = float(np.mean(values)) if values else None
+    if arm != reference and reference in counts:
+      entry['vs_reference'] = paired_bootstrap(c, counts[reference],
+                                               resamples)
+      entry['vs_reference']['fold_components'] = variance_components(
+          per_fold - fold_values(counts[reference], folds))
+    out['arms'][arm] = entry
+  return out

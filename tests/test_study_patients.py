@@ -1,0 +1,183 @@
+"""Patient-level statistics of a cross-validated study against references
+written here (experiments/ablation/patients.py)."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from experiments.ablation import patients
+
+CLASSES = ('background', 'a', 'b')
+
+
+def _dice(pred, label, k):
+  """Foreground mean Dice over pixels, classes in neither map left out."""
+  out = []
+  for c in range(1, k):
+    total = (pred == c).sum() + (label == c).sum()
+    if total:
+      out.append(2 * ((pred == c) & (label == c)).sum() / total)
+  return float(np.mean(out))
+
+
+def _write_run(workdir, cases):
+  """per_case.csv of (case id, pred, label) maps, as evaluation writes it."""
+  from spad_jax import evaluate
+  from spad_jax import metrics
+  os.makedirs(workdir, exist_ok=True)
+  tables = np.stack([metrics.case_metrics(p, l, len(CLASSES))
+                     for _, p, l in cases])
+  evaluate.write_per_case_csv(os.path.join(workdir, 'per_case.csv'),
+                              [c for c, _, _ in cases], tables, CLASSES)
+
+
+def _maps(rng, n):
+  shape = (n, 12, 12)
+  label = rng.choice(3, shape, p=[0.7, 0.2, 0.1])
+  pred = np.where(rng.random(shape) < 0.7, label, rng.choice(3, shape))
+  return pred, label
+
+
+def test_case_counts_pool_to_the_dice_of_all_pixels(tmp_path):
+  rng = np.random.default_rng(0)
+  pred, label = _maps(rng, 5)
+  pred[3] = 0  # A case with no foreground predicted,
+  label[4] = 0  # one with none in the label,
+  pred[4] = 0  # and then none at all: no rows, zero counts.
+  ids = [f'c{i}' for i in range(5)]
+  _write_run(str(tmp_path), list(zip(ids, pred, label)))
+  counts = patients.case_counts(str(tmp_path), CLASSES)
+  assert set(counts) == set(ids[:4])
+  total = sum(counts.values())
+  d, i = patients.dice_iou(total)
+  assert d == pytest.approx(_dice(pred, label, 3))
+  # IoU per class from the pixels, independently.
+  ious = [((pred == c) & (label == c)).sum() / ((pred == c) | (label == c)).sum()
+          for c in (1, 2)]
+  assert i == pytest.approx(np.mean(ious))
+  # A run evaluated before the counts existed is named.
+  with open(tmp_path / 'old.csv', 'w') as f:
+    f.write('case,class,Dice\nc0,a,0.5\n')
+  os.replace(tmp_path / 'old.csv', tmp_path / 'per_case.csv')
+  with pytest.raises(ValueError, match='per_case.csv has no label_px'):
+    patients.case_counts(str(tmp_path), CLASSES)
+
+
+def _study(tmp_path, rng, arms=('base', 'spad'), seeds=(0, 1), folds=3,
+           per_patient=2, skip=()):
+  """Records of a CV study on 6 patients (2 per fold), and the maps."""
+  pts = [f'p{j}' for j in range(2 * folds)]
+  records, maps = [], {}
+  for arm in arms:
+    for seed in seeds:
+      for fold in range(folds):
+        if (arm, seed, fold) in skip:
+          continue
+        workdir = str(tmp_path / arm / f's{seed}' / f'f{fold}')
+        cases = []
+        for p in pts[2 * fold: 2 * fold + 2]:
+          pred, label = _maps(rng, per_patient)
+          for k in range(per_patient):
+            cid = f'{p}_b{k}'
+            cases.append((cid, pred[k], label[k]))
+            maps[(arm, seed, cid)] = (pred[k], label[k])
+        _write_run(workdir, cases)
+        records.append({'group': 'arm', 'name': arm, 'seed': seed,
+                        'fold': fold, 'done': True, 'workdir': workdir})
+  return records, maps, pts
+
+
+def _reference_pooled(maps, arm, seeds, chosen, per_patient=2):
+  """Mean over seeds of the Dice of all pixels of the chosen patients (a
+  patient drawn twice counts twice)."""
+  values = []
+  for s in seeds:
+    preds, labels = [], []
+    for p in chosen:
+      for k in range(per_patient):
+        if (arm, s, f'{p}_b{k}') in maps:
+          pr, la = maps[(arm, s, f'{p}_b{k}')]
+          preds.append(pr)
+          labels.append(la)
+    if preds:
+      values.append(_dice(np.stack(preds), np.stack(labels), 3))
+  return float(np.mean(values))
+
+
+def test_pooled_and_paired_bootstrap_against_a_loop(tmp_path):
+  rng = np.random.default_rng(1)
+  records, maps, pts = _study(tmp_path, rng)
+  patient = lambda case: case.split('_')[0]
+  found = patients.patients_in(records, CLASSES, patient)
+  assert found == pts
+  a = patients.gather(records, 'spad', [0, 1], found, CLASSES, patient)
+  b = patients.gather(records, 'base', [0, 1], found, CLASSES, patient)
+  assert a.done.all() and list(a.fold) == [0, 0, 1, 1, 2, 2]
+  pooled = patients.pooled(a)
+  assert pooled['mDice'] == pytest.approx(
+      _reference_pooled(maps, 'spad', [0, 1], pts))
+  assert pooled['per_seed']['1']['mDice'] == pytest.approx(
+      _reference_pooled(maps, 'spad', [1], pts))
+
+  result = patients.paired_bootstrap(a, b, resamples=200, seed=3)
+  point = (_reference_pooled(maps, 'spad', [0, 1], pts) -
+           _reference_pooled(maps, 'base', [0, 1], pts))
+  assert result['mDice'] == pytest.approx(point)
+  # The same resamples of patients, drawn as the function draws them.
+  draws = np.random.default_rng(3).integers(0, len(pts), (200, len(pts)))
+  boot = [_reference_pooled(maps, 'spad', [0, 1], [pts[j] for j in row]) -
+          _reference_pooled(maps, 'base', [0, 1], [pts[j] for j in row])
+          for row in draws]
+  assert result['mDice_ci95'] == pytest.approx(
+      list(np.percentile(boot, [2.5, 97.5])))
+  assert result['mDice_ci95'][0] < point < result['mDice_ci95'][1]
+  # An arm against itself: zero, with a zero-width interval.
+  same = patients.paired_bootstrap(a, a, resamples=50)
+  assert same['mDice'] == 0 and same['mDice_ci95'] == [0, 0]
+
+
+def test_paired_bootstrap_uses_only_pairs_both_arms_have(tmp_path):
+  rng = np.random.default_rng(2)
+  records, maps, pts = _study(tmp_path, rng, skip={('spad', 1, 2)})
+  patient = lambda case: case.split('_')[0]
+  a = patients.gather(records, 'spad', [0, 1], pts, CLASSES, patient)
+  b = patients.gather(records, 'base', [0, 1], pts, CLASSES, patient)
+  assert not a.done[1, 4:].any() and a.done[0].all()
+  result = patients.paired_bootstrap(a, b, resamples=20)
+  # Seed 1 of base is scored without fold 2's patients, as spad's is.
+  base = np.mean([_reference_pooled(maps, 'base', [0], pts),
+                  _reference_pooled(maps, 'base', [1], pts[:4])])
+  spad = np.mean([_reference_pooled(maps, 'spad', [0], pts),
+                  _reference_pooled(maps, 'spad', [1], pts[:4])])
+  assert result['mDice'] == pytest.approx(spad - base)
+  assert result['pairs'] == 10
+
+
+def test_variance_components_by_hand():
+  v = patients.variance_components([[1.0, 3.0], [5.0, 7.0]])
+  assert v['within_sd'] == pytest.approx(np.sqrt(2))
+  assert v['means_sd'] == pytest.approx(np.sqrt(8))
+  assert v['between_sd'] == pytest.approx(np.sqrt(8 - 2 / 2))
+  # Seeds that agree and folds that differ; missing values are skipped.
+  v = patients.variance_components([[0.5, 0.5, np.nan], [0.7, 0.7, 0.7]])
+  assert v['within_sd'] == pytest.approx(0, abs=1e-12)
+  assert v['replicates'] == [2, 3]
+  assert v['between_sd'] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+  # Noise larger than the spread of the means floors the between term at 0.
+  v = patients.variance_components([[0.0, 1.0], [0.1, 0.9]])
+  assert v['between_sd'] == 0
+
+
+def test_plateau():
+  rising = [(100, 0.1), (200, 0.3), (300, 0.5), (400, 0.7)]
+  flat = [(100, 0.1), (200, 0.6), (300, 0.69), (400, 0.7)]
+  p = patients.plateau(rising, 400)
+  assert p['earlier_best'] == 0.5 and p['gain'] == pytest.approx(0.2)
+  assert p['on_plateau'] is False
+  p = patients.plateau(flat, 400)
+  assert p['earlier_best'] == 0.69 and p['on_plateau'] is True
+  assert patients.plateau(rising[:3], 400)['on_plateau'] is None  # Unfinished.
+  # A run that fell back is on a plateau (past it), not still learning.
+  assert patients.plateau([(300, 0.8), (400, 0.7)], 400)['on_plateau']
