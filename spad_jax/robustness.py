@@ -19,7 +19,7 @@ import io
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -57,8 +57,15 @@ def _reusable(path: str, step: int, config) -> Dict[str, Any]:
   return m if same and 'calibration' in m else {}
 
 
-def sweep(config, workdir: str) -> List[Dict[str, Any]]:
-  """Every (corruption, severity) plus the clean split; returns the rows."""
+LEVELS = (1, 2, 3, 4, 5)
+
+
+def sweep(config, workdir: str,
+          levels: Sequence[int] = LEVELS) -> List[Dict[str, Any]]:
+  """Every corruption at each severity of ``levels`` plus the clean split;
+  returns the rows."""
+  for level in levels:
+    corruptions.check('blur', level)
   setup = train_state.Setup.from_config(config)
   state = train_state.load_eval_state(config, workdir, setup)
   import jax  # pylint: disable=g-import-not-at-top
@@ -66,7 +73,7 @@ def sweep(config, workdir: str) -> List[Dict[str, Any]]:
   # One pick for the whole sweep, on the clean validation split.
   config, pick = evaluate.resolve_chain_label(config, state.ema_params, setup)
   plan = [('none', 0)] + [(n, s) for n in corruptions.SEVERITIES
-                          for s in range(1, 6)]
+                          for s in levels]
   rows, start, fresh = [], time.time(), 0
   for i, (name, severity) in enumerate(plan):
     cfg = config.copy_and_resolve_references()
@@ -167,9 +174,10 @@ def examples_png(config, path: str, case: int = 0) -> str:
   return path
 
 
-def robustness(config, workdir: str) -> List[Dict[str, Any]]:
+def robustness(config, workdir: str,
+               levels: Sequence[int] = LEVELS) -> List[Dict[str, Any]]:
   """The sweep, then the examples picture; returns the rows."""
-  rows = sweep(config, workdir)
+  rows = sweep(config, workdir, levels)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     examples_png(config, os.path.join(workdir, 'corruption_examples.png'))

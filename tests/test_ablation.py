@@ -193,33 +193,54 @@ def test_cross_validated_study_end_to_end(tmp_path):
           '--config.data.name=folder', f'--config.data.root={root}',
           '--config.data.val_fraction=0.17', '--config.train.num_epochs=2',
           '--config.train.eval_every_epochs=1',
-          '--config.train.monitor_train_cases=2']
+          '--config.train.monitor_train_cases=2', '--robustness_seeds=0',
+          '--robustness_levels=5']
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   results = json.load(open(os.path.join(out, 'results.json')))
   cv = results['cv']
   assert cv['patients'] == [f'p{p}' for p in range(6)]
+  from spad_jax.data import corruptions
   from spad_jax.data import synthetic
   names = synthetic.CLASS_NAMES[1:]
+
+  def pooled(folders):
+    """Dice of the summed confusion counts of metrics.json files."""
+    both, total = np.zeros(len(names)), np.zeros(len(names))
+    for folder in folders:
+      m = _metrics(folder)
+      for c, name in enumerate(names):
+        pc = m['per_class'][name]
+        total[c] += pc['gt_pixels'] + pc['pred_pixels']
+        if pc['Dice'] is not None:
+          both[c] += pc['Dice'] * (pc['gt_pixels'] + pc['pred_pixels']) / 2
+    present = total > 0
+    return np.mean(2 * both[present] / total[present])
+
   for arm in ('baseline', 'unet'):
     entry = cv['arms'][arm]
     assert entry['patients_done'] == 6 and entry['runs_patients'] == 12
     per_seed = []
     for seed in (0, 1):
-      both, total = np.zeros(len(names)), np.zeros(len(names))
-      for fold in (0, 1):
-        m = _metrics(os.path.join(out, arm, f'seed{seed}', f'fold{fold}'))
-        for c, name in enumerate(names):
-          pc = m['per_class'][name]
-          total[c] += pc['gt_pixels'] + pc['pred_pixels']
-          if pc['Dice'] is not None:
-            both[c] += pc['Dice'] * (pc['gt_pixels'] + pc['pred_pixels']) / 2
-      present = total > 0
-      per_seed.append(np.mean(2 * both[present] / total[present]))
+      per_seed.append(pooled([os.path.join(out, arm, f'seed{seed}',
+                                           f'fold{fold}') for fold in (0, 1)]))
       assert entry['per_seed'][str(seed)]['mDice'] == pytest.approx(
           per_seed[-1], abs=1e-6)
     assert entry['mDice'] == pytest.approx(np.mean(per_seed), abs=1e-6)
+    # Seed 0's runs swept at severity 5, seed 1's not.
+    rob = entry['robustness']
+    assert rob['corrupted']['runs_patients'] == 6
+    assert rob['clean']['mDice'] == pytest.approx(per_seed[0], abs=1e-6)
+    seed0 = [os.path.join(out, arm, 'seed0', f'fold{f}') for f in (0, 1)]
+    assert rob['corrupted']['mDice'] == pytest.approx(pooled(
+        [os.path.join(w, 'corruptions', f'{n}_s5') for w in seed0
+         for n in corruptions.SEVERITIES]), abs=1e-6)
+    for w in seed0:
+      rows = json.load(open(os.path.join(w, 'robustness.json')))['rows']
+      assert len(rows) == 1 + len(corruptions.SEVERITIES)
+    assert not os.path.exists(os.path.join(out, arm, 'seed1', 'fold0',
+                                           'robustness.json'))
   diff = cv['arms']['unet']['vs_reference']
   assert diff['mDice'] == pytest.approx(
       cv['arms']['unet']['mDice'] - cv['arms']['baseline']['mDice'])
@@ -233,6 +254,20 @@ def test_cross_validated_study_end_to_end(tmp_path):
     assert r['train_plateau']['final'] == r['train_mDice'][-1][1]
   table = open(os.path.join(out, 'results.md')).read()
   assert 'Patient-level cross-validation (2 folds, 6 patients)' in table
+  assert 'Under corruption' in table
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))
   assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row
+
+
+def test_robustness_done_needs_every_corruption_at_every_level(tmp_path):
+  from spad_jax.data import corruptions
+  path = tmp_path / 'robustness.json'
+  assert not plan.robustness_done(str(tmp_path), [3])
+  rows = [{'corruption': 'none', 'severity': 0}] + [
+      {'corruption': n, 'severity': 3} for n in corruptions.SEVERITIES]
+  path.write_text(json.dumps({'rows': rows[:-1]}))  # A stopped sweep.
+  assert not plan.robustness_done(str(tmp_path), [3])
+  path.write_text(json.dumps({'rows': rows}))
+  assert plan.robustness_done(str(tmp_path), [3])
+  assert not plan.robustness_done(str(tmp_path), [3, 5])

@@ -1,26 +1,33 @@
-r"""The SPAD ablation study: five arms x seeds, sensitivity sweeps, table, plots.
+r"""The SPAD ablation study: arms x seeds [x folds], sweeps, tables, plots.
 
-  python -m experiments.ablation.main --config=configs/duke_dme.py \
-      --out=runs/study
+  python -m experiments.ablation.main --config=configs/duke_dme_cv_cpu.py \
+      --out=runs/study_cv --folds=5 --seeds=0,1
   python -m experiments.ablation.main \
       --config=configs/duke_dme_study_cpu.py --out=runs/study_cpu \
-      --seeds=0,1,2 --sweeps=lambda,anchor
+      --seeds=0,1,2 --arms=baseline,scd_pas,bcd_pas,scd_bcd_nopas,full \
+      --sweeps=lambda,anchor
 
 from the repository root (``python experiments/ablation/main.py ...`` works
 too). The runs are planned and trained by ``plan.py``, summarised by
-``stats.py`` and reported by ``report.py``; this module is the command line.
+``stats.py`` (over seeds) and ``patients.py`` (over patients, with folds)
+and reported by ``report.py``; this module is the command line.
 
-Arms (config overrides of ``spad.scd/bcd/pas``, as in README's table):
-``baseline`` (CCDM: ScD and BcD off), ``scd_pas``, ``bcd_pas``,
-``scd_bcd_nopas`` (σ stays σ0) and ``full`` (SPAD). Every run gets the same
-budget: the config's, with any ``--config.<key>=...`` override applied to
-every run.
+Arms (config overrides, as in README's table): ``unet`` (the same UNet
+without diffusion or SPAD), ``baseline`` (CCDM: ScD and BcD off),
+``scd_pas``, ``bcd_pas``, ``scd_bcd_nopas`` (σ stays σ0), ``full`` (SPAD)
+and ``full_components`` (SPAD with ScD on connected components). Every run
+gets the same budget: the config's, with any ``--config.<key>=...``
+override applied to every run.
 
 Seeds vary ``config.seed`` (model initialisation, diffusion noise, SPAD masks
 and image noise, data order); the patient-level split (``data.split_seed``)
 stays fixed, so every run is tested on the same patients. ``--folds=k``
 repeats every run over the ``k`` patient-level folds (``data.num_folds``,
-``data.fold``); a seed's value is then the mean over its folds.
+``data.fold``); a seed's value is then the mean over its folds, and the
+report adds the patient-level section of ``patients.py``: pooled scores,
+paired differences to the baseline with a bootstrap over patients, where
+the variation lies, and each run's train-split plateau (with
+``train.monitor_train_cases``).
 
 Each run trains and evaluates in its own workdir with
 ``train.train_and_evaluate``: ``<out>/<arm>/seed<k>[/fold<f>]`` and
@@ -39,9 +46,10 @@ Writes into ``--out``:
 - ``results.md``: mean ± std over seeds of mIoU, mDice (dataset-level,
   foreground) and HD95 (mean per case, pixels of the original image) per
   arm, the paper's AMD-SD numbers for reference, paired differences to the
-  baseline with a t-interval, the sweeps and the timing;
-- ``curves.png`` (training loss and val mDice per arm vs step, mean over
-  seeds), ``schedule.png`` (σ(e) and k(e) over epochs),
+  baseline with a t-interval, the sweeps and the timing; with folds, the
+  patient-level tables;
+- ``curves.png`` (training loss, val mDice and train-split mDice per arm vs
+  step, mean over runs), ``schedule.png`` (σ(e) and k(e) over epochs),
   ``sweep_lambda.png`` / ``sweep_anchor.png`` (test mDice vs the value),
   ``qualitative.png`` (a few test cases: image, ground truth, full SPAD,
   w/o ScD, w/o BcD, baseline).
@@ -96,6 +104,12 @@ flags.DEFINE_integer('sweep_epochs', 0, 'train.num_epochs of the sweep runs '
                      'value reuses the full arm\'s run).')
 flags.DEFINE_integer('qualitative_cases', 4, 'Test cases in '
                      'qualitative.png (0: no figure).')
+flags.DEFINE_list('robustness_seeds', [], 'After training, sweep the arm '
+                  'runs of these seeds under every corruption '
+                  '(--mode=robustness; resumable); the report then compares '
+                  'the arms under corruption.')
+flags.DEFINE_list('robustness_levels', ['1', '2', '3', '4', '5'],
+                  'Severities of the robustness sweep.')
 flags.DEFINE_bool('report_only', False, 'Rebuild results and plots from '
                   'finished runs; train nothing.')
 flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent compilation '
@@ -115,6 +129,11 @@ def main(argv):
   sweep_values = {'lambda': [float(v) for v in FLAGS.lambdas],
                   'anchor': [float(v) for v in FLAGS.anchors]}
   sweep_seeds = [int(s) for s in FLAGS.sweep_seeds]
+  levels = [int(x) for x in FLAGS.robustness_levels]
+  if not levels or any(not 1 <= x <= 5 for x in levels):
+    print(f'error: --robustness_levels={",".join(FLAGS.robustness_levels)}: '
+          'severities must be in 1..5', file=sys.stderr)
+    return 2
   try:
     runs = plan.plan_runs(base, FLAGS.out, FLAGS.arms, seeds, FLAGS.folds,
                           FLAGS.sweeps, sweep_values, sweep_seeds,
@@ -137,6 +156,9 @@ def main(argv):
   if not FLAGS.report_only:
     try:
       complete = plan.execute(runs)
+      if complete and FLAGS.robustness_seeds:
+        plan.execute_robustness(runs, [int(x) for x in FLAGS.robustness_seeds],
+                                levels)
     except plan.StudyError as e:  # A workdir with another config.
       print(f'error: {e}', file=sys.stderr)
       return 2
@@ -147,6 +169,8 @@ def main(argv):
           'sweep_values': {s: sweep_values[s] for s in FLAGS.sweeps},
           'sweep_seeds': sweep_seeds,
           'sweep_epochs': FLAGS.sweep_epochs or base.train.num_epochs,
+          'robustness_seeds': [int(x) for x in FLAGS.robustness_seeds],
+          'robustness_levels': levels,
           'complete': complete}
   results = report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                           sweep_values, meta, FLAGS.qualitative_cases)

@@ -18,7 +18,9 @@ over the classes that occur. On these counts:
 """
 
 import csv
+import json
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -70,11 +72,9 @@ def dice_iou(counts: np.ndarray):
   with np.errstate(invalid='ignore', divide='ignore'):
     dice = np.where(total > 0, 2 * both / total, np.nan)
     iou = np.where(total > 0, both / (total - both), np.nan)
-  with np.errstate(invalid='ignore'):
-    import warnings  # pylint: disable=g-import-not-at-top
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore', RuntimeWarning)  # All-NaN slices.
-      return np.nanmean(dice, axis=-1), np.nanmean(iou, axis=-1)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # All-NaN slices.
+    return np.nanmean(dice, axis=-1), np.nanmean(iou, axis=-1)
 
 
 class ArmCounts:
@@ -92,21 +92,42 @@ class ArmCounts:
 
 def gather(records: Sequence[Dict], arm: str, seeds: Sequence[int],
            patients: Sequence[str], class_names: Sequence[str],
-           patient: Callable[[str], str]) -> ArmCounts:
+           patient: Callable[[str], str],
+           evaluations: Optional[Callable[[Dict], Optional[List[str]]]] = None
+           ) -> ArmCounts:
   """The finished arm runs of ``records`` (``plan.collect_run``) as
-  ``ArmCounts``."""
+  ``ArmCounts``. ``evaluations(record)``: the folders whose per_case.csv
+  count for that run, summed (default: the run's test evaluation; None
+  leaves the run out)."""
   out = ArmCounts(seeds, patients, len(class_names) - 1)
   for r in records:
     if r['group'] != 'arm' or r['name'] != arm or not r['done'] or (
         r['seed'] not in out.seeds):
       continue
+    folders = [r['workdir']] if evaluations is None else evaluations(r)
+    if not folders:
+      continue
     s = out.seeds.index(r['seed'])
-    for case, table in case_counts(r['workdir'], class_names).items():
-      p = out.patients.index(patient(case))
-      out.counts[s, p] += table
-      out.done[s, p] = True
-      out.fold[p] = -1 if r['fold'] is None else r['fold']
+    for folder in folders:
+      for case, table in case_counts(folder, class_names).items():
+        p = out.patients.index(patient(case))
+        out.counts[s, p] += table
+        out.done[s, p] = True
+        out.fold[p] = -1 if r['fold'] is None else r['fold']
   return out
+
+
+def corrupted_evaluations(record: Dict) -> Optional[List[str]]:
+  """A run's corrupted evaluations (every corruption and severity its
+  robustness.json lists, the clean split left out); None without one."""
+  path = os.path.join(record['workdir'], 'robustness.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rows = json.load(f)['rows']
+  return [os.path.join(record['workdir'], 'corruptions',
+                       f'{r["corruption"]}_s{int(r["severity"])}')
+          for r in rows if r['corruption'] != 'none']
 
 
 def patients_in(records: Sequence[Dict], class_names: Sequence[str],
@@ -128,7 +149,6 @@ def _scores(counts: np.ndarray, use: np.ndarray, weights: np.ndarray):
   dice, iou = dice_iou(sums)  # [R, S]
   has = w.sum(-1) > 0
   dice, iou = np.where(has, dice, np.nan), np.where(has, iou, np.nan)
-  import warnings  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', RuntimeWarning)
     return np.nanmean(dice, axis=1), np.nanmean(iou, axis=1)
@@ -308,4 +328,20 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
       entry['vs_reference']['fold_components'] = variance_components(
           per_fold - fold_values(counts[reference], folds))
     out['arms'][arm] = entry
+  # Under corruption: every corrupted test image of the swept runs pooled,
+  # against the same runs' clean test images.
+  corrupted = {arm: gather(records, arm, seeds, patients, class_names,
+                           patient, corrupted_evaluations) for arm in arms}
+  for arm in arms:
+    c = corrupted[arm]
+    if not c.done.any():
+      continue
+    clean = counts[arm]
+    clean_same = ArmCounts(seeds, patients, clean.counts.shape[2])
+    clean_same.counts, clean_same.done = clean.counts, c.done
+    entry = {'corrupted': pooled(c), 'clean': pooled(clean_same)}
+    if arm != reference and corrupted[reference].done.any():
+      entry['vs_reference'] = paired_bootstrap(c, corrupted[reference],
+                                               resamples)
+    out['arms'][arm]['robustness'] = entry
   return out

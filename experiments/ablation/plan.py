@@ -198,6 +198,46 @@ def execute(runs: Sequence[Run], train_fn=None) -> bool:
   return True
 
 
+def robustness_done(workdir: str, levels: Sequence[int]) -> bool:
+  """Whether ``workdir/robustness.json`` holds the clean split and every
+  corruption at each of ``levels``."""
+  path = os.path.join(workdir, 'robustness.json')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    rows = json.load(f).get('rows', [])
+  have = {(r['corruption'], int(r['severity'])) for r in rows}
+  from spad_jax.data import corruptions  # pylint: disable=g-import-not-at-top
+  want = {('none', 0)} | {(n, int(s)) for n in corruptions.SEVERITIES
+                          for s in levels}
+  return want <= have
+
+
+def execute_robustness(runs: Sequence[Run], seeds: Sequence[int],
+                       levels: Sequence[int], sweep_fn=None) -> None:
+  """Sweeps the finished arm runs of ``seeds`` under every corruption at
+  ``levels`` (``robustness.robustness``), skipping complete sweeps; a
+  stopped sweep resumes from its finished evaluations."""
+  if sweep_fn is None:
+    from spad_jax import robustness  # pylint: disable=g-import-not-at-top
+    sweep_fn = robustness.robustness
+  todo = [r for r in runs if r.group == 'arm' and r.same_as is None and
+          r.seed in seeds and is_done(r) and
+          not robustness_done(r.workdir, levels)]
+  logging.info('Robustness: %d runs to sweep (severities %s).', len(todo),
+               list(levels))
+  durations = []
+  for i, run in enumerate(todo):
+    begin = time.time()
+    sweep_fn(run.config, run.workdir, levels)
+    durations.append(time.time() - begin)
+    logging.info('=== Robustness %d/%d: %s seed %d%s in %.0f s; ETA %s.',
+                 i + 1, len(todo), run.name, run.seed,
+                 '' if run.fold is None else f' fold {run.fold}',
+                 durations[-1], formatting.hms(
+                     (len(todo) - i - 1) * float(np.mean(durations))))
+
+
 # ------------------------------------------------------------ reading back
 
 

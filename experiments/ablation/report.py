@@ -265,6 +265,28 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         f'{_number(p["within_sd"], 2, 100)} | '
         f'{_number(d.get("between_sd"), 2, 100)} | '
         f'{_number(d.get("within_sd"), 2, 100)} |')
+  swept = {a: e['robustness'] for a, e in cv['arms'].items()
+           if e.get('robustness')}
+  if swept:
+    meta = results['meta']
+    lines += [
+        '', 'Under corruption (`--mode=robustness` on the runs of seeds '
+        f'{meta.get("robustness_seeds")}: every corruption at severities '
+        f'{meta.get("robustness_levels")}): pooled mDice over every '
+        'corrupted test image, the same runs\' clean pooled mDice, the '
+        'share of it kept, and the paired difference under corruption to '
+        'the reference over patients:', '',
+        '| arm | patient-runs | clean | corrupted | kept | Δ corrupted |',
+        '|---|---:|---:|---:|---:|---:|']
+    for arm, e in swept.items():
+      clean, bad = e['clean']['mDice'], e['corrupted']['mDice']
+      kept = bad / clean if clean and bad is not None else None
+      v = e.get('vs_reference') or {}
+      lines.append(
+          f'| {arms[arm]["label"]} | {e["corrupted"]["runs_patients"]} | '
+          f'{_number(clean, 2, 100)} | {_number(bad, 2, 100)} | '
+          f'{_number(kept, 1, 100)} % | '
+          f'{_ci(v.get("mDice"), v.get("mDice_ci95"))} |')
   return lines
 
 
