@@ -181,3 +181,28 @@ def test_plateau():
   assert patients.plateau(rising[:3], 400)['on_plateau'] is None  # Unfinished.
   # A run that fell back is on a plateau (past it), not still learning.
   assert patients.plateau([(300, 0.8), (400, 0.7)], 400)['on_plateau']
+
+
+def test_a_patient_without_any_foreground_is_still_a_unit(tmp_path):
+  """No per_case.csv row (nothing in label or prediction), still tested:
+  it counts as a resampled patient with zero pixels."""
+  rng = np.random.default_rng(4)
+  pred, label = _maps(rng, 2)
+  empty = np.zeros((12, 12), np.int64)
+  cases = [('p0_b0', pred[0], label[0]), ('p0_b1', pred[1], label[1]),
+           ('p1_b0', empty, empty)]
+  records = []
+  for arm in ('a', 'b'):
+    _write_run(str(tmp_path / arm), cases)
+    records.append({'group': 'arm', 'name': arm, 'seed': 0, 'fold': 0,
+                    'done': True, 'workdir': str(tmp_path / arm)})
+  patient = lambda case: case.split('_')[0]
+  assert patients.patients_in(records, CLASSES, patient) == ['p0']
+  pts = ['p0', 'p1']
+  a = patients.gather(records, 'a', [0], pts, CLASSES, patient,
+                      tested=lambda r: pts)
+  assert a.done.all() and not a.counts[0, 1].any()
+  without = patients.gather(records, 'a', [0], pts, CLASSES, patient)
+  assert not without.done[0, 1]
+  result = patients.paired_bootstrap(a, a, resamples=10)
+  assert result['patients'] == pts

@@ -63,6 +63,21 @@ def patient_of(config) -> Callable[[str], str]:
   return lambda case: table.get(case, case)
 
 
+def test_patients(config, fold: Optional[int]) -> Optional[List[str]]:
+  """The patients of ``fold``'s test split of a folder data set (all of
+  them, also those without a per_case.csv row: no foreground in label or
+  prediction); None for generated data, whose cases are read from the
+  rows."""
+  if config.data.name == 'synthetic':
+    return None
+  from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  if fold is not None:
+    config.data.fold = int(fold)
+  _, splits = sources.folder_splits(config)
+  return sorted({str(c.get('patient', c['id'])) for c in splits['test']})
+
+
 def dice_iou(counts: np.ndarray):
   """mDice, mIoU over the last-but-one axis of ``[..., K-1, 3]`` summed
   counts: the mean over classes present in label or prediction (NaN where
@@ -93,12 +108,14 @@ class ArmCounts:
 def gather(records: Sequence[Dict], arm: str, seeds: Sequence[int],
            patients: Sequence[str], class_names: Sequence[str],
            patient: Callable[[str], str],
-           evaluations: Optional[Callable[[Dict], Optional[List[str]]]] = None
+           evaluations: Optional[Callable[[Dict], Optional[List[str]]]] = None,
+           tested: Optional[Callable[[Dict], Optional[List[str]]]] = None
            ) -> ArmCounts:
   """The finished arm runs of ``records`` (``plan.collect_run``) as
   ``ArmCounts``. ``evaluations(record)``: the folders whose per_case.csv
   count for that run, summed (default: the run's test evaluation; None
-  leaves the run out)."""
+  leaves the run out). ``tested(record)``: the patients the run tested
+  (default, or None: those with a row)."""
   out = ArmCounts(seeds, patients, len(class_names) - 1)
   for r in records:
     if r['group'] != 'arm' or r['name'] != arm or not r['done'] or (
@@ -108,6 +125,9 @@ def gather(records: Sequence[Dict], arm: str, seeds: Sequence[int],
     if not folders:
       continue
     s = out.seeds.index(r['seed'])
+    for p in (tested(r) if tested else None) or ():
+      out.done[s, out.patients.index(p)] = True
+      out.fold[out.patients.index(p)] = -1 if r['fold'] is None else r['fold']
     for folder in folders:
       for case, table in case_counts(folder, class_names).items():
         p = out.patients.index(patient(case))
@@ -289,11 +309,17 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
   class_names = list((done[0].get('per_class') or {}) if done else
                      config.data.class_names)
   patient = patient_of(config)
-  patients = patients_in(records, class_names, patient)
+  folds_tested = {}
+  for r in done:
+    if r['fold'] not in folds_tested:
+      folds_tested[r['fold']] = test_patients(config, r['fold'])
+  tested = lambda r: folds_tested.get(r['fold'])
+  patients = sorted(set(patients_in(records, class_names, patient)) |
+                    {p for v in folds_tested.values() for p in v or ()})
   out = {'patients': patients, 'folds': folds, 'reference': reference,
          'resamples': resamples, 'arms': {}}
-  counts = {arm: gather(records, arm, seeds, patients, class_names, patient)
-            for arm in arms}
+  counts = {arm: gather(records, arm, seeds, patients, class_names, patient,
+                        tested=tested) for arm in arms}
   for arm in arms:
     c = counts[arm]
     per_fold = fold_values(c, folds)
@@ -331,7 +357,8 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
   # Under corruption: every corrupted test image of the swept runs pooled,
   # against the same runs' clean test images.
   corrupted = {arm: gather(records, arm, seeds, patients, class_names,
-                           patient, corrupted_evaluations) for arm in arms}
+                           patient, corrupted_evaluations, tested)
+               for arm in arms}
   for arm in arms:
     c = corrupted[arm]
     if not c.done.any():
