@@ -206,3 +206,17 @@ def test_a_patient_without_any_foreground_is_still_a_unit(tmp_path):
   assert not without.done[0, 1]
   result = patients.paired_bootstrap(a, a, resamples=10)
   assert result['patients'] == pts
+
+
+def test_projected_half_width_by_hand():
+  # Two patients, two seeds: within-patient variance 2, patient means 2 / 6.
+  proj = patients.projected_half_width(np.array([[1.0, 3.0], [5.0, 7.0]]),
+                                       seeds=(2, 8))
+  b2 = 8 - 2 / 2  # variance_components' between term.
+  assert proj['half_width']['2'] == pytest.approx(
+      1.96 * np.sqrt(b2 / 2 + 2 / (2 * 2)))
+  assert proj['half_width']['8'] == pytest.approx(
+      1.96 * np.sqrt(b2 / 2 + 2 / (2 * 8)))
+  assert proj['floor'] == pytest.approx(1.96 * np.sqrt(b2 / 2))
+  # One seed: no within-patient term, no projection.
+  assert patients.projected_half_width(np.ones((3, 1)))['half_width'] == {}

@@ -220,6 +220,17 @@ def paired_bootstrap(a: ArmCounts, b: ArmCounts, resamples: int = 2000,
   return out
 
 
+def patient_values(arm: ArmCounts) -> np.ndarray:
+  """``[P, S]`` mDice of each patient's test cases per seed (NaN where not
+  tested, or where the patient has no foreground in label or prediction)."""
+  out = np.full((len(arm.patients), len(arm.seeds)), np.nan)
+  for s in range(len(arm.seeds)):
+    for p in range(len(arm.patients)):
+      if arm.done[s, p]:
+        out[p, s] = dice_iou(arm.counts[s, p])[0]
+  return out
+
+
 def fold_values(arm: ArmCounts, folds: int) -> np.ndarray:
   """``[folds, S]`` pooled mDice of each fold's test patients per seed (NaN
   where that run is not done)."""
@@ -258,6 +269,26 @@ def variance_components(values: np.ndarray) -> Dict[str, Any]:
     out['between_sd'] = float(np.sqrt(max(np.var(means, ddof=1) -
                                            var_within / n, 0.0)))
   return out
+
+
+def projected_half_width(per_patient_diffs: np.ndarray,
+                         seeds: Sequence[int] = (1, 2, 4, 8, 16, 32)
+                         ) -> Dict[str, Any]:
+  """How the 95 % half-width of a paired difference would shrink with more
+  seeds, from ``per_patient_diffs[P, S]`` (each patient's Dice difference
+  per seed): with the components of ``variance_components``, the mean over
+  P patients of S seeds each has variance ``between²/P + within²/(P·S)``
+  (a normal approximation of the patient bootstrap of the pooled Dice).
+  The between-patient term is the floor that no number of seeds removes."""
+  comp = variance_components(per_patient_diffs)
+  p = comp['groups']
+  if comp['between_sd'] is None or comp['within_sd'] is None:
+    return dict(comp, patients=p, half_width={}, floor=None)
+  b2, w2 = comp['between_sd'] ** 2, comp['within_sd'] ** 2
+  return dict(comp, patients=p,
+              half_width={str(k): float(1.96 * np.sqrt(b2 / p + w2 / (p * k)))
+                          for k in seeds},
+              floor=float(1.96 * np.sqrt(b2 / p)))
 
 
 def plateau(series: Sequence, total_steps: int, window: float = 0.25,
@@ -323,11 +354,7 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
   for arm in arms:
     c = counts[arm]
     per_fold = fold_values(c, folds)
-    per_patient = np.full((len(patients), len(seeds)), np.nan)
-    for s in range(len(seeds)):
-      for p in range(len(patients)):
-        if c.done[s, p]:
-          per_patient[p, s] = dice_iou(c.counts[s, p])[0]
+    per_patient = patient_values(c)
     mine = [r for r in records if r['group'] == 'arm' and r['name'] == arm
             and r['done']]
     case_means = {}
@@ -353,6 +380,8 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
                                                resamples)
       entry['vs_reference']['fold_components'] = variance_components(
           per_fold - fold_values(counts[reference], folds))
+      entry['vs_reference']['projection'] = projected_half_width(
+          per_patient - patient_values(counts[reference]))
     out['arms'][arm] = entry
   # Under corruption: every corrupted test image of the swept runs pooled,
   # against the same runs' clean test images.

@@ -235,6 +235,26 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         f'{_ci(v["mIoU"], v["mIoU_ci95"])} | '
         f'{_ci(v["mDice"], v["mDice_ci95"])} | '
         f'{_number(v.get("mDice_half_width"), 2, 100)} |')
+  proj = {a: e['vs_reference']['projection'] for a, e in cv['arms'].items()
+          if (e.get('vs_reference') or {}).get('projection', {}).get(
+              'half_width')}
+  if proj:
+    lines += [
+        '', 'What more seeds would buy (points; normal approximation from '
+        'each patient\'s Dice difference per seed: between-patient and '
+        'seed variance, half-width 1.96·√(between²/P + seed²/(P·S)) for S '
+        'seeds per patient; the floor is the between-patient term, which '
+        'only more patients lower):', '',
+        '| arm | P | between patients | seeds | S = 2 | 4 | 8 | 16 | floor |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for arm, v in proj.items():
+      hw = v['half_width']
+      lines.append(
+          f'| {arms[arm]["label"]} | {v["patients"]} | '
+          f'{_number(v["between_sd"], 2, 100)} | '
+          f'{_number(v["within_sd"], 2, 100)} | ' + ' | '.join(
+              _number(hw.get(str(k)), 2, 100) for k in (2, 4, 8, 16)) +
+          f' | {_number(v["floor"], 2, 100)} |')
   folds = cv['folds']
   lines += ['', 'Pooled mDice (%) of each fold\'s test patients, mean over '
             'seeds:', '', '| arm | ' + ' | '.join(
