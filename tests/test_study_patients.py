@@ -171,16 +171,21 @@ def test_variance_components_by_hand():
 
 
 def test_plateau():
-  rising = [(100, 0.1), (200, 0.3), (300, 0.5), (400, 0.7)]
-  flat = [(100, 0.1), (200, 0.6), (300, 0.69), (400, 0.7)]
-  p = patients.plateau(rising, 400)
-  assert p['earlier_best'] == 0.5 and p['gain'] == pytest.approx(0.2)
-  assert p['on_plateau'] is False
-  p = patients.plateau(flat, 400)
-  assert p['earlier_best'] == 0.69 and p['on_plateau'] is True
-  assert patients.plateau(rising[:3], 400)['on_plateau'] is None  # Unfinished.
-  # A run that fell back is on a plateau (past it), not still learning.
-  assert patients.plateau([(300, 0.8), (400, 0.7)], 400)['on_plateau']
+  steps = [100 * k for k in range(1, 11)]  # 1,000 steps, a point per 10 %.
+  rising = list(zip(steps, np.linspace(0.1, 0.82, 10)))
+  flat = list(zip(steps, [0.1, 0.4, 0.6, 0.7, 0.75, 0.78, 0.8, 0.81, 0.815,
+                          0.82]))
+  p = patients.plateau(rising, 1000)
+  assert p['earlier_best'] == pytest.approx(0.74)  # Step 900.
+  assert p['gain'] == pytest.approx(0.08) and p['on_plateau'] is False
+  p = patients.plateau(flat, 1000)
+  assert p['earlier_best'] == 0.815 and p['on_plateau'] is True
+  assert p['gain_quarter'] == pytest.approx(0.82 - 0.8)  # Best by step 750.
+  assert patients.plateau(flat, 1000, window=0.25,
+                          tolerance=0.01)['on_plateau'] is False
+  assert patients.plateau(rising[:9], 1000)['on_plateau'] is None  # Unfinished.
+  # A run that fell back is past its plateau, not still learning.
+  assert patients.plateau([(900, 0.8), (1000, 0.7)], 1000)['on_plateau']
 
 
 def test_a_patient_without_any_foreground_is_still_a_unit(tmp_path):

@@ -291,23 +291,33 @@ def projected_half_width(per_patient_diffs: np.ndarray,
               floor=float(1.96 * np.sqrt(b2 / p)))
 
 
-def plateau(series: Sequence, total_steps: int, window: float = 0.25,
-            tolerance: float = 0.02) -> Dict[str, Any]:
-  """Whether a learning curve ``[(step, value), ...]`` is on its plateau at
-  its end: its last value is at most ``tolerance`` above the best value
-  reached by ``(1 − window)·total_steps``. None where the curve does not
-  reach the end or has no point that early."""
+def plateau(series: Sequence, total_steps: int, window: float = 0.1,
+            tolerance: float = 0.01) -> Dict[str, Any]:
+  """Whether a learning curve ``[(step, value), ...]`` is flat at its end:
+  its last value is at most ``tolerance`` above the best value reached by
+  ``(1 − window)·total_steps`` (``gain``). Also ``gain_quarter``, the same
+  over the last quarter of the steps: how much the run still learned late.
+  Values None where the curve does not reach the end or has no point that
+  early. Under a schedule that decays to zero the end flattens partly
+  because the learning rate does; ``gain_quarter`` shows how far it came."""
   series = [(int(s), float(v)) for s, v in series
             if v is not None and np.isfinite(v)]
   out = {'final': None, 'earlier_best': None, 'gain': None,
-         'on_plateau': None}
+         'gain_quarter': None, 'on_plateau': None}
   if not series or series[-1][0] < total_steps:
     return out
-  early = [v for s, v in series if s <= (1 - window) * total_steps]
   out['final'] = series[-1][1]
-  if not early:
+
+  def best_by(fraction):
+    early = [v for s, v in series if s <= (1 - fraction) * total_steps]
+    return max(early) if early else None
+
+  quarter = best_by(0.25)
+  if quarter is not None:
+    out['gain_quarter'] = out['final'] - quarter
+  out['earlier_best'] = best_by(window)
+  if out['earlier_best'] is None:
     return out
-  out['earlier_best'] = max(early)
   out['gain'] = out['final'] - out['earlier_best']
   out['on_plateau'] = bool(out['gain'] <= tolerance)
   return out
