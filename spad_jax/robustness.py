@@ -64,8 +64,10 @@ def sweep(config, workdir: str,
           levels: Sequence[int] = LEVELS) -> List[Dict[str, Any]]:
   """Every corruption at each severity of ``levels`` plus the clean split;
   returns the rows."""
-  for level in levels:
-    corruptions.check('blur', level)
+  bad = [level for level in levels if not 1 <= int(level) <= 5]
+  if bad or not levels:
+    raise ValueError(f'robustness severities {list(levels)}: each must be in '
+                     '1..5')
   setup = train_state.Setup.from_config(config)
   state = train_state.load_eval_state(config, workdir, setup)
   import jax  # pylint: disable=g-import-not-at-top
