@@ -186,6 +186,11 @@ def test_plateau():
   assert patients.plateau(rising[:9], 1000)['on_plateau'] is None  # Unfinished.
   # A run that fell back is past its plateau, not still learning.
   assert patients.plateau([(900, 0.8), (1000, 0.7)], 1000)['on_plateau']
+  # A curve flat at zero learned nothing: not a plateau.
+  idle = patients.plateau([(900, 0.0), (1000, 0.001)], 1000)
+  assert idle['gain'] < 0.01 and not idle['learned']
+  assert idle['on_plateau'] is False
+  assert patients.plateau(flat, 1000)['learned']
 
 
 def test_a_patient_without_any_foreground_is_still_a_unit(tmp_path):

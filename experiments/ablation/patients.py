@@ -292,21 +292,26 @@ def projected_half_width(per_patient_diffs: np.ndarray,
 
 
 def plateau(series: Sequence, total_steps: int, window: float = 0.1,
-            tolerance: float = 0.01) -> Dict[str, Any]:
+            tolerance: float = 0.01, learned_above: float = 0.05
+            ) -> Dict[str, Any]:
   """Whether a learning curve ``[(step, value), ...]`` is flat at its end:
   its last value is at most ``tolerance`` above the best value reached by
   ``(1 − window)·total_steps`` (``gain``). Also ``gain_quarter``, the same
   over the last quarter of the steps: how much the run still learned late.
   Values None where the curve does not reach the end or has no point that
   early. Under a schedule that decays to zero the end flattens partly
-  because the learning rate does; ``gain_quarter`` shows how far it came."""
+  because the learning rate does; ``gain_quarter`` shows how far it came.
+  ``learned``: the last value is above ``learned_above`` (a curve flat at
+  zero is not a plateau reached but nothing learned; ``on_plateau`` is
+  then False)."""
   series = [(int(s), float(v)) for s, v in series
             if v is not None and np.isfinite(v)]
   out = {'final': None, 'earlier_best': None, 'gain': None,
-         'gain_quarter': None, 'on_plateau': None}
+         'gain_quarter': None, 'learned': None, 'on_plateau': None}
   if not series or series[-1][0] < total_steps:
     return out
   out['final'] = series[-1][1]
+  out['learned'] = bool(out['final'] > learned_above)
 
   def best_by(fraction):
     early = [v for s, v in series if s <= (1 - fraction) * total_steps]
@@ -319,7 +324,7 @@ def plateau(series: Sequence, total_steps: int, window: float = 0.1,
   if out['earlier_best'] is None:
     return out
   out['gain'] = out['final'] - out['earlier_best']
-  out['on_plateau'] = bool(out['gain'] <= tolerance)
+  out['on_plateau'] = bool(out['gain'] <= tolerance and out['learned'])
   return out
 
 

@@ -200,11 +200,13 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       'whose train-split mDice (train.monitor_train_cases) gained at most '
       '1 point over the last 10 % of their steps; late gain: its mean gain '
       'over the last quarter (the cosine schedule flattens every curve at '
-      'its end, so the late gain says how much was still being learned).',
+      'its end, so the late gain says how much was still being learned). '
+      'Not learned: runs whose final train-split mDice is at most 0.05.',
       '',
       '| arm | runs | patients | pooled mIoU | pooled mDice | per-case Dice '
-      '| HD95 | ASSD | ECE | train plateau | late gain | chain label |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+      '| HD95 | ASSD | ECE | train plateau | late gain | not learned | '
+      'chain label |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for arm, e in cv['arms'].items():
     mine = [r for r in runs if r['name'] == arm and r['done']]
     flat = [r for r in mine if (r.get('train_plateau') or {}).get(
@@ -212,6 +214,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
     on = sum(r['train_plateau']['on_plateau'] for r in flat)
     late = [r['train_plateau']['gain_quarter'] for r in flat
             if r['train_plateau']['gain_quarter'] is not None]
+    idle = sum(not r['train_plateau']['learned'] for r in flat)
     labels = sorted({r['chain_label'] for r in mine if r.get('chain_label')})
     label_counts = ', '.join(
         f'{lab} ×{sum(r.get("chain_label") == lab for r in mine)}'
@@ -224,7 +227,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         f'{_number(pc["ASSD"], 1)} | {_number(e["ECE"], 4)} | '
         f'{on}/{len(flat)} | '
         f'{_number(float(np.mean(late)) if late else None, 1, 100)} | '
-        f'{label_counts} |')
+        f'{idle} | {label_counts} |')
   lines += [
       '', f'Paired differences to {arms[ref]["label"] if ref in arms else ref}'
       ' (arm − reference, over the (seed, patient) pairs both have), in '
@@ -363,7 +366,8 @@ def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
   if positive:
     axes[0].set_yscale('log')
   axes[0].set_xlabel('step')
-  axes[0].set_ylabel('training loss (per image' +
+  # The diffusion arms' KL is per image, the UNet's CE + Dice per pixel.
+  axes[0].set_ylabel('training loss (each arm\'s objective' +
                      ('; log scale)' if positive else ')'))
   if axes[0].lines:
     axes[0].legend(fontsize=7)
