@@ -93,6 +93,19 @@ def test_workdir_with_another_config_stops(tmp_path):
     f.write(other.to_json_best_effort())
   with pytest.raises(plan.StudyError, match='train.num_epochs'):
     plan.check_workdir(run)
+  # A key the code gained since the run started is not a change of budget.
+  older = json.loads(base.to_json_best_effort())
+  del older['train']['monitor_train_cases']
+  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+    json.dump(older, f)
+  plan.check_workdir(run)
+  # A changed value next to it still stops the study.
+  older['train']['num_epochs'] = 99
+  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+    json.dump(older, f)
+  with pytest.raises(plan.StudyError, match='train.num_epochs') as e:
+    plan.check_workdir(run)
+  assert 'monitor_train_cases' not in str(e.value)
 
 
 def test_study_end_to_end(tmp_path):

@@ -135,8 +135,19 @@ def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
   return runs
 
 
+def _has_key(tree: Dict, dotted: str) -> bool:
+  for part in dotted.split('.'):
+    if not isinstance(tree, dict) or part not in tree:
+      return False
+    tree = tree[part]
+  return True
+
+
 def check_workdir(run: Run) -> None:
-  """Stops when ``run.workdir`` was started with a different config."""
+  """Stops when ``run.workdir`` was started with a different config. Keys
+  added to the code's config since then are allowed (logged): a new key's
+  default keeps the behaviour the run was started with, and a study that
+  spans days must survive the code gaining an option."""
   path = os.path.join(run.workdir, 'config.json')
   if not os.path.exists(path):
     return
@@ -144,7 +155,14 @@ def check_workdir(run: Run) -> None:
     old = json.load(f)
   new = json.loads(run.config.to_json_best_effort())
   if old != new:
-    changed = sorted(config_keys.flat_diff(old, new))
+    diff = config_keys.flat_diff(old, new)
+    added = sorted(k for k in diff if not _has_key(old, k))
+    changed = sorted(k for k in diff if k not in added)
+    if added:
+      logging.info('%s: config keys added since it started: %s.',
+                   run.workdir, ', '.join(added))
+    if not changed:
+      return
     raise StudyError(
         f'{run.workdir} was started with a different config (differs in '
         f'{", ".join(changed)}); a study keeps one budget per folder: use '
