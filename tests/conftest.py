@@ -74,6 +74,17 @@ def tiny_config():
   return module.get_config()
 
 
+def reference_mdice(pred, label, k):
+  """Foreground mean of per-class Dice over all pixels (classes in neither
+  map left out), written independently of spad_jax.metrics."""
+  dices = []
+  for c in range(1, k):
+    both = (pred == c).sum() + (label == c).sum()
+    if both:
+      dices.append(2 * ((pred == c) & (label == c)).sum() / both)
+  return float(numpy.mean(dices))
+
+
 def run_main(args, devices: int = 1, timeout: int = 600):
   """Runs main.py in a subprocess (own XLA device count); returns the result."""
   env = dict(os.environ)

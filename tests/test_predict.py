@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import reference_mdice
 from conftest import run_main
 from conftest import tiny_config
 from spad_jax.data import synthetic
@@ -489,17 +490,6 @@ def test_chains_depend_on_seed_and_case_only():
                                   three['samples'][b, chosen])
 
 
-def _dataset_mdice(pred, label, k):
-  """Foreground mean of per-class Dice over all pixels (classes in neither
-  map left out), written independently of spad_jax.metrics."""
-  dices = []
-  for c in range(1, k):
-    both = (pred == c).sum() + (label == c).sum()
-    if both:
-      dices.append(2 * ((pred == c) & (label == c)).sum() / both)
-  return float(np.mean(dices))
-
-
 def test_auto_chain_label_is_picked_on_validation(tmp_path):
   """eval.chain_label='auto' scores each candidate label on the validation
   split, picks the best, and then evaluates, validates and predicts exactly
@@ -535,7 +525,7 @@ def test_auto_chain_label_is_picked_on_validation(tmp_path):
     out = jax.device_get(fn(train_state.replicate(params),
                             np.asarray(val.images)[None], setup.keys()[2],
                             predictors.case_key_ids(val.ids)[None]))
-    expected[label] = _dataset_mdice(out['prediction'][0],
+    expected[label] = reference_mdice(out['prediction'][0],
                                      np.asarray(val.labels), k)
   # Different pixel counts: the pick is decided by more than rounding.
   assert abs(expected['last'] - expected['chain_mean']) > 1e-6, expected
@@ -608,7 +598,7 @@ def test_train_split_monitor_scores_the_first_training_cases():
   out = jax.device_get(fn(train_state.replicate(params),
                           np.asarray(head.images)[None], setup.keys()[2],
                           predictors.case_key_ids(head.ids)[None]))
-  expected = _dataset_mdice(out['prediction'][0], np.asarray(head.labels),
+  expected = reference_mdice(out['prediction'][0], np.asarray(head.labels),
                             config.data.num_classes)
 
   class Scalars:

@@ -7,19 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from conftest import reference_mdice
 from experiments.ablation import patients
 
 CLASSES = ('background', 'a', 'b')
-
-
-def _dice(pred, label, k):
-  """Foreground mean Dice over pixels, classes in neither map left out."""
-  out = []
-  for c in range(1, k):
-    total = (pred == c).sum() + (label == c).sum()
-    if total:
-      out.append(2 * ((pred == c) & (label == c)).sum() / total)
-  return float(np.mean(out))
 
 
 def _write_run(workdir, cases):
@@ -52,7 +43,7 @@ def test_case_counts_pool_to_the_dice_of_all_pixels(tmp_path):
   assert set(counts) == set(ids[:4])
   total = sum(counts.values())
   d, i = patients.dice_iou(total)
-  assert d == pytest.approx(_dice(pred, label, 3))
+  assert d == pytest.approx(reference_mdice(pred, label, 3))
   # IoU per class from the pixels, independently.
   ious = [((pred == c) & (label == c)).sum() / ((pred == c) | (label == c)).sum()
           for c in (1, 2)]
@@ -102,7 +93,7 @@ def _reference_pooled(maps, arm, seeds, chosen, per_patient=2):
           preds.append(pr)
           labels.append(la)
     if preds:
-      values.append(_dice(np.stack(preds), np.stack(labels), 3))
+      values.append(reference_mdice(np.stack(preds), np.stack(labels), 3))
   return float(np.mean(values))
 
 
