@@ -360,25 +360,29 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
     if r['fold'] not in folds_tested:
       folds_tested[r['fold']] = test_patients(config, r['fold'])
   tested = lambda r: folds_tested.get(r['fold'])
-  patients = sorted(set(patients_in(records, class_names, patient)) |
-                    {p for v in folds_tested.values() for p in v or ()})
+  if done and all(v is not None for v in folds_tested.values()):
+    # Folder data: the splits name every tested patient.
+    patients = sorted({p for v in folds_tested.values() for p in v})
+  else:  # Generated data: the cases the runs scored.
+    patients = patients_in(records, class_names, patient)
   out = {'patients': patients, 'folds': folds, 'reference': reference,
          'resamples': resamples, 'arms': {}}
   counts = {arm: gather(records, arm, seeds, patients, class_names, patient,
                         tested=tested) for arm in arms}
+  fold_table = {arm: fold_values(counts[arm], folds) for arm in arms}
+  patient_table = {arm: patient_values(counts[arm]) for arm in arms}
   for arm in arms:
     c = counts[arm]
-    per_fold = fold_values(c, folds)
-    per_patient = patient_values(c)
+    per_fold, per_patient = fold_table[arm], patient_table[arm]
     mine = [r for r in records if r['group'] == 'arm' and r['name'] == arm
             and r['done']]
+    rows_by_seed = {}
+    for r in mine:
+      rows_by_seed.setdefault(r['seed'], []).extend(case_rows(r['workdir']))
     case_means = {}
     for key in ('Dice', 'HD95', 'ASSD'):
-      by_seed = {}
-      for r in mine:
-        by_seed.setdefault(r['seed'], []).extend(
-            row[key] for row in case_rows(r['workdir']))
-      values = [float(np.mean(v)) for v in by_seed.values() if v]
+      values = [float(np.mean([row[key] for row in rows]))
+                for rows in rows_by_seed.values() if rows]
       case_means[key] = (float(np.mean(values)) if values else None)
     entry = dict(pooled(c), per_fold=[[_num(v) for v in row]
                                       for row in per_fold],
@@ -394,9 +398,9 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
       entry['vs_reference'] = paired_bootstrap(c, counts[reference],
                                                resamples)
       entry['vs_reference']['fold_components'] = variance_components(
-          per_fold - fold_values(counts[reference], folds))
+          per_fold - fold_table[reference])
       entry['vs_reference']['projection'] = projected_half_width(
-          per_patient - patient_values(counts[reference]))
+          per_patient - patient_table[reference])
     out['arms'][arm] = entry
   # Under corruption: every corrupted test image of the swept runs pooled,
   # against the same runs' clean test images.
