@@ -74,6 +74,12 @@ def test_folds_and_paired_difference(tmp_path):
   assert not unet.spad.bcd and unet.diffusion.own_sample_fraction == 0
   assert comp.spad.components and comp.spad.scd and comp.spad.bcd
   assert comp.spad.pas and comp.model.kind == 'diffusion'
+  # A seed counts once all its folds are done: the mean over folds.
+  records = [{'seed': 0, 'done': True, 'mDice': 0.4},
+             {'seed': 0, 'done': True, 'mDice': 0.6},
+             {'seed': 1, 'done': True, 'mDice': 0.9},
+             {'seed': 1, 'done': False, 'mDice': None}]
+  assert stats.seed_values(records, 'mDice') == {0: pytest.approx(0.5)}
   diff = stats.paired_difference({0: 0.5, 1: 0.7, 2: 0.6},
                                  {0: 0.4, 1: 0.5, 2: 0.6})
   assert diff['diffs'] == pytest.approx([0.1, 0.2, 0.0])

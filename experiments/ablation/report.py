@@ -74,7 +74,8 @@ def markdown(results: Dict[str, Any]) -> str:
   b = meta['budget']
   unit = 'pixels of the original image'
   fold_note = (f'{b["num_folds"]}-fold patient-level cross-validation, each '
-               'seed\'s value the mean over its folds' if meta['folds'] else
+               'seed\'s value the mean over its folds, counted once all its '
+               'folds are done' if meta['folds'] else
                f'one patient-level split (data.split_seed = '
                f'{b["split_seed"]}), fixed for every seed')
   lines = [

@@ -12,13 +12,17 @@ METRICS = ('mIoU', 'mDice', 'HD95')
 
 
 def seed_values(records: Sequence[Dict], metric: str) -> Dict[int, float]:
-  """Per seed: the metric (mean over folds); seeds missing a value are
-  left out."""
-  by_seed = {}
+  """Per seed: the metric (mean over folds); seeds missing a value in any
+  fold are left out, so that a half-finished seed is not compared with a
+  finished one over other patients."""
+  by_seed, incomplete = {}, set()
   for r in records:
     if r.get('done') and r.get(metric) is not None:
       by_seed.setdefault(r['seed'], []).append(r[metric])
-  return {s: float(np.mean(v)) for s, v in sorted(by_seed.items())}
+    else:
+      incomplete.add(r['seed'])
+  return {s: float(np.mean(v)) for s, v in sorted(by_seed.items())
+          if s not in incomplete}
 
 
 def describe(values: Sequence[float]) -> Dict[str, Any]:
