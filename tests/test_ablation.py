@@ -213,7 +213,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
           '--config.data.val_fraction=0.17', '--config.train.num_epochs=2',
           '--config.train.eval_every_epochs=1',
           '--config.train.monitor_train_cases=2', '--robustness_seeds=0',
-          '--robustness_levels=5']
+          '--robustness_levels=5', '--noise_probe_seeds=0']
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
@@ -260,6 +260,22 @@ def test_cross_validated_study_end_to_end(tmp_path):
       assert len(rows) == 1 + len(corruptions.SEVERITIES)
     assert not os.path.exists(os.path.join(out, arm, 'seed1', 'fold0',
                                            'robustness.json'))
+    # The noise probe: seed 0's runs only; its clean images score as the
+    # run's own evaluation did.
+    probe = results['noise_probe'][arm]
+    assert probe['runs'] == 2
+    assert probe['clean']['mDice'] == pytest.approx(per_seed[0], abs=1e-6)
+    for w in seed0:
+      versions = json.load(open(os.path.join(w, 'noise_probe.json')))[
+          'versions']
+      clean = np.asarray(versions['clean']['confusion'])
+      gt = [_metrics(w)['per_class'][n]['gt_pixels']
+            for n in synthetic.CLASS_NAMES]
+      assert clean.sum(axis=1).tolist() == gt
+      assert versions['clean']['off_pixels'] == versions['off_target'][
+          'off_pixels'] > 0
+    assert not os.path.exists(os.path.join(out, arm, 'seed1', 'fold0',
+                                           'noise_probe.json'))
   diff = cv['arms']['unet']['vs_reference']
   assert diff['mDice'] == pytest.approx(
       cv['arms']['unet']['mDice'] - cv['arms']['baseline']['mDice'])
@@ -274,6 +290,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
   table = open(os.path.join(out, 'results.md')).read()
   assert 'Patient-level cross-validation (2 folds, 6 patients)' in table
   assert 'Under corruption' in table
+  assert "Does a model read SPAD's noise as the structure?" in table
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))
   assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row

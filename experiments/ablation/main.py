@@ -47,7 +47,9 @@ Writes into ``--out``:
   foreground) and HD95 (mean per case, pixels of the original image) per
   arm, the paper's AMD-SD numbers for reference, paired differences to the
   baseline with a t-interval, the sweeps and the timing; with folds, the
-  patient-level tables;
+  patient-level tables; with ``--robustness_seeds`` the arms under
+  corruption, with ``--noise_probe_seeds`` whether they read SPAD's noise
+  as the structure (``noise_probe.py``);
 - ``curves.png`` (training loss, val mDice and train-split mDice per arm vs
   step, mean over runs), ``schedule.png`` (σ(e) and k(e) over epochs),
   ``sweep_lambda.png`` / ``sweep_anchor.png`` (test mDice vs the value),
@@ -75,6 +77,7 @@ if not __package__:  # Run as a file: python experiments/ablation/main.py.
     sys.path[0] = os.path.dirname(os.path.dirname(_HERE))
 
 # pylint: disable=wrong-import-position
+from experiments.ablation import noise_probe
 from experiments.ablation import plan
 from experiments.ablation import report
 from spad_jax import records
@@ -110,6 +113,9 @@ flags.DEFINE_list('robustness_seeds', [], 'After training, sweep the arm '
                   'the arms under corruption.')
 flags.DEFINE_list('robustness_levels', ['1', '2', '3', '4', '5'],
                   'Severities of the robustness sweep.')
+flags.DEFINE_list('noise_probe_seeds', [], 'After training, test whether '
+                  'the arm runs of these seeds read SPAD\'s noise as the '
+                  'structure (noise_probe.py; resumable).')
 flags.DEFINE_bool('report_only', False, 'Rebuild results and plots from '
                   'finished runs; train nothing.')
 flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent compilation '
@@ -159,6 +165,9 @@ def main(argv):
       if complete and FLAGS.robustness_seeds:
         plan.execute_robustness(runs, [int(x) for x in FLAGS.robustness_seeds],
                                 levels)
+      if complete and FLAGS.noise_probe_seeds:
+        noise_probe.execute(runs, [int(x) for x in FLAGS.noise_probe_seeds],
+                            plan.is_done)
     except plan.StudyError as e:  # A workdir with another config.
       print(f'error: {e}', file=sys.stderr)
       return 2
@@ -171,6 +180,7 @@ def main(argv):
           'sweep_epochs': FLAGS.sweep_epochs or base.train.num_epochs,
           'robustness_seeds': [int(x) for x in FLAGS.robustness_seeds],
           'robustness_levels': levels,
+          'noise_probe_seeds': [int(x) for x in FLAGS.noise_probe_seeds],
           'complete': complete}
   results = report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                           sweep_values, meta, FLAGS.qualitative_cases)

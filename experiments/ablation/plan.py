@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from experiments.ablation import noise_probe
 from experiments.ablation import patients
 from spad_jax import config_keys
 from spad_jax import files
@@ -317,6 +318,9 @@ def collect_run(run: Run) -> Dict[str, Any]:
       t = json.load(f)
     out['seconds'] = t.get('seconds')
     out['resumed'] = t.get('resumed')
+  probe = noise_probe.read(run.workdir)
+  if probe is not None:
+    out['noise_probe'] = probe
   log = read_log(run.workdir)
   if log.get('train_mDice') and log.get('loss'):
     out['train_mDice'] = log['train_mDice']

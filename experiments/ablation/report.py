@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from experiments.ablation import noise_probe
 from experiments.ablation import patients
 from experiments.ablation import plan
 from experiments.ablation import stats
@@ -162,6 +163,8 @@ def markdown(results: Dict[str, Any]) -> str:
                    f'{formatting.mean_std(row["HD95"], 1)} |')
   if results.get('cv'):
     lines += cv_markdown(results)
+  if results.get('noise_probe'):
+    lines += noise_probe_markdown(results)
   done = [r for r in results['runs'] if r.get('seconds') and not r['same_as']]
   if done:
     secs = [r['seconds'] for r in done]
@@ -174,6 +177,35 @@ def markdown(results: Dict[str, Any]) -> str:
               f'{max(secs):.0f}); median training rate '
               f'{np.median(rates) if rates else float("nan"):.2f} steps/s.']
   return '\n'.join(lines) + '\n'
+
+
+def noise_probe_markdown(results: Dict[str, Any]) -> List[str]:
+  probes = results['noise_probe']
+  probed = [r for r in results['runs'] if r.get('noise_probe')]
+  sigma = probed[0]['noise_probe']['sigma']
+  lines = [
+      '', 'Does a model read SPAD\'s noise as the structure? '
+      '(`noise_probe.json`, the probed runs of seeds '
+      f'{sorted({r["seed"] for r in probed})}): '
+      f'the test images clean, with noise of std σ0 = {_number(sigma, 2)} '
+      'inside the ScD ∪ BcD mask of their own label (every target; as the '
+      'first epoch of training sees them), and with the same masks moved by '
+      'half the image onto background. mDice pooled over the runs\' '
+      'summed confusion counts; "read as foreground": the share of the '
+      'moved masks\' pixels predicted as foreground, on the clean image and '
+      'with the moved noise.', '',
+      '| arm | runs | mDice clean | noise on targets | noise off targets | '
+      'read as foreground: clean | with noise |',
+      '|---|---:|---:|---:|---:|---:|---:|']
+  for arm, p in probes.items():
+    label = results['arms'][arm]['label'] if arm in results['arms'] else arm
+    lines.append(
+        f'| {label} | {p["runs"]} | {_number(p["clean"]["mDice"], 2, 100)} | '
+        f'{_number(p["on_target"]["mDice"], 2, 100)} | '
+        f'{_number(p["off_target"]["mDice"], 2, 100)} | '
+        f'{_number(p["clean"]["off_foreground"], 2, 100)} % | '
+        f'{_number(p["off_target"]["off_foreground"], 2, 100)} % |')
+  return lines
 
 
 def _ci(value, interval, scale=100):
@@ -620,6 +652,11 @@ def report(out: str, runs: Sequence[plan.Run], arms: Sequence[str],
       'sweeps': stats.summarize_sweeps(records, sweeps, sweep_values),
       'runs': records,
   }
+  probed = {arm: [r['noise_probe'] for r in records if r['group'] == 'arm'
+                  and r['name'] == arm and r.get('noise_probe')]
+            for arm in arms}
+  results['noise_probe'] = {arm: noise_probe.pooled(p)
+                            for arm, p in probed.items() if p}
   if meta_extra.get('folds'):
     results['cv'] = patients.analyse(records, first.config, arms, seeds,
                                      meta_extra['folds'])
