@@ -274,6 +274,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
       assert clean.sum(axis=1).tolist() == gt
       assert versions['clean']['off_pixels'] == versions['off_target'][
           'off_pixels'] > 0
+      assert os.path.getsize(os.path.join(w, 'noise_probe.png')) > 0
     assert not os.path.exists(os.path.join(out, arm, 'seed1', 'fold0',
                                            'noise_probe.json'))
   diff = cv['arms']['unet']['vs_reference']

@@ -18,7 +18,8 @@ Per version it keeps the confusion counts, and how many of the off-target
 pixels are predicted as foreground: a model that reads noise as structure
 predicts foreground there on ``off_target`` and not on ``clean``. Every
 arm's runs get the same masks and noise for the same images, so arms compare
-on equal terms. Written to ``<workdir>/noise_probe.json``.
+on equal terms. Written to ``<workdir>/noise_probe.json``, with
+``noise_probe.png`` showing two cases in every version.
 """
 
 import json
@@ -103,20 +104,39 @@ def probe(config, workdir: str) -> Dict[str, Any]:
          'checkpoint_step': int(jax.device_get(state.step)),
          'chain_label': (pick or {}).get('picked'),
          'num_cases': len(source), 'on_pixels': int(on.sum()), 'versions': {}}
+  preds = {}
   for version in VERSIONS:
-    preds = np.zeros(source.labels.shape, np.uint8)
+    preds[version] = np.zeros(source.labels.shape, np.uint8)
 
-    def keep(index, outputs, preds=preds):
-      preds[index] = outputs['prediction']
+    def keep(index, outputs, version=version):
+      preds[version][index] = outputs['prediction']
 
     evaluate.sample_split(config, state.ema_params, setup,
                           dataclasses.replace(source, images=images[version]),
                           on_case=keep)
-    out['versions'][version] = tally(preds, source.labels, off,
+    out['versions'][version] = tally(preds[version], source.labels, off,
                                      config.data.num_classes)
   out['seconds'] = time.time() - begin
-  files.write_json(os.path.join(workdir, FILE), out)
+  if jax.process_index() == 0:
+    examples_png(os.path.join(workdir, 'noise_probe.png'), images, preds,
+                 source, config.data.num_classes)
+    files.write_json(os.path.join(workdir, FILE), out)
   return out
+
+
+def examples_png(path: str, images: Dict[str, np.ndarray],
+                 preds: Dict[str, np.ndarray], source, num_classes: int,
+                 num_cases: int = 2) -> None:
+  """For the ``num_cases`` cases with the most foreground: each version's
+  image, label and prediction, one row per version."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  order = np.argsort(-(source.labels > 0).sum(axis=(1, 2)), kind='stable')
+  rows = [visualize.case_panel(images[v][i], source.labels[i], preds[v][i],
+                               None, num_classes, source.original_sizes[i],
+                               f'{source.ids[i]}: {v}', long_side=256)
+          for i in order[:num_cases] for v in VERSIONS]
+  cv2.imwrite(path, np.concatenate(rows, axis=0)[..., ::-1])
 
 
 def done(workdir: str) -> bool:
