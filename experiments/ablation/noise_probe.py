@@ -90,6 +90,9 @@ def probe(config, workdir: str) -> Dict[str, Any]:
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import files  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # Each process would tally its own cases.
+    raise ValueError('the noise probe runs in one process; run it without '
+                     'jax.distributed')
   begin = time.time()
   setup = train_state.Setup.from_config(config)
   state = train_state.load_eval_state(config, workdir, setup)
@@ -117,10 +120,9 @@ def probe(config, workdir: str) -> Dict[str, Any]:
     out['versions'][version] = tally(preds[version], source.labels, off,
                                      config.data.num_classes)
   out['seconds'] = time.time() - begin
-  if jax.process_index() == 0:
-    examples_png(os.path.join(workdir, 'noise_probe.png'), images, preds,
-                 source, config.data.num_classes)
-    files.write_json(os.path.join(workdir, FILE), out)
+  examples_png(os.path.join(workdir, 'noise_probe.png'), images, preds,
+               source, config.data.num_classes)
+  files.write_json(os.path.join(workdir, FILE), out)
   return out
 
 
