@@ -77,7 +77,6 @@ if not __package__:  # Run as a file: python experiments/ablation/main.py.
     sys.path[0] = os.path.dirname(os.path.dirname(_HERE))
 
 # pylint: disable=wrong-import-position
-from experiments.ablation import noise_probe
 from experiments.ablation import plan
 from experiments.ablation import report
 from spad_jax import records
@@ -136,6 +135,8 @@ def main(argv):
                   'anchor': [float(v) for v in FLAGS.anchors]}
   sweep_seeds = [int(s) for s in FLAGS.sweep_seeds]
   levels = [int(x) for x in FLAGS.robustness_levels]
+  robustness_seeds = [int(x) for x in FLAGS.robustness_seeds]
+  probe_seeds = [int(x) for x in FLAGS.noise_probe_seeds]
   if not levels or any(not 1 <= x <= 5 for x in levels):
     print(f'error: --robustness_levels={",".join(FLAGS.robustness_levels)}: '
           'severities must be in 1..5', file=sys.stderr)
@@ -162,12 +163,10 @@ def main(argv):
   if not FLAGS.report_only:
     try:
       complete = plan.execute(runs)
-      if complete and FLAGS.robustness_seeds:
-        plan.execute_robustness(runs, [int(x) for x in FLAGS.robustness_seeds],
-                                levels)
-      if complete and FLAGS.noise_probe_seeds:
-        noise_probe.execute(runs, [int(x) for x in FLAGS.noise_probe_seeds],
-                            plan.is_done)
+      if complete and robustness_seeds:
+        plan.execute_robustness(runs, robustness_seeds, levels)
+      if complete and probe_seeds:
+        plan.execute_noise_probe(runs, probe_seeds)
     except plan.StudyError as e:  # A workdir with another config.
       print(f'error: {e}', file=sys.stderr)
       return 2
@@ -178,9 +177,9 @@ def main(argv):
           'sweep_values': {s: sweep_values[s] for s in FLAGS.sweeps},
           'sweep_seeds': sweep_seeds,
           'sweep_epochs': FLAGS.sweep_epochs or base.train.num_epochs,
-          'robustness_seeds': [int(x) for x in FLAGS.robustness_seeds],
+          'robustness_seeds': robustness_seeds,
           'robustness_levels': levels,
-          'noise_probe_seeds': [int(x) for x in FLAGS.noise_probe_seeds],
+          'noise_probe_seeds': probe_seeds,
           'complete': complete}
   results = report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                           sweep_values, meta, FLAGS.qualitative_cases)

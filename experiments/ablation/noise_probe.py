@@ -27,7 +27,6 @@ import os
 import time
 from typing import Any, Dict, Sequence, Tuple
 
-from absl import logging
 import numpy as np
 
 VERSIONS = ('clean', 'on_target', 'off_target')
@@ -141,31 +140,6 @@ def examples_png(path: str, images: Dict[str, np.ndarray],
   cv2.imwrite(path, np.concatenate(rows, axis=0)[..., ::-1])
 
 
-def done(workdir: str) -> bool:
-  path = os.path.join(workdir, FILE)
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return set(VERSIONS) <= set(json.load(f).get('versions', {}))
-
-
-def execute(runs: Sequence, seeds: Sequence[int], is_done,
-            probe_fn=probe) -> None:
-  """Probes the finished arm runs of ``seeds`` that have no complete
-  ``noise_probe.json`` yet."""
-  todo = [r for r in runs if r.group == 'arm' and r.same_as is None and
-          r.seed in seeds and is_done(r) and not done(r.workdir)]
-  logging.info('Noise probe: %d runs to probe.', len(todo))
-  for i, run in enumerate(todo):
-    result = probe_fn(run.config, run.workdir)
-    logging.info('Noise probe %d/%d (%s): off-target pixels read as '
-                 'foreground %d of %d, %.0f s.', i + 1, len(todo),
-                 run.workdir, result['versions']['off_target'][
-                     'off_foreground'],
-                 result['versions']['off_target']['off_pixels'],
-                 result['seconds'])
-
-
 def read(workdir: str):
   """A run's noise_probe.json, or None."""
   path = os.path.join(workdir, FILE)
@@ -173,6 +147,13 @@ def read(workdir: str):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def done(workdir: str) -> bool:
+  """Whether the run's noise_probe.json holds every version."""
+  found = read(workdir)
+  return found is not None and set(VERSIONS) <= set(
+      found.get('versions', {}))
 
 
 def pooled(probes: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -136,12 +136,12 @@ def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
   return runs
 
 
-def _has_key(tree: Dict, dotted: str) -> bool:
-  for part in dotted.split('.'):
-    if not isinstance(tree, dict) or part not in tree:
-      return False
-    tree = tree[part]
-  return True
+def _in(tree: Dict, dotted: str) -> bool:
+  try:
+    config_keys.get(tree, dotted)
+    return True
+  except KeyError:
+    return False
 
 
 def check_workdir(run: Run) -> None:
@@ -157,7 +157,7 @@ def check_workdir(run: Run) -> None:
   new = json.loads(run.config.to_json_best_effort())
   if old != new:
     diff = config_keys.flat_diff(old, new)
-    added = sorted(k for k in diff if not _has_key(old, k))
+    added = sorted(k for k in diff if not _in(old, k))
     changed = sorted(k for k in diff if k not in added)
     if added:
       logging.info('%s: config keys added since it started: %s.',
@@ -232,6 +232,14 @@ def robustness_done(workdir: str, levels: Sequence[int]) -> bool:
   return want <= have
 
 
+def finished_arm_runs(runs: Sequence[Run], seeds: Sequence[int]
+                      ) -> List[Run]:
+  """The finished arm runs of ``seeds`` (not sweeps, not reused ones): what
+  the phases after training work on."""
+  return [r for r in runs if r.group == 'arm' and r.same_as is None and
+          r.seed in seeds and is_done(r)]
+
+
 def execute_robustness(runs: Sequence[Run], seeds: Sequence[int],
                        levels: Sequence[int], sweep_fn=None) -> None:
   """Sweeps the finished arm runs of ``seeds`` under every corruption at
@@ -240,9 +248,8 @@ def execute_robustness(runs: Sequence[Run], seeds: Sequence[int],
   if sweep_fn is None:
     from spad_jax import robustness  # pylint: disable=g-import-not-at-top
     sweep_fn = robustness.robustness
-  todo = [r for r in runs if r.group == 'arm' and r.same_as is None and
-          r.seed in seeds and is_done(r) and
-          not robustness_done(r.workdir, levels)]
+  todo = [r for r in finished_arm_runs(runs, seeds)
+          if not robustness_done(r.workdir, levels)]
   logging.info('Robustness: %d runs to sweep (severities %s).', len(todo),
                list(levels))
   durations = []
@@ -255,6 +262,22 @@ def execute_robustness(runs: Sequence[Run], seeds: Sequence[int],
                  '' if run.fold is None else f' fold {run.fold}',
                  durations[-1], formatting.hms(
                      (len(todo) - i - 1) * float(np.mean(durations))))
+
+
+def execute_noise_probe(runs: Sequence[Run], seeds: Sequence[int],
+                        probe_fn=noise_probe.probe) -> None:
+  """Probes the finished arm runs of ``seeds`` that have no complete
+  ``noise_probe.json`` yet (``noise_probe.probe``)."""
+  todo = [r for r in finished_arm_runs(runs, seeds)
+          if not noise_probe.done(r.workdir)]
+  logging.info('Noise probe: %d runs to probe.', len(todo))
+  for i, run in enumerate(todo):
+    result = probe_fn(run.config, run.workdir)
+    off = result['versions']['off_target']
+    logging.info('Noise probe %d/%d (%s): off-target pixels read as '
+                 'foreground %d of %d, %.0f s.', i + 1, len(todo),
+                 run.workdir, off['off_foreground'], off['off_pixels'],
+                 result['seconds'])
 
 
 # ------------------------------------------------------------ reading back
