@@ -255,6 +255,11 @@ def test_cross_validated_study_end_to_end(tmp_path):
     assert rob['corrupted']['mDice'] == pytest.approx(pooled(
         [os.path.join(w, 'corruptions', f'{n}_s5') for w in seed0
          for n in corruptions.SEVERITIES]), abs=1e-6)
+    assert list(rob['per_corruption']) == list(corruptions.SEVERITIES)
+    for n in corruptions.SEVERITIES:
+      assert rob['per_corruption'][n]['mDice'] == pytest.approx(pooled(
+          [os.path.join(w, 'corruptions', f'{n}_s5') for w in seed0]),
+                                                             abs=1e-6)
     for w in seed0:
       rows = json.load(open(os.path.join(w, 'robustness.json')))['rows']
       assert len(rows) == 1 + len(corruptions.SEVERITIES)
@@ -280,6 +285,13 @@ def test_cross_validated_study_end_to_end(tmp_path):
   diff = cv['arms']['unet']['vs_reference']
   assert diff['mDice'] == pytest.approx(
       cv['arms']['unet']['mDice'] - cv['arms']['baseline']['mDice'])
+  for n in corruptions.SEVERITIES:
+    d = cv['arms']['unet']['robustness']['per_corruption'][n]['vs_reference']
+    assert d['mDice'] == pytest.approx(
+        cv['arms']['unet']['robustness']['per_corruption'][n]['mDice'] -
+        cv['arms']['baseline']['robustness']['per_corruption'][n]['mDice'])
+  assert 'vs_reference' not in cv['arms']['baseline']['robustness'][
+      'per_corruption']['blur']
   lo, hi = diff['mDice_ci95']
   assert lo <= diff['mDice'] <= hi and len(diff['patients']) == 6
   # Each run's train-split curve and its plateau reading.
@@ -291,6 +303,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
   table = open(os.path.join(out, 'results.md')).read()
   assert 'Patient-level cross-validation (2 folds, 6 patients)' in table
   assert 'Under corruption' in table
+  assert 'Each corruption on its own' in table
   assert "Does a model read SPAD's noise as the structure?" in table
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))

@@ -18,6 +18,7 @@ over the classes that occur. On these counts:
 """
 
 import csv
+import functools
 import json
 import os
 import warnings
@@ -137,17 +138,38 @@ def gather(records: Sequence[Dict], arm: str, seeds: Sequence[int],
   return out
 
 
-def corrupted_evaluations(record: Dict) -> Optional[List[str]]:
-  """A run's corrupted evaluations (every corruption and severity its
-  robustness.json lists, the clean split left out); None without one."""
+def _robustness_rows(record: Dict) -> Optional[List[Dict]]:
   path = os.path.join(record['workdir'], 'robustness.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    rows = json.load(f)['rows']
+    return json.load(f)['rows']
+
+
+def corrupted_evaluations(record: Dict, name: Optional[str] = None
+                          ) -> Optional[List[str]]:
+  """A run's corrupted evaluations (every corruption and severity its
+  robustness.json lists, or only corruption ``name``; the clean split left
+  out); None without a robustness.json."""
+  rows = _robustness_rows(record)
+  if rows is None:
+    return None
   return [os.path.join(record['workdir'], 'corruptions',
                        f'{r["corruption"]}_s{int(r["severity"])}')
-          for r in rows if r['corruption'] != 'none']
+          for r in rows if r['corruption'] != 'none' and
+          name in (None, r['corruption'])]
+
+
+def swept_corruptions(records: Sequence[Dict]) -> List[str]:
+  """The corruptions any finished arm run was swept under, in the order of
+  its robustness.json."""
+  names = []
+  for r in records:
+    if r['group'] == 'arm' and r['done']:
+      for row in _robustness_rows(r) or ():
+        if row['corruption'] != 'none' and row['corruption'] not in names:
+          names.append(row['corruption'])
+  return names
 
 
 def patients_in(records: Sequence[Dict], class_names: Sequence[str],
@@ -407,6 +429,12 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
   corrupted = {arm: gather(records, arm, seeds, patients, class_names,
                            patient, corrupted_evaluations, tested)
                for arm in arms}
+  # And each corruption on its own (its severities pooled).
+  per_corruption = {
+      name: {arm: gather(records, arm, seeds, patients, class_names, patient,
+                         functools.partial(corrupted_evaluations, name=name),
+                         tested) for arm in arms}
+      for name in swept_corruptions(records)}
   for arm in arms:
     c = corrupted[arm]
     if not c.done.any():
@@ -418,5 +446,12 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
     if arm != reference and corrupted[reference].done.any():
       entry['vs_reference'] = paired_bootstrap(c, corrupted[reference],
                                                resamples)
+    entry['per_corruption'] = {}
+    for name, by_arm in per_corruption.items():
+      e = {'mDice': pooled(by_arm[arm])['mDice']}
+      if arm != reference and by_arm[reference].done.any():
+        e['vs_reference'] = paired_bootstrap(by_arm[arm], by_arm[reference],
+                                             resamples)
+      entry['per_corruption'][name] = e
     out['arms'][arm]['robustness'] = entry
   return out

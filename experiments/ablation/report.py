@@ -350,6 +350,27 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
           f'{_number(clean, 2, 100)} | {_number(bad, 2, 100)} | '
           f'{_number(kept, 1, 100)} % | '
           f'{_ci(v.get("mDice"), v.get("mDice_ci95"))} |')
+    names = list(next(iter(swept.values())).get('per_corruption') or {})
+    if names:
+      lines += [
+          '', 'Each corruption on its own (its severities pooled): pooled '
+          'mDice, and below it the paired difference to the reference over '
+          'patients:', '',
+          '| arm | clean | ' + ' | '.join(names) + ' |',
+          '|---|' + '---:|' * (len(names) + 1)]
+      for arm, e in swept.items():
+        lines.append(
+            f'| {arms[arm]["label"]} | {_number(e["clean"]["mDice"], 2, 100)}'
+            ' | ' + ' | '.join(_number(e['per_corruption'][n]['mDice'], 2, 100)
+                              for n in names) + ' |')
+      lines += ['', '| Δ to the reference | ' + ' | '.join(names) + ' |',
+                '|---|' + '---:|' * len(names)]
+      for arm, e in swept.items():
+        diffs = [e['per_corruption'][n].get('vs_reference') for n in names]
+        if any(diffs):
+          lines.append(f'| {arms[arm]["label"]} | ' + ' | '.join(
+              _ci(d.get('mDice'), d.get('mDice_ci95')) if d else '—'
+              for d in diffs) + ' |')
   return lines
 
 
