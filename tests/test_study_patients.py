@@ -129,7 +129,7 @@ def test_pooled_and_paired_bootstrap_against_a_loop(tmp_path):
   assert same['mDice'] == 0 and same['mDice_ci95'] == [0, 0]
 
 
-def test_paired_bootstrap_uses_only_pairs_both_arms_have(tmp_path):
+def test_paired_bootstrap_uses_only_complete_seeds_of_pairs_both_have(tmp_path):
   rng = np.random.default_rng(2)
   records, maps, pts = _study(tmp_path, rng, skip={('spad', 1, 2)})
   patient = lambda case: case.split('_')[0]
@@ -137,13 +137,28 @@ def test_paired_bootstrap_uses_only_pairs_both_arms_have(tmp_path):
   b = patients.gather(records, 'base', [0, 1], pts, CLASSES, patient)
   assert not a.done[1, 4:].any() and a.done[0].all()
   result = patients.paired_bootstrap(a, b, resamples=20)
-  # Seed 1 of base is scored without fold 2's patients, as spad's is.
-  base = np.mean([_reference_pooled(maps, 'base', [0], pts),
-                  _reference_pooled(maps, 'base', [1], pts[:4])])
-  spad = np.mean([_reference_pooled(maps, 'spad', [0], pts),
-                  _reference_pooled(maps, 'spad', [1], pts[:4])])
-  assert result['mDice'] == pytest.approx(spad - base)
-  assert result['pairs'] == 10
+  # Seed 1 is still under way for spad: until it has every patient, the
+  # difference is seed 0's alone (not seed 1 on four patients weighed as
+  # much as seed 0 on six).
+  assert result['mDice'] == pytest.approx(
+      _reference_pooled(maps, 'spad', [0], pts) -
+      _reference_pooled(maps, 'base', [0], pts))
+  assert result['pairs'] == 6 and result['patients'] == pts
+  # Once it is complete, both seeds count.
+  records2, maps2, _ = _study(tmp_path / 'all', np.random.default_rng(2))
+  a2 = patients.gather(records2, 'spad', [0, 1], pts, CLASSES, patient)
+  b2 = patients.gather(records2, 'base', [0, 1], pts, CLASSES, patient)
+  assert patients.paired_bootstrap(a2, b2, resamples=20)['mDice'] == (
+      pytest.approx(_reference_pooled(maps2, 'spad', [0, 1], pts) -
+                    _reference_pooled(maps2, 'base', [0, 1], pts)))
+  # An arm's own pooled score counts only the seeds that tested all its
+  # patients: spad's seed 1 is still under way, base's is complete.
+  assert patients.pooled(a)['mDice'] == pytest.approx(
+      _reference_pooled(maps, 'spad', [0], pts))
+  assert patients.pooled(a)['seeds_pooled'] == [0]
+  assert patients.pooled(a)['per_seed']['1']['patients'] == 4
+  assert patients.pooled(b)['mDice'] == pytest.approx(
+      _reference_pooled(maps, 'base', [0, 1], pts))
 
 
 def test_variance_components_by_hand():

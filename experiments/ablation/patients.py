@@ -198,7 +198,9 @@ def _scores(counts: np.ndarray, use: np.ndarray, weights: np.ndarray):
 
 def pooled(arm: ArmCounts) -> Dict[str, Any]:
   """The arm's pooled mDice / mIoU: per seed over its tested patients, and
-  their mean over the seeds that have any."""
+  their mean over the seeds that tested every patient any seed of the arm
+  tested (a seed still under way would otherwise average other patients
+  in)."""
   ones = np.ones((1, len(arm.patients)))
   per_seed = []
   for s in range(len(arm.seeds)):
@@ -206,8 +208,10 @@ def pooled(arm: ArmCounts) -> Dict[str, Any]:
     use[s] = arm.done[s]
     d, i = _scores(arm.counts, use, ones)
     per_seed.append((float(d[0]), float(i[0]), int(arm.done[s].sum())))
-  d, i = _scores(arm.counts, arm.done, ones)
+  complete = (arm.done == arm.done.any(0)).all(1) & arm.done.any(1)
+  d, i = _scores(arm.counts, arm.done & complete[:, None], ones)
   return {'mDice': _num(d[0]), 'mIoU': _num(i[0]),
+          'seeds_pooled': [s for s, c in zip(arm.seeds, complete) if c],
           'per_seed': {str(seed): {'mDice': _num(v[0]), 'mIoU': _num(v[1]),
                                    'patients': v[2]}
                        for seed, v in zip(arm.seeds, per_seed) if v[2]},
@@ -219,8 +223,11 @@ def paired_bootstrap(a: ArmCounts, b: ArmCounts, resamples: int = 2000,
                      seed: int = 0) -> Dict[str, Any]:
   """``a − b`` of the pooled mDice and mIoU over the (seed, patient) pairs
   both arms have, with a 95 % percentile interval from resampling patients
-  with replacement (each with all its seeds)."""
+  with replacement (each with all its seeds). A seed counts once both arms
+  have it on every patient either has any seed on: one under way would
+  weigh its few patients as much as a whole seed."""
   use = a.done & b.done
+  use &= (use == use.any(0)).all(1, keepdims=True)
   keep = np.flatnonzero(use.any(0))
   out = {'patients': [a.patients[p] for p in keep],
          'pairs': int(use.sum()), 'resamples': resamples, 'unit': 'patient'}

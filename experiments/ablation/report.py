@@ -228,7 +228,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       'Every patient is tested once per seed, by the fold that did not '
       'train on it. Pooled mDice / mIoU: per seed, the foreground Dice '
       '(IoU) of the pixel counts summed over all tested patients, then the '
-      'mean over seeds. Per case: mean over every test case of every fold '
+      'mean over the seeds that have tested every patient. Per case: mean over every test case of every fold '
       'and seed. ECE: mean over runs of each run\'s ECE. Train plateau: runs '
       'whose train-split mDice (train.monitor_train_cases) gained at most '
       '1 point over the last 10 % of their steps; late gain: its mean gain '
@@ -263,7 +263,8 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         f'{idle} | {label_counts} |')
   lines += [
       '', f'Paired differences to {arms[ref]["label"] if ref in arms else ref}'
-      ' (arm − reference, over the (seed, patient) pairs both have), in '
+      ' (arm − reference, over the (seed, patient) pairs both have, a seed '
+      'once both have it on every patient), in '
       'points, with 95 % intervals from '
       f'{cv["resamples"]} bootstrap resamples of patients (each with all '
       'its seeds):', '',
