@@ -138,12 +138,18 @@ def gather(records: Sequence[Dict], arm: str, seeds: Sequence[int],
   return out
 
 
-def _robustness_rows(record: Dict) -> Optional[List[Dict]]:
-  path = os.path.join(record['workdir'], 'robustness.json')
+def robustness_json(workdir: str) -> Optional[Dict[str, Any]]:
+  """A run's robustness.json (``--mode=robustness``), or None."""
+  path = os.path.join(workdir, 'robustness.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)['rows']
+    return json.load(f)
+
+
+def _robustness_rows(record: Dict) -> Optional[List[Dict]]:
+  found = robustness_json(record['workdir'])
+  return None if found is None else found['rows']
 
 
 def corrupted_evaluations(record: Dict, name: Optional[str] = None
@@ -196,6 +202,13 @@ def _scores(counts: np.ndarray, use: np.ndarray, weights: np.ndarray):
     return np.nanmean(dice, axis=1), np.nanmean(iou, axis=1)
 
 
+def _complete_seeds(done: np.ndarray) -> np.ndarray:
+  """``[S]``: the seeds (rows of ``done[S, P]``) that have every patient any
+  seed has; a seed under way would weigh its few patients as much as a
+  whole seed."""
+  return (done == done.any(0)).all(1) & done.any(1)
+
+
 def pooled(arm: ArmCounts) -> Dict[str, Any]:
   """The arm's pooled mDice / mIoU: per seed over its tested patients, and
   their mean over the seeds that tested every patient any seed of the arm
@@ -208,7 +221,7 @@ def pooled(arm: ArmCounts) -> Dict[str, Any]:
     use[s] = arm.done[s]
     d, i = _scores(arm.counts, use, ones)
     per_seed.append((float(d[0]), float(i[0]), int(arm.done[s].sum())))
-  complete = (arm.done == arm.done.any(0)).all(1) & arm.done.any(1)
+  complete = _complete_seeds(arm.done)
   d, i = _scores(arm.counts, arm.done & complete[:, None], ones)
   return {'mDice': _num(d[0]), 'mIoU': _num(i[0]),
           'seeds_pooled': [s for s, c in zip(arm.seeds, complete) if c],
@@ -224,10 +237,9 @@ def paired_bootstrap(a: ArmCounts, b: ArmCounts, resamples: int = 2000,
   """``a − b`` of the pooled mDice and mIoU over the (seed, patient) pairs
   both arms have, with a 95 % percentile interval from resampling patients
   with replacement (each with all its seeds). A seed counts once both arms
-  have it on every patient either has any seed on: one under way would
-  weigh its few patients as much as a whole seed."""
+  have it on every patient of those pairs (``_complete_seeds``)."""
   use = a.done & b.done
-  use &= (use == use.any(0)).all(1, keepdims=True)
+  use &= _complete_seeds(use)[:, None]
   keep = np.flatnonzero(use.any(0))
   out = {'patients': [a.patients[p] for p in keep],
          'pairs': int(use.sum()), 'resamples': resamples, 'unit': 'patient'}

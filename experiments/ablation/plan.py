@@ -220,11 +220,10 @@ def execute(runs: Sequence[Run], train_fn=None) -> bool:
 def robustness_done(workdir: str, levels: Sequence[int]) -> bool:
   """Whether ``workdir/robustness.json`` holds the clean split and every
   corruption at each of ``levels``."""
-  path = os.path.join(workdir, 'robustness.json')
-  if not os.path.exists(path):
+  found = patients.robustness_json(workdir)
+  if found is None:
     return False
-  with open(path) as f:
-    rows = json.load(f).get('rows', [])
+  rows = found.get('rows', [])
   have = {(r['corruption'], int(r['severity'])) for r in rows}
   from spad_jax.data import corruptions  # pylint: disable=g-import-not-at-top
   want = {('none', 0)} | {(n, int(s)) for n in corruptions.SEVERITIES
