@@ -7,7 +7,8 @@ validation patient) at 64² and a budget sized so that the study's 70 runs
 fit a working day of this 2-core machine.
 
   python -m experiments.ablation.main --config=configs/duke_dme_cv_cpu.py \
-      --out=runs/study_cv --folds=5 --seeds=0,1
+      --out=docs/study_cv --folds=5 --seeds=0,1 --robustness_seeds=0 \
+      --robustness_levels=3,5 --noise_probe_seeds=0
 """
 
 from configs import duke_dme_cpu

@@ -114,6 +114,63 @@ def test_workdir_with_another_config_stops(tmp_path):
   assert 'monitor_train_cases' not in str(e.value)
 
 
+def test_execute_runs_the_model_phases_while_the_model_is_there(tmp_path):
+  """after_run follows each trained run; a finished run missing a phase is
+  caught up from its checkpoint, or trained again once that is gone (a
+  study folder that kept only its small files)."""
+  base = tiny_config.get_config()
+  base.eval.checkpoint = 'best'
+  runs = plan.plan_runs(base, str(tmp_path), ['baseline', 'full'], [0])
+  trained, after = [], []
+
+  def train_fn(config, workdir):
+    trained.append(workdir)
+    for folder in ('checkpoints', 'best_checkpoint'):
+      os.makedirs(os.path.join(workdir, folder, '7'), exist_ok=True)
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump({'mDice': 0.5}, f)
+    return {'mDice': 0.5}
+
+  def after_run(run):
+    after.append(run.workdir)
+    open(os.path.join(run.workdir, 'phase.json'), 'w').close()
+
+  def needs_model(run):
+    return not os.path.exists(os.path.join(run.workdir, 'phase.json'))
+
+  def execute():
+    trained.clear()
+    after.clear()
+    return plan.execute(runs, train_fn, after_run, needs_model)
+
+  a, b = runs[0].workdir, runs[1].workdir
+  assert execute() and trained == [a, b] and after == [a, b]
+  assert execute() and trained == [] and after == []
+  os.remove(os.path.join(a, 'phase.json'))  # Its model is still here.
+  assert execute() and trained == [] and after == [a]
+  os.remove(os.path.join(b, 'phase.json'))  # Its best model is gone.
+  import shutil
+  shutil.rmtree(os.path.join(b, 'best_checkpoint'))
+  assert not plan.has_model(runs[1]) and plan.has_model(runs[0])
+  assert execute() and trained == [b] and after == [b]
+  # Gone but nothing missing: a finished run stays finished.
+  shutil.rmtree(os.path.join(a, 'checkpoints'))
+  assert execute() and trained == [] and after == []
+
+
+def test_cpu_kinds_are_named_only_when_runs_differ():
+  from experiments.ablation import report
+  cpu = plan.cpu_identity()
+  assert cpu['model'] and isinstance(cpu['isa'], list)
+  one = {'model': 'A', 'isa': ['avx2']}
+  other = {'model': 'B', 'isa': []}
+  same = {'runs': [{'cpu': one}, {'cpu': one}, {}]}
+  assert report.cpu_note(same) == ''
+  mixed = {'runs': [{'cpu': one}, {'cpu': other}, {'cpu': one}]}
+  assert 'Runs trained on 2 on A (avx2); 1 on B (no AVX)' in report.cpu_note(
+      mixed)
+
+
 def test_study_end_to_end(tmp_path):
   """2 arms x 2 seeds + one value per sweep (one reuses the full run)."""
   out = str(tmp_path / 'study')
@@ -208,7 +265,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
              XLA_FLAGS=xla_flags(1))
   args = [sys.executable, '-m', 'experiments.ablation.main',
           '--config=tests/tiny_config.py', f'--out={out}', '--seeds=0,1',
-          '--arms=baseline,unet', '--folds=2', '--qualitative_cases=0',
+          '--arms=baseline,unet', '--folds=2', '--qualitative_cases=1',
           '--config.data.name=folder', f'--config.data.root={root}',
           '--config.data.val_fraction=0.17', '--config.train.num_epochs=2',
           '--config.train.eval_every_epochs=1',
@@ -308,6 +365,35 @@ def test_cross_validated_study_end_to_end(tmp_path):
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))
   assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row
+  # The folder as a fresh clone has it (small files, no checkpoints), and
+  # one probe lost with its model: that run alone is trained again, to the
+  # same result, and probed; the figure stays as it was.
+  import shutil
+  for arm in ('baseline', 'unet'):
+    for seed in (0, 1):
+      for fold in (0, 1):
+        for name in ('checkpoints', 'best_checkpoint'):
+          shutil.rmtree(os.path.join(out, arm, f'seed{seed}', f'fold{fold}',
+                                     name), ignore_errors=True)
+  lost = os.path.join(out, 'baseline', 'seed0', 'fold1')
+  before = _metrics(lost)
+  os.remove(os.path.join(lost, 'noise_probe.json'))
+  figure = os.path.join(out, 'qualitative.png')
+  made = os.path.getmtime(figure)
+  assert results['meta']['qualitative_cases']
+  result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'training it again' in result.stderr
+  assert 'Study run 1/1: arm baseline seed 0 fold 1 ' in result.stderr
+  assert _metrics(lost)['per_class'] == before['per_class']
+  assert os.path.exists(os.path.join(lost, 'noise_probe.json'))
+  again = json.load(open(os.path.join(out, 'results.json')))
+  assert again['meta']['qualitative_cases'] == results['meta'][
+      'qualitative_cases']
+  assert os.path.getmtime(figure) == made
+  assert again['cv']['arms']['baseline']['mDice'] == cv['arms']['baseline'][
+      'mDice']
 
 
 def test_robustness_done_needs_every_corruption_at_every_level(tmp_path):

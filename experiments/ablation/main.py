@@ -1,7 +1,7 @@
 r"""The SPAD ablation study: arms x seeds [x folds], sweeps, tables, plots.
 
   python -m experiments.ablation.main --config=configs/duke_dme_cv_cpu.py \
-      --out=runs/study_cv --folds=5 --seeds=0,1
+      --out=docs/study_cv --folds=5 --seeds=0,1
   python -m experiments.ablation.main \
       --config=configs/duke_dme_study_cpu.py --out=runs/study_cpu \
       --seeds=0,1,2 --arms=baseline,scd_pas,bcd_pas,scd_bcd_nopas,full \
@@ -36,7 +36,12 @@ Each run trains and evaluates in its own workdir with
 checkpoint, so running the same command again continues the study. A sweep
 run whose config equals an arm's run (the config's own λ or anchor ratio at
 the same budget) reuses that run. A workdir started with another config
-stops the study (use a new ``--out``) instead of mixing budgets.
+stops the study (use a new ``--out``) instead of mixing budgets. The
+corruption sweep and the noise probe of a run (``--robustness_seeds``,
+``--noise_probe_seeds``) follow its training, while its checkpoint is on
+disk, and the report is rewritten after every run; a folder that kept only
+the small files (a fresh clone of a committed study) continues, training
+again only a finished run that lost its checkpoint before those phases.
 
 Writes into ``--out``:
 
@@ -159,17 +164,6 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   train_state.use_compilation_cache(FLAGS.compilation_cache, FLAGS.out)
-  complete = True
-  if not FLAGS.report_only:
-    try:
-      complete = plan.execute(runs)
-      if complete and robustness_seeds:
-        plan.execute_robustness(runs, robustness_seeds, levels)
-      if complete and probe_seeds:
-        plan.execute_noise_probe(runs, probe_seeds)
-    except plan.StudyError as e:  # A workdir with another config.
-      print(f'error: {e}', file=sys.stderr)
-      return 2
   meta = {'command': ' '.join(['python -m experiments.ablation.main'] +
                              sys.argv[1:]),
           'config_file': config_flags.get_config_filename(FLAGS['config']),
@@ -180,7 +174,27 @@ def main(argv):
           'robustness_seeds': robustness_seeds,
           'robustness_levels': levels,
           'noise_probe_seeds': probe_seeds,
-          'complete': complete}
+          'complete': False}
+
+  def after_run(run):
+    """The phases that need the run's trained model, then the tables so
+    far: results are on disk as each run finishes."""
+    plan.execute_robustness([run], robustness_seeds, levels)
+    plan.execute_noise_probe([run], probe_seeds)
+    report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
+                  sweep_values, meta, FLAGS.qualitative_cases)
+
+  complete = True
+  if not FLAGS.report_only:
+    try:
+      complete = plan.execute(
+          runs, after_run=after_run,
+          needs_model=lambda run: plan.needs_model(run, robustness_seeds,
+                                                   levels, probe_seeds))
+    except plan.StudyError as e:  # A workdir with another config.
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+  meta['complete'] = complete
   results = report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                           sweep_values, meta, FLAGS.qualitative_cases)
   print(report.markdown(results))

@@ -4,8 +4,9 @@ training the runs not done yet; reading a finished run back."""
 import dataclasses
 import json
 import os
+import platform
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -174,8 +175,30 @@ def is_done(run: Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, 'metrics.json'))
 
 
-def execute(runs: Sequence[Run], train_fn=None) -> bool:
+def has_model(run: Run) -> bool:
+  """Whether the run's trained model is on this disk: its latest checkpoint
+  and, unless evaluation uses the latest, the best one (evaluation's)."""
+
+  def holds(name):
+    folder = os.path.join(run.workdir, name)
+    return os.path.isdir(folder) and any(d.isdigit()
+                                         for d in os.listdir(folder))
+
+  return holds('checkpoints') and (run.config.eval.checkpoint == 'latest' or
+                                   holds('best_checkpoint'))
+
+
+def execute(runs: Sequence[Run], train_fn=None,
+            after_run: Optional[Callable[[Run], None]] = None,
+            needs_model: Callable[[Run], bool] = lambda run: False) -> bool:
   """Trains and evaluates the runs not done yet; True when all are done.
+
+  ``after_run(run)`` follows each trained run (and, first, each finished
+  run that ``needs_model`` and still has it): the phases that need the
+  trained model run while its checkpoint is on disk, so a study whose
+  folder keeps only the small files (a new machine, a fresh clone) loses
+  no finished phase. A finished run that ``needs_model`` and lost it is
+  trained again: training is deterministic, so it ends where it did.
 
   Logs progress and an ETA over the runs (mean time of the runs trained in
   this invocation). A run stopped early (SIGTERM, ``max_steps_per_run``)
@@ -187,7 +210,17 @@ def execute(runs: Sequence[Run], train_fn=None) -> bool:
   unique = [r for r in runs if r.same_as is None]
   for run in unique:
     check_workdir(run)
-  todo = [r for r in unique if not is_done(r)]
+  retrain = [r for r in unique if is_done(r) and needs_model(r) and
+             not has_model(r)]
+  for run in retrain:
+    logging.warning('%s: finished, but a phase after training is missing '
+                    'and its checkpoint is gone; training it again.',
+                    run.workdir)
+  if after_run is not None:
+    for run in unique:
+      if is_done(run) and needs_model(run) and has_model(run):
+        after_run(run)
+  todo = [r for r in unique if not is_done(r) or r in retrain]
   logging.info('Study: %d runs (%d distinct), %d already done, %d to train.',
                len(runs), len(unique), len(unique) - len(todo), len(todo))
   durations = []
@@ -206,8 +239,10 @@ def execute(runs: Sequence[Run], train_fn=None) -> bool:
     files.write_json(os.path.join(run.workdir, 'study_run.json'),
                      {'seconds': seconds, 'resumed': resumed,
                       'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
-                      'overrides': run.overrides})
-    durations.append(seconds)
+                      'cpu': cpu_identity(), 'overrides': run.overrides})
+    if after_run is not None:
+      after_run(run)
+    durations.append(time.time() - begin)  # With the phases after it.
     left = len(todo) - i - 1
     eta = left * float(np.mean(durations))
     logging.info('=== Study run %d/%d done in %.0f s (mDice %s); %d left, '
@@ -215,6 +250,35 @@ def execute(runs: Sequence[Run], train_fn=None) -> bool:
                  formatting.number(result.get('mDice'), 4, missing='—'),
                  left, formatting.hms(eta))
   return True
+
+
+def cpu_identity() -> Dict[str, Any]:
+  """The CPU this process runs on. XLA:CPU compiles for the host's
+  instruction set, so float rounding, and with it where a training run
+  ends, can differ between CPU kinds; each run records its own."""
+  model, isa = platform.processor() or platform.machine(), []
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = dict(line.split(':', 1) for line in f if ':' in line)
+  except OSError:
+    info = {}
+  info = {k.strip(): v.strip() for k, v in info.items()}
+  model = info.get('model name', model)
+  isa = sorted(f for f in info.get('flags', '').split()
+               if f.startswith(('avx', 'fma', 'sse4', 'amx', 'f16c')))
+  return {'model': model, 'isa': isa}
+
+
+def needs_model(run: Run, robustness_seeds: Sequence[int],
+                levels: Sequence[int], probe_seeds: Sequence[int]) -> bool:
+  """Whether ``run`` still lacks a phase that needs its trained model: the
+  corruption sweep (``robustness_seeds``) or the noise probe
+  (``probe_seeds``)."""
+  if run.group != 'arm' or run.same_as is not None:
+    return False
+  return ((run.seed in robustness_seeds and
+           not robustness_done(run.workdir, levels)) or
+          (run.seed in probe_seeds and not noise_probe.done(run.workdir)))
 
 
 def robustness_done(workdir: str, levels: Sequence[int]) -> bool:
@@ -340,6 +404,7 @@ def collect_run(run: Run) -> Dict[str, Any]:
       t = json.load(f)
     out['seconds'] = t.get('seconds')
     out['resumed'] = t.get('resumed')
+    out['cpu'] = t.get('cpu')
   probe = noise_probe.read(run.workdir)
   if probe is not None:
     out['noise_probe'] = probe

@@ -3,6 +3,7 @@ qualitative figure (sampled from the arms' checkpoints)."""
 
 import dataclasses
 import functools
+import json
 import os
 import platform
 import time
@@ -66,8 +67,25 @@ def machine() -> Dict[str, Any]:
           'load_average': list(os.getloadavg()) if hasattr(
               os, 'getloadavg') else None,
           'devices': [str(d) for d in jax.devices()],
+          'cpu': plan.cpu_identity(),
           'jax': jax.__version__, 'python': platform.python_version(),
           'git_revision': train_state.git_revision()}
+
+
+def cpu_note(results: Dict[str, Any]) -> str:
+  """Which CPU kinds trained the runs, when they are recorded and not one:
+  XLA:CPU's float rounding follows the instruction set."""
+  kinds = {}
+  for r in results['runs']:
+    if r.get('cpu'):
+      key = f'{r["cpu"]["model"]} ({" ".join(r["cpu"]["isa"]) or "no AVX"})'
+      kinds[key] = kinds.get(key, 0) + 1
+  if len(kinds) < 2:
+    return ''
+  return (' Runs trained on ' + '; '.join(
+      f'{n} on {k}' for k, n in sorted(kinds.items())) + ' (float rounding '
+          'follows the instruction set, so a run repeated on another kind '
+          'may end elsewhere).')
 
 
 def markdown(results: Dict[str, Any]) -> str:
@@ -90,7 +108,7 @@ def markdown(results: Dict[str, Any]) -> str:
       f'masks, data order); {fold_note}.',
       f'Machine: {meta["machine"]["cpu_count"]} CPU cores, '
       f'{", ".join(sorted(set(meta["machine"]["devices"])))}, jax '
-      f'{meta["machine"]["jax"]}; {meta["date"]}.', '',
+      f'{meta["machine"]["jax"]}; {meta["date"]}.{cpu_note(results)}', '',
       f'`{meta["command"]}`', '',
       'mIoU / mDice: dataset-level, foreground classes, in %. HD95: mean per '
       f'case and foreground class, {unit} (a class missed or spurious in a '
@@ -584,6 +602,20 @@ def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
   seed, fold = ref.seed, ref.fold
   chosen = [(a, l, r) for a, l, r in chosen if r.seed == seed and
             r.fold == fold]
+  # The figure of the same finished runs is the same figure (training and
+  # sampling are deterministic): keep it, so the report needs no
+  # checkpoint once it exists (a study folder that keeps only small files).
+  sidecar = os.path.splitext(path)[0] + '.json'
+  made_from = {'runs': [os.path.relpath(r.workdir, os.path.dirname(path))
+                        for _, _, r in chosen], 'num_cases': num_cases}
+  found = None
+  if os.path.exists(sidecar):
+    with open(sidecar) as f:
+      found = json.load(f)
+  if (found and os.path.exists(path) and
+      {k: found.get(k) for k in made_from} == made_from):
+    logging.info('%s: kept (made from the same runs).', path)
+    return found['cases']
   config = ref.config
   source = sources.load_split(config, config.eval.split)
   idx = pick_cases(source, num_cases)
@@ -652,6 +684,7 @@ def qualitative(path: str, runs: Sequence[plan.Run], num_cases: int,
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
+  files.write_json(sidecar, dict(made_from, cases=list(sub.ids)))
   return list(sub.ids)
 
 
