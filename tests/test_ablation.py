@@ -158,17 +158,24 @@ def test_execute_runs_the_model_phases_while_the_model_is_there(tmp_path):
   assert execute() and trained == [] and after == []
 
 
-def test_cpu_kinds_are_named_only_when_runs_differ():
+def test_environments_are_named_only_when_runs_differ():
   from experiments.ablation import report
   cpu = plan.cpu_identity()
   assert cpu['model'] and isinstance(cpu['isa'], list)
+  assert plan.package_versions()['jax'] == __import__('jax').__version__
   one = {'model': 'A', 'isa': ['avx2']}
   other = {'model': 'B', 'isa': []}
-  same = {'runs': [{'cpu': one}, {'cpu': one}, {}]}
-  assert report.cpu_note(same) == ''
-  mixed = {'runs': [{'cpu': one}, {'cpu': other}, {'cpu': one}]}
-  assert 'Runs trained on 2 on A (avx2); 1 on B (no AVX)' in report.cpu_note(
-      mixed)
+  old = {'jax': '1', 'numpy': '2'}
+  new = {'jax': '1', 'numpy': '3'}
+  same = {'runs': [{'cpu': one, 'packages': old}, {'cpu': one,
+                                                    'packages': old}, {}]}
+  assert report.environment_note(same) == ''
+  mixed = {'runs': [{'cpu': one, 'packages': old},
+                    {'cpu': other, 'packages': new},
+                    {'cpu': one, 'packages': new}]}
+  note = report.environment_note(mixed)
+  assert 'Runs trained on 2 on A (avx2); 1 on B (no AVX).' in note
+  assert 'Runs trained with 1 with numpy 2; 2 with numpy 3.' in note
 
 
 def test_study_end_to_end(tmp_path):

@@ -239,7 +239,8 @@ def execute(runs: Sequence[Run], train_fn=None,
     files.write_json(os.path.join(run.workdir, 'study_run.json'),
                      {'seconds': seconds, 'resumed': resumed,
                       'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
-                      'cpu': cpu_identity(), 'overrides': run.overrides})
+                      'cpu': cpu_identity(), 'packages': package_versions(),
+                      'overrides': run.overrides})
     if after_run is not None:
       after_run(run)
     durations.append(time.time() - begin)  # With the phases after it.
@@ -267,6 +268,24 @@ def cpu_identity() -> Dict[str, Any]:
   isa = sorted(f for f in info.get('flags', '').split()
                if f.startswith(('avx', 'fma', 'sse4', 'amx', 'f16c')))
   return {'model': model, 'isa': isa}
+
+
+# The packages whose versions can change a run's numbers.
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy',
+            'opencv-python-headless', 'tensorflow')
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+  """Versions of ``PACKAGES`` here (None: not installed); requirements.txt
+  gives lower bounds, so a later install may resolve newer ones."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
 
 
 def needs_model(run: Run, robustness_seeds: Sequence[int],
@@ -405,6 +424,7 @@ def collect_run(run: Run) -> Dict[str, Any]:
     out['seconds'] = t.get('seconds')
     out['resumed'] = t.get('resumed')
     out['cpu'] = t.get('cpu')
+    out['packages'] = t.get('packages')
   probe = noise_probe.read(run.workdir)
   if probe is not None:
     out['noise_probe'] = probe

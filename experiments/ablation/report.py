@@ -67,25 +67,40 @@ def machine() -> Dict[str, Any]:
           'load_average': list(os.getloadavg()) if hasattr(
               os, 'getloadavg') else None,
           'devices': [str(d) for d in jax.devices()],
-          'cpu': plan.cpu_identity(),
+          'cpu': plan.cpu_identity(), 'packages': plan.package_versions(),
           'jax': jax.__version__, 'python': platform.python_version(),
           'git_revision': train_state.git_revision()}
 
 
-def cpu_note(results: Dict[str, Any]) -> str:
-  """Which CPU kinds trained the runs, when they are recorded and not one:
-  XLA:CPU's float rounding follows the instruction set."""
-  kinds = {}
-  for r in results['runs']:
-    if r.get('cpu'):
-      key = f'{r["cpu"]["model"]} ({" ".join(r["cpu"]["isa"]) or "no AVX"})'
-      kinds[key] = kinds.get(key, 0) + 1
-  if len(kinds) < 2:
+def environment_note(results: Dict[str, Any]) -> str:
+  """Which CPU kinds and package versions trained the runs, where the runs
+  record them and differ: XLA:CPU's float rounding follows the instruction
+  set, and a newer package may compute differently, so a run repeated in
+  another environment may end elsewhere."""
+  runs = [r for r in results['runs'] if r.get('cpu')]
+  cpus, packs = {}, {}
+  for r in runs:
+    key = f'{r["cpu"]["model"]} ({" ".join(r["cpu"]["isa"]) or "no AVX"})'
+    cpus[key] = cpus.get(key, 0) + 1
+  with_packages = [r for r in runs if r.get('packages')]
+  names = sorted({n for r in with_packages for n in r['packages']})
+  differ = [n for n in names
+            if len({r['packages'].get(n) for r in with_packages}) > 1]
+  for r in with_packages:
+    key = ', '.join(f'{n} {r["packages"].get(n)}' for n in differ)
+    packs[key] = packs.get(key, 0) + 1
+  notes = []
+  if len(cpus) > 1:
+    notes.append('Runs trained on ' + '; '.join(
+        f'{n} on {k}' for k, n in sorted(cpus.items())) + '.')
+  if differ:
+    notes.append('Runs trained with ' + '; '.join(
+        f'{n} with {k}' for k, n in sorted(packs.items())) + '.')
+  if not notes:
     return ''
-  return (' Runs trained on ' + '; '.join(
-      f'{n} on {k}' for k, n in sorted(kinds.items())) + ' (float rounding '
-          'follows the instruction set, so a run repeated on another kind '
-          'may end elsewhere).')
+  return ' ' + ' '.join(notes) + (' Float rounding follows the CPU and the '
+                                  'packages, so a run repeated elsewhere may '
+                                  'end elsewhere.')
 
 
 def markdown(results: Dict[str, Any]) -> str:
@@ -108,7 +123,7 @@ def markdown(results: Dict[str, Any]) -> str:
       f'masks, data order); {fold_note}.',
       f'Machine: {meta["machine"]["cpu_count"]} CPU cores, '
       f'{", ".join(sorted(set(meta["machine"]["devices"])))}, jax '
-      f'{meta["machine"]["jax"]}; {meta["date"]}.{cpu_note(results)}', '',
+      f'{meta["machine"]["jax"]}; {meta["date"]}.{environment_note(results)}', '',
       f'`{meta["command"]}`', '',
       'mIoU / mDice: dataset-level, foreground classes, in %. HD95: mean per '
       f'case and foreground class, {unit} (a class missed or spurious in a '
