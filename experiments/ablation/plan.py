@@ -198,7 +198,8 @@ def execute(runs: Sequence[Run], train_fn=None,
   trained model run while its checkpoint is on disk, so a study whose
   folder keeps only the small files (a new machine, a fresh clone) loses
   no finished phase. A finished run that ``needs_model`` and lost it is
-  trained again: training is deterministic, so it ends where it did.
+  trained again: training is deterministic, so on the same CPU kind and
+  package versions it ends where it did (``study_run.json`` records both).
 
   Logs progress and an ETA over the runs (mean time of the runs trained in
   this invocation). A run stopped early (SIGTERM, ``max_steps_per_run``)
