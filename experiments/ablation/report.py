@@ -123,7 +123,8 @@ def markdown(results: Dict[str, Any]) -> str:
       f'masks, data order); {fold_note}.',
       f'Machine: {meta["machine"]["cpu_count"]} CPU cores, '
       f'{", ".join(sorted(set(meta["machine"]["devices"])))}, jax '
-      f'{meta["machine"]["jax"]}; {meta["date"]}.{environment_note(results)}', '',
+      f'{meta["machine"]["jax"]}; {meta["date"]}.' +
+      environment_note(results), '',
       f'`{meta["command"]}`', '',
       'mIoU / mDice: dataset-level, foreground classes, in %. HD95: mean per '
       f'case and foreground class, {unit} (a class missed or spurious in a '
