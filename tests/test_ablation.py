@@ -51,6 +51,14 @@ def test_plan_runs_arms_seeds_and_reuse(tmp_path):
                          sweeps=['lambda'], sweep_values={'lambda': [0.05]},
                          sweep_epochs=1)
   assert runs[1].same_as is None and runs[1].config.train.num_epochs == 1
+  # The own-sample phase keeps its share of the budget.
+  base.diffusion.own_sample_start_step = 6
+  runs = plan.plan_runs(base, str(tmp_path), ['full'], [0],
+                         sweeps=['lambda'], sweep_values={'lambda': [0.2]},
+                         sweep_epochs=3 * base.train.num_epochs)
+  assert runs[1].config.train.num_epochs == 3 * base.train.num_epochs
+  assert runs[1].config.diffusion.own_sample_start_step == 18
+  assert runs[0].config.diffusion.own_sample_start_step == 6
   with pytest.raises(ValueError, match='unknown arm'):
     plan.plan_runs(base, str(tmp_path), ['nope'], [0])
 

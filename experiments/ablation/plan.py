@@ -76,6 +76,19 @@ def value_label(value: float) -> str:
   return f'{value:g}'
 
 
+def budget_overrides(base, epochs: int) -> Dict[str, Any]:
+  """Overrides that train ``base`` for ``epochs`` epochs. The own-sample
+  phase starts at an absolute step, so it moves with the budget to stay
+  the same share of training (a shorter run would otherwise never reach
+  it)."""
+  over = {'train.num_epochs': int(epochs)}
+  start = int(base.diffusion.get('own_sample_start_step', 0))
+  if start:
+    over['diffusion.own_sample_start_step'] = int(
+        round(start * int(epochs) / int(base.train.num_epochs)))
+  return over
+
+
 def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
               folds: int = 0, sweeps: Sequence[str] = (),
               sweep_values: Optional[Dict[str, Sequence[float]]] = None,
@@ -119,7 +132,7 @@ def plan_runs(base, out: str, arms: Sequence[str], seeds: Sequence[int],
       over = dict(ARMS['full'][1])
       over[key] = float(value)
       if sweep_epochs:
-        over['train.num_epochs'] = int(sweep_epochs)
+        over.update(budget_overrides(base, sweep_epochs))
       for seed in sweep_seeds:
         for fold in fold_list:
           runs.append(make(f'sweep_{sweep}', value_label(value), seed, fold,
