@@ -453,3 +453,39 @@ def test_robustness_done_needs_every_corruption_at_every_level(tmp_path):
   path.write_text(json.dumps({'rows': rows}))
   assert plan.robustness_done(str(tmp_path), [3])
   assert not plan.robustness_done(str(tmp_path), [3, 5])
+
+
+def test_compare_curves_reports_each_runs_curves_and_plateau(tmp_path):
+  from absl import app
+  from experiments.ablation import compare_curves
+  # Two finished runs: one still rising at its end, one flat.
+  rising = [(s, s / 100) for s in range(10, 101, 10)]
+  flat = [(s, min(s, 50) / 100) for s in range(10, 101, 10)]
+  for name, curve in (('rising', rising), ('flat', flat)):
+    wd = tmp_path / name
+    wd.mkdir()
+    with open(wd / 'train_log.jsonl', 'w') as f:
+      for step, value in curve:
+        f.write(json.dumps({'step': step, 'time': 0.0, 'loss': 1.0}) + '\n')
+        f.write(json.dumps({'step': step, 'time': 0.0,
+                            'train_mDice': value}) + '\n')
+    (wd / 'metrics.json').write_text(json.dumps({'mDice': curve[-1][1] / 2,
+                                                 'mIoU': 0.1}))
+  out = tmp_path / 'out'
+  returned = compare_curves.compare([f'rising={tmp_path / "rising"}',
+                                     f'flat={tmp_path / "flat"}'], str(out))
+  summary = json.loads((out / 'curves.json').read_text())
+  assert summary == json.loads(json.dumps(returned))
+  assert summary['rising']['steps'] == 100 and summary['flat']['steps'] == 100
+  # Rising: 1.0 at the end against 0.9 by step 90, so not on its plateau.
+  assert summary['rising']['plateau']['gain'] == pytest.approx(0.1)
+  assert summary['rising']['plateau']['on_plateau'] is False
+  assert summary['flat']['plateau']['on_plateau'] is True
+  assert summary['rising']['test_mDice'] == pytest.approx(0.5)
+  rows = (out / 'curves.csv').read_text().strip().splitlines()
+  assert len(rows) == 1 + 2 * len(rising)  # Header, train_mDice of both.
+  assert (out / 'curves.png').stat().st_size > 0
+  with pytest.raises(app.UsageError, match='no train_log.jsonl'):
+    compare_curves.compare([f'gone={tmp_path / "nope"}'], str(out))
+  with pytest.raises(app.UsageError, match='given twice'):
+    compare_curves.compare([f'flat={tmp_path / "flat"}'] * 2, str(out))
