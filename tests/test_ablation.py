@@ -456,8 +456,7 @@ def test_robustness_done_needs_every_corruption_at_every_level(tmp_path):
 
 
 def test_compare_curves_reports_each_runs_curves_and_plateau(tmp_path):
-  from absl import app
-  from experiments.ablation import compare_curves
+  from experiments.ablation import curves
   # Two finished runs: one still rising at its end, one flat.
   rising = [(s, s / 100) for s in range(10, 101, 10)]
   flat = [(s, min(s, 50) / 100) for s in range(10, 101, 10)]
@@ -472,7 +471,7 @@ def test_compare_curves_reports_each_runs_curves_and_plateau(tmp_path):
     (wd / 'metrics.json').write_text(json.dumps({'mDice': curve[-1][1] / 2,
                                                  'mIoU': 0.1}))
   out = tmp_path / 'out'
-  returned = compare_curves.compare([f'rising={tmp_path / "rising"}',
+  returned = curves.compare([f'rising={tmp_path / "rising"}',
                                      f'flat={tmp_path / "flat"}'], str(out))
   summary = json.loads((out / 'curves.json').read_text())
   assert summary == json.loads(json.dumps(returned))
@@ -485,7 +484,7 @@ def test_compare_curves_reports_each_runs_curves_and_plateau(tmp_path):
   rows = (out / 'curves.csv').read_text().strip().splitlines()
   assert len(rows) == 1 + 2 * len(rising)  # Header, train_mDice of both.
   assert (out / 'curves.png').stat().st_size > 0
-  with pytest.raises(app.UsageError, match='no train_log.jsonl'):
-    compare_curves.compare([f'gone={tmp_path / "nope"}'], str(out))
-  with pytest.raises(app.UsageError, match='given twice'):
-    compare_curves.compare([f'flat={tmp_path / "flat"}'] * 2, str(out))
+  with pytest.raises(ValueError, match='no train_log.jsonl'):
+    curves.compare([f'gone={tmp_path / "nope"}'], str(out))
+  with pytest.raises(ValueError, match='given twice'):
+    curves.compare([f'flat={tmp_path / "flat"}'] * 2, str(out))
