@@ -33,16 +33,20 @@ class QuietLibraries(logging.logging.Filter):
 
 class JsonlWriter(interface.MetricWriter):
   """Scalars as one JSON line per step, ``{"step", "time", name: value}``;
-  other summaries are not written (TensorBoard has them)."""
+  other summaries are not written (TensorBoard has them). The file is
+  opened for each line rather than held: a tool that replaces it while a
+  run goes on (a git checkout or stash of a committed log, a sync) would
+  otherwise leave the run writing into the unlinked old file."""
 
   def __init__(self, path: str):
-    self._file = open(path, 'a')
+    self._path = path
+    open(path, 'a').close()  # A bad path fails here, not at step 1.
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step), 'time': time.time()}
     row.update({k: float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + '\n')
-    self._file.flush()
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
 
   def write_summaries(self, step, values, metadata=None):
     del step, values, metadata
@@ -66,10 +70,10 @@ class JsonlWriter(interface.MetricWriter):
     del hparams
 
   def flush(self):
-    self._file.flush()
+    pass  # Each line is written and closed at once.
 
   def close(self):
-    self._file.close()
+    pass
 
 
 def create_writer(workdir: str, enabled: bool = True) -> interface.MetricWriter:
