@@ -472,7 +472,7 @@ def test_compare_curves_reports_each_runs_curves_and_plateau(tmp_path):
                                                  'mIoU': 0.1}))
   out = tmp_path / 'out'
   returned = curves.compare([f'rising={tmp_path / "rising"}',
-                                     f'flat={tmp_path / "flat"}'], str(out))
+                             f'flat={tmp_path / "flat"}'], str(out))
   summary = json.loads((out / 'curves.json').read_text())
   assert summary == json.loads(json.dumps(returned))
   assert summary['rising']['steps'] == 100 and summary['flat']['steps'] == 100
