@@ -166,6 +166,72 @@ def test_execute_runs_the_model_phases_while_the_model_is_there(tmp_path):
   assert execute() and trained == [] and after == []
 
 
+def test_a_resumed_runs_time_counts_every_invocation(tmp_path, monkeypatch):
+  """study_run.json's seconds sum the invocations of a run that was stopped
+  and resumed; one killed outright (no time recorded) is counted as
+  untimed, and the report says its sum is a lower bound."""
+  import shutil
+  from experiments.ablation import report
+  base = tiny_config.get_config()
+  runs = plan.plan_runs(base, str(tmp_path), ['baseline'], [0])
+  workdir = runs[0].workdir
+  clock = {'now': 1000.0}
+  monkeypatch.setattr(plan.time, 'time', lambda: clock['now'])
+  monkeypatch.setattr(plan, 'release_compiled', lambda: None)
+  outcomes = []
+
+  def train_fn(config, workdir):
+    os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)
+    seconds, result = outcomes.pop(0)
+    clock['now'] += seconds
+    if result == 'killed':
+      raise SystemExit(1)
+    if result is None:
+      return None
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump(result, f)
+    return result
+
+  def timing():
+    with open(os.path.join(workdir, 'study_run.json')) as f:
+      return json.load(f)
+
+  outcomes[:] = [(100.0, None)]  # Stopped (SIGTERM): its time is kept.
+  assert not plan.execute(runs, train_fn)
+  assert not os.path.exists(os.path.join(workdir, 'study_run.json'))
+  outcomes[:] = [(30.0, {'mDice': 0.5})]
+  assert plan.execute(runs, train_fn)
+  t = timing()
+  assert (t['seconds'], t['invocations'], t['untimed_invocations'],
+          t['resumed']) == (130.0, 2, 0, True)
+  assert not os.path.exists(plan.partial_time_path(workdir))
+  row = plan.collect_run(runs[0])
+  assert row['seconds'] == 130.0 and row['untimed_invocations'] == 0
+  assert 'at least' not in '\n'.join(report.timing_lines([row]))
+
+  # Killed outright mid-run (here: an exception through execute), so the
+  # file it marked open stays open; the next invocation counts it untimed.
+  shutil.rmtree(workdir)
+  outcomes[:] = [(50.0, 'killed')]
+  with pytest.raises(SystemExit):
+    plan.execute(runs, train_fn)
+  outcomes[:] = [(20.0, {'mDice': 0.5})]
+  assert plan.execute(runs, train_fn)
+  t = timing()
+  assert (t['seconds'], t['invocations'], t['untimed_invocations']) == (
+      20.0, 2, 1)
+  row = plan.collect_run(runs[0])
+  assert row['seconds'] == 20.0 and row['untimed_invocations'] == 1
+  text = '\n'.join(report.timing_lines([row]))
+  assert '1 runs were resumed after a stop that did not record' in text
+  assert '0:00:20 in all (at least' in text
+
+  with open(plan.partial_time_path(workdir), 'w') as f:
+    f.write('{')
+  with pytest.raises(plan.StudyError, match='study_partial_time.json'):
+    plan.read_partial_time(workdir, True)
+
+
 @pytest.mark.skipif(not os.path.exists('/proc/self/maps'),
                     reason='counts memory mappings in /proc (Linux)')
 def test_a_long_study_does_not_keep_every_run_compiled(tmp_path):

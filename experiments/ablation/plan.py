@@ -257,17 +257,31 @@ def execute(runs: Sequence[Run], train_fn=None,
                  '' if run.fold is None else f' fold {run.fold}', run.workdir)
     begin = time.time()
     resumed = os.path.isdir(os.path.join(run.workdir, 'checkpoints'))
+    earlier = read_partial_time(run.workdir, resumed)
+    # Marked open while it trains: a process killed outright leaves it so,
+    # and the next invocation counts that one as untimed.
+    os.makedirs(run.workdir, exist_ok=True)
+    files.write_json(partial_time_path(run.workdir), dict(earlier, open=True))
     result = train_fn(run.config, run.workdir)
     seconds = time.time() - begin
+    timing = {'seconds': earlier['seconds'] + seconds,
+              'invocations': earlier['invocations'] + 1,
+              'untimed_invocations': earlier['untimed_invocations']}
     if result is None:
+      files.write_json(partial_time_path(run.workdir),
+                       dict(timing, open=False))
       logging.warning('Run %s stopped before its end; run the same study '
                       'command again to resume.', run.workdir)
       return False
-    files.write_json(os.path.join(run.workdir, 'study_run.json'),
-                     {'seconds': seconds, 'resumed': resumed,
-                      'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
-                      'cpu': cpu_identity(), 'packages': package_versions(),
-                      'overrides': run.overrides})
+    # `seconds` sums every invocation that recorded its time; untimed ones
+    # (killed outright) are counted, not timed.
+    files.write_json(os.path.join(run.workdir, 'study_run.json'), dict(
+        timing, resumed=resumed,
+        finished=time.strftime('%Y-%m-%d %H:%M:%S'),
+        cpu=cpu_identity(), packages=package_versions(),
+        overrides=run.overrides))
+    if os.path.exists(partial_time_path(run.workdir)):
+      os.remove(partial_time_path(run.workdir))
     if after_run is not None:
       after_run(run)
     release_compiled()
@@ -279,6 +293,35 @@ def execute(runs: Sequence[Run], train_fn=None,
                  formatting.number(result.get('mDice'), 4, missing='—'),
                  left, formatting.hms(eta))
   return True
+
+
+def partial_time_path(workdir: str) -> str:
+  """Where a run stopped before its end keeps the time it has taken so
+  far, so that the finished run's ``seconds`` counts every invocation."""
+  return os.path.join(workdir, 'study_partial_time.json')
+
+
+def read_partial_time(workdir: str, resumed: bool) -> Dict[str, Any]:
+  """The time earlier invocations of a run recorded, and how many ended
+  without recording it (killed outright, or before this file existed)."""
+  path = partial_time_path(workdir)
+  if not os.path.exists(path):
+    return {'seconds': 0.0, 'invocations': int(resumed),
+            'untimed_invocations': int(resumed)}
+  try:
+    with open(path) as f:
+      got = json.load(f)
+    out = {'seconds': float(got['seconds']),
+           'invocations': int(got['invocations']),
+           'untimed_invocations': int(got['untimed_invocations'])}
+    if got['open']:
+      out['invocations'] += 1
+      out['untimed_invocations'] += 1
+    return out
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise StudyError(f'{path}: unreadable ({e}); delete it to go on (the '
+                     'run\'s recorded time then leaves out its earlier '
+                     'invocations)') from e
 
 
 def cpu_identity() -> Dict[str, Any]:
@@ -451,6 +494,9 @@ def collect_run(run: Run) -> Dict[str, Any]:
       t = json.load(f)
     out['seconds'] = t.get('seconds')
     out['resumed'] = t.get('resumed')
+    # Before invocations were timed, a resumed run's file held only its last.
+    out['untimed_invocations'] = t.get('untimed_invocations',
+                                       int(bool(t.get('resumed'))))
     out['cpu'] = t.get('cpu')
     out['packages'] = t.get('packages')
   probe = noise_probe.read(run.workdir)

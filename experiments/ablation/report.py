@@ -199,18 +199,28 @@ def markdown(results: Dict[str, Any]) -> str:
     lines += cv_markdown(results)
   if results.get('noise_probe'):
     lines += noise_probe_markdown(results)
-  done = [r for r in results['runs'] if r.get('seconds') and not r['same_as']]
-  if done:
-    secs = [r['seconds'] for r in done]
-    rates = [r['train_steps_per_sec'] for r in done
-             if r.get('train_steps_per_sec')]
-    lines += ['', f'Timing: {len(done)} runs trained, '
-              f'{formatting.hms(sum(secs))} in all; per run (training, '
-              f'evaluation, compilation) median '
-              f'{np.median(secs):.0f} s (min {min(secs):.0f}, max '
-              f'{max(secs):.0f}); median training rate '
-              f'{np.median(rates) if rates else float("nan"):.2f} steps/s.']
+  lines += timing_lines(results['runs'])
   return '\n'.join(lines) + '\n'
+
+
+def timing_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
+  """The study's time: its runs' recorded seconds, summed and per run."""
+  done = [r for r in runs if r.get('seconds') and not r['same_as']]
+  if not done:
+    return []
+  secs = [r['seconds'] for r in done]
+  rates = [r['train_steps_per_sec'] for r in done
+           if r.get('train_steps_per_sec')]
+  untimed = sum(1 for r in done if r.get('untimed_invocations'))
+  return ['', f'Timing: {len(done)} runs trained, '
+          f'{formatting.hms(sum(secs))} in all'
+          + (f' (at least: {untimed} runs were resumed after a stop that '
+             'did not record its time, which is left out)'
+             if untimed else '') + '; per run (training, '
+          f'evaluation, compilation) median '
+          f'{np.median(secs):.0f} s (min {min(secs):.0f}, max '
+          f'{max(secs):.0f}); median training rate '
+          f'{np.median(rates) if rates else float("nan"):.2f} steps/s.']
 
 
 def noise_probe_markdown(results: Dict[str, Any]) -> List[str]:
