@@ -234,5 +234,14 @@ def test_projected_half_width_by_hand():
   assert proj['half_width']['8'] == pytest.approx(
       1.96 * np.sqrt(b2 / 2 + 2 / (2 * 8)))
   assert proj['floor'] == pytest.approx(1.96 * np.sqrt(b2 / 2))
+  # The fewest patients whose half-width reaches the target, by search.
+  for k in (2, 8):
+    var = b2 + 2 / k
+    need = next(n for n in range(1, 10 ** 6)
+                if 1.96 * np.sqrt(var / n) <= proj['target'])
+    assert proj['patients_for_target'][str(k)] == need
+  wide = patients.projected_half_width(np.array([[1.0, 3.0], [5.0, 7.0]]),
+                                       seeds=(2,), target=10.0)
+  assert wide['patients_for_target']['2'] == 1
   # One seed: no within-patient term, no projection.
   assert patients.projected_half_width(np.ones((3, 1)))['half_width'] == {}

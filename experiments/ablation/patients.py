@@ -313,23 +313,30 @@ def variance_components(values: np.ndarray) -> Dict[str, Any]:
 
 
 def projected_half_width(per_patient_diffs: np.ndarray,
-                         seeds: Sequence[int] = (1, 2, 4, 8, 16, 32)
-                         ) -> Dict[str, Any]:
+                         seeds: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                         target: float = 0.02) -> Dict[str, Any]:
   """How the 95 % half-width of a paired difference would shrink with more
   seeds, from ``per_patient_diffs[P, S]`` (each patient's Dice difference
   per seed): with the components of ``variance_components``, the mean over
   P patients of S seeds each has variance ``between²/P + within²/(P·S)``
   (a normal approximation of the patient bootstrap of the pooled Dice).
-  The between-patient term is the floor that no number of seeds removes."""
+  The between-patient term is the floor that no number of seeds removes.
+  ``patients_for_target[S]``: the fewest patients, S seeds each, whose
+  half-width is at most ``target``, under the same components."""
   comp = variance_components(per_patient_diffs)
   p = comp['groups']
   if comp['between_sd'] is None or comp['within_sd'] is None:
-    return dict(comp, patients=p, half_width={}, floor=None)
+    return dict(comp, patients=p, half_width={}, floor=None, target=target,
+                patients_for_target={})
   b2, w2 = comp['between_sd'] ** 2, comp['within_sd'] ** 2
   return dict(comp, patients=p,
               half_width={str(k): float(1.96 * np.sqrt(b2 / p + w2 / (p * k)))
                           for k in seeds},
-              floor=float(1.96 * np.sqrt(b2 / p)))
+              floor=float(1.96 * np.sqrt(b2 / p)), target=target,
+              patients_for_target={
+                  str(k): int(max(1, np.ceil(
+                      1.96 ** 2 * (b2 + w2 / k) / target ** 2 - 1e-9)))
+                  for k in seeds})
 
 
 def plateau(series: Sequence, total_steps: int, window: float = 0.1,

@@ -328,14 +328,18 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
           if (e.get('vs_reference') or {}).get('projection', {}).get(
               'half_width')}
   if proj:
+    target = next(iter(proj.values())).get('target', 0.02)
     lines += [
         '', 'What more seeds would buy (points; normal approximation from '
         'each patient\'s Dice difference per seed: between-patient and '
         'seed variance, half-width 1.96·√(between²/P + seed²/(P·S)) for S '
         'seeds per patient; the floor is the between-patient term, which '
-        'only more patients lower):', '',
-        '| arm | P | between patients | seeds | S = 2 | 4 | 8 | 16 | floor |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+        'only more patients lower; the last column, the patients that '
+        'the same components say would bring it to the target, with 2 '
+        'seeds each):', '',
+        '| arm | P | between patients | seeds | S = 2 | 4 | 8 | 16 | floor '
+        f'| patients for ≤ {100 * target:g} (S = 2) |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for arm, v in proj.items():
       hw = v['half_width']
       lines.append(
@@ -343,7 +347,8 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
           f'{_number(v["between_sd"], 2, 100)} | '
           f'{_number(v["within_sd"], 2, 100)} | ' + ' | '.join(
               _number(hw.get(str(k)), 2, 100) for k in (2, 4, 8, 16)) +
-          f' | {_number(v["floor"], 2, 100)} |')
+          f' | {_number(v["floor"], 2, 100)} | '
+          f'{v.get("patients_for_target", {}).get("2", "—")} |')
   folds = cv['folds']
   lines += ['', 'Pooled mDice (%) of each fold\'s test patients, mean over '
             'seeds:', '', '| arm | ' + ' | '.join(
