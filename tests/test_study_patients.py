@@ -124,6 +124,19 @@ def test_pooled_and_paired_bootstrap_against_a_loop(tmp_path):
   assert result['mDice_ci95'] == pytest.approx(
       list(np.percentile(boot, [2.5, 97.5])))
   assert result['mDice_ci95'][0] < point < result['mDice_ci95'][1]
+  # Resampling folds: each draw takes a fold's two patients together.
+  by_fold = patients.paired_bootstrap(a, b, resamples=200, seed=3,
+                                      by_fold=True)
+  assert by_fold['mDice'] == pytest.approx(point) and by_fold['units'] == 3
+  draws = np.random.default_rng(3).integers(0, 3, (200, 3))
+  boot = [_reference_pooled(maps, 'spad', [0, 1], [p for f in row for p in
+                                                   pts[2 * f: 2 * f + 2]]) -
+          _reference_pooled(maps, 'base', [0, 1], [p for f in row for p in
+                                                   pts[2 * f: 2 * f + 2]])
+          for row in draws]
+  assert by_fold['mDice_ci95'] == pytest.approx(
+      list(np.percentile(boot, [2.5, 97.5])))
+  assert by_fold['mDice_ci95'] != result['mDice_ci95']
   # An arm against itself: zero, with a zero-width interval.
   same = patients.paired_bootstrap(a, a, resamples=50)
   assert same['mDice'] == 0 and same['mDice_ci95'] == [0, 0]

@@ -233,24 +233,36 @@ def pooled(arm: ArmCounts) -> Dict[str, Any]:
 
 
 def paired_bootstrap(a: ArmCounts, b: ArmCounts, resamples: int = 2000,
-                     seed: int = 0) -> Dict[str, Any]:
+                     seed: int = 0, by_fold: bool = False) -> Dict[str, Any]:
   """``a − b`` of the pooled mDice and mIoU over the (seed, patient) pairs
   both arms have, with a 95 % percentile interval from resampling patients
   with replacement (each with all its seeds). A seed counts once both arms
-  have it on every patient of those pairs (``_complete_seeds``)."""
+  have it on every patient of those pairs (``_complete_seeds``).
+
+  ``by_fold``: resample folds instead, each with all its patients and
+  seeds. The patients a fold tests share its runs, so a run's luck moves
+  them together; resampling them one by one treats them as independent."""
   use = a.done & b.done
   use &= _complete_seeds(use)[:, None]
   keep = np.flatnonzero(use.any(0))
   out = {'patients': [a.patients[p] for p in keep],
-         'pairs': int(use.sum()), 'resamples': resamples, 'unit': 'patient'}
+         'pairs': int(use.sum()), 'resamples': resamples,
+         'unit': 'fold' if by_fold else 'patient'}
   if len(keep) == 0:
     return dict(out, mDice=None, mDice_ci95=None, mIoU=None, mIoU_ci95=None)
   use, ca, cb = use[:, keep], a.counts[:, keep], b.counts[:, keep]
   ones = np.ones((1, len(keep)))
   rng = np.random.default_rng(seed)
-  draws = rng.integers(0, len(keep), (resamples, len(keep)))
-  weights = np.zeros((resamples, len(keep)))
-  np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+  # Each patient's unit (itself, or its fold); a resample draws units and
+  # weighs each patient by how often its unit was drawn.
+  units = (np.unique(a.fold[keep], return_inverse=True)[1].reshape(-1)
+           if by_fold else np.arange(len(keep)))
+  num_units = int(units.max()) + 1
+  out['units'] = num_units
+  draws = rng.integers(0, num_units, (resamples, num_units))
+  drawn = np.zeros((resamples, num_units))
+  np.add.at(drawn, (np.arange(resamples)[:, None], draws), 1.0)
+  weights = drawn[:, units]
   for name, k in (('mDice', 0), ('mIoU', 1)):
     point = _scores(ca, use, ones)[k][0] - _scores(cb, use, ones)[k][0]
     boot = _scores(ca, use, weights)[k] - _scores(cb, use, weights)[k]
@@ -445,6 +457,8 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
     if arm != reference and reference in counts:
       entry['vs_reference'] = paired_bootstrap(c, counts[reference],
                                                resamples)
+      entry['vs_reference_by_fold'] = paired_bootstrap(
+          c, counts[reference], resamples, by_fold=True)
       entry['vs_reference']['fold_components'] = variance_components(
           per_fold - fold_table[reference])
       entry['vs_reference']['projection'] = projected_half_width(
