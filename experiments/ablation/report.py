@@ -214,9 +214,9 @@ def timing_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
   untimed = sum(1 for r in done if r.get('untimed_invocations'))
   return ['', f'Timing: {len(done)} runs trained, '
           f'{formatting.hms(sum(secs))} in all'
-          + (f' (at least: {untimed} runs were resumed after a stop that '
-             'did not record its time, which is left out)'
-             if untimed else '') + '; per run (training, '
+          + (f' (a lower bound: {untimed} of them resumed after a stop '
+             'that recorded no time)' if untimed else '')
+          + '; per run (training, '
           f'evaluation, compilation) median '
           f'{np.median(secs):.0f} s (min {min(secs):.0f}, max '
           f'{max(secs):.0f}); median training rate '
