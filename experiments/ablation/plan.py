@@ -280,8 +280,7 @@ def execute(runs: Sequence[Run], train_fn=None,
         finished=time.strftime('%Y-%m-%d %H:%M:%S'),
         cpu=cpu_identity(), packages=package_versions(),
         overrides=run.overrides))
-    if os.path.exists(partial_time_path(run.workdir)):
-      os.remove(partial_time_path(run.workdir))
+    os.remove(partial_time_path(run.workdir))  # Written when it began.
     if after_run is not None:
       after_run(run)
     release_compiled()

@@ -334,7 +334,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
           if (e.get('vs_reference') or {}).get('projection', {}).get(
               'half_width')}
   if proj:
-    target = next(iter(proj.values())).get('target', 0.02)
+    target = next(iter(proj.values()))['target']
     lines += [
         '', 'What more seeds would buy (points; normal approximation from '
         'each patient\'s Dice difference per seed: between-patient and '
@@ -354,7 +354,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
           f'{_number(v["within_sd"], 2, 100)} | ' + ' | '.join(
               _number(hw.get(str(k)), 2, 100) for k in (2, 4, 8, 16)) +
           f' | {_number(v["floor"], 2, 100)} | '
-          f'{v.get("patients_for_target", {}).get("2", "—")} |')
+          f'{v["patients_for_target"]["2"]} |')
   folds = cv['folds']
   lines += ['', 'Pooled mDice (%) of each fold\'s test patients, mean over '
             'seeds:', '', '| arm | ' + ' | '.join(
