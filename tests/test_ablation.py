@@ -451,6 +451,21 @@ def test_cross_validated_study_end_to_end(tmp_path):
       assert os.path.getsize(os.path.join(w, 'noise_probe.png')) > 0
     assert not os.path.exists(os.path.join(out, arm, 'seed1', 'fold0',
                                            'noise_probe.json'))
+    # Calibration and uncertainty: each run's own numbers, averaged.
+    folders = [os.path.join(out, arm, f'seed{s}', f'fold{f}')
+               for s in (0, 1) for f in (0, 1)]
+    cal = entry['calibration']
+    for key, section, name in (('ECE', 'calibration', 'ece'),
+                               ('Brier', 'calibration', 'brier'),
+                               ('error_AUROC', 'uncertainty', 'error_auroc')):
+      assert cal[key]['runs'] == 4
+      assert cal[key]['mean'] == pytest.approx(np.mean(
+          [_metrics(w)[section][name] for w in folders]))
+    swept = [[r for r in json.load(open(os.path.join(w, 'robustness.json')))[
+        'rows'] if r['corruption'] != 'none'] for w in seed0]
+    assert cal['corrupted_ECE']['runs'] == 2
+    assert cal['corrupted_ECE']['mean'] == pytest.approx(np.mean(
+        [np.mean([r['ece'] for r in rows]) for rows in swept]))
   diff = cv['arms']['unet']['vs_reference']
   assert diff['mDice'] == pytest.approx(
       cv['arms']['unet']['mDice'] - cv['arms']['baseline']['mDice'])
@@ -474,6 +489,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
   assert 'Under corruption' in table
   assert 'Each corruption on its own' in table
   assert "Does a model read SPAD's noise as the structure?" in table
+  assert 'Calibration and uncertainty of the soft map' in table
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))
   assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row

@@ -403,6 +403,13 @@ def case_rows(workdir: str) -> List[Dict[str, Any]]:
   return rows
 
 
+# Per-run scores of the soft map averaged over an arm's runs: calibration,
+# whether its entropy flags errors (pixels; cases by Spearman with Dice),
+# and the first two under corruption (mean over a run's sweep).
+CALIBRATION_KEYS = ('ECE', 'NLL', 'Brier', 'error_AUROC', 'error_AUPRC',
+                    'case_Spearman', 'corrupted_ECE', 'corrupted_error_AUROC')
+
+
 def analyse(records: Sequence[Dict], config, arms: Sequence[str],
             seeds: Sequence[int], folds: int, reference: str = 'baseline',
             resamples: int = 2000) -> Dict[str, Any]:
@@ -451,9 +458,12 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
                  per_case_mean=case_means,
                  fold_components=variance_components(per_fold),
                  patient_components=variance_components(per_patient))
-    for key in ('ECE', 'NLL'):
+    entry['calibration'] = {}
+    for key in CALIBRATION_KEYS:
       values = [r[key] for r in mine if r.get(key) is not None]
-      entry[key] = float(np.mean(values)) if values else None
+      entry['calibration'][key] = {
+          'mean': float(np.mean(values)) if values else None,
+          'runs': len(values)}
     if arm != reference and reference in counts:
       entry['vs_reference'] = paired_bootstrap(c, counts[reference],
                                                resamples)

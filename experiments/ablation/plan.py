@@ -466,6 +466,7 @@ def collect_run(run: Run) -> Dict[str, Any]:
   with open(path) as f:
     m = json.load(f)
   pcm = m.get('per_case_mean') or {}
+  cal, unc = m.get('calibration') or {}, m.get('uncertainty') or {}
   out.update({
       'done': True, 'mIoU': m.get('mIoU'), 'mDice': m.get('mDice'),
       'HD95': pcm.get('HD95'), 'ASSD': pcm.get('ASSD'),
@@ -482,8 +483,10 @@ def collect_run(run: Run) -> Dict[str, Any]:
       'checkpoint_step': m.get('checkpoint_step'),
       'num_test_cases': m.get('num_cases'), 'split': m.get('split'),
       'eval_seconds': m.get('seconds'),
-      'ECE': (m.get('calibration') or {}).get('ece'),
-      'NLL': (m.get('calibration') or {}).get('nll'),
+      'ECE': cal.get('ece'), 'NLL': cal.get('nll'), 'Brier': cal.get('brier'),
+      'error_AUROC': unc.get('error_auroc'),
+      'error_AUPRC': unc.get('error_auprc'),
+      'case_Spearman': unc.get('case_dice_spearman'),
       'chain_label': ((m.get('chain_label_auto') or {}).get('picked') or
                       (m.get('sampling') or {}).get('chain_label')),
   })
@@ -498,6 +501,13 @@ def collect_run(run: Run) -> Dict[str, Any]:
                                        int(bool(t.get('resumed'))))
     out['cpu'] = t.get('cpu')
     out['packages'] = t.get('packages')
+  swept = patients.robustness_json(run.workdir)
+  if swept is not None:  # Calibration under corruption: mean over the sweep.
+    rows = [r for r in swept['rows'] if r['corruption'] != 'none']
+    for key, name in (('ece', 'corrupted_ECE'),
+                      ('error_auroc', 'corrupted_error_AUROC')):
+      values = [r[key] for r in rows if r.get(key) is not None]
+      out[name] = float(np.mean(values)) if values else None
   probe = noise_probe.read(run.workdir)
   if probe is not None:
     out['noise_probe'] = probe

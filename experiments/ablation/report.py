@@ -273,8 +273,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       'train on it. Pooled mDice / mIoU: per seed, the foreground Dice '
       '(IoU) of the pixel counts summed over all tested patients, then the '
       'mean over the seeds that have tested every patient. Per case: mean '
-      'over every test case of every fold and seed. ECE: mean over runs of '
-      'each run\'s ECE. Train plateau: runs '
+      'over every test case of every fold and seed. Train plateau: runs '
       'whose train-split mDice (train.monitor_train_cases) gained at most '
       '1 point over the last 10 % of their steps; late gain: its mean gain '
       'over the last quarter (the cosine schedule flattens every curve at '
@@ -282,9 +281,9 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       'Not learned: runs whose final train-split mDice is at most 0.05.',
       '',
       '| arm | runs | patients | pooled mIoU | pooled mDice | per-case Dice '
-      '| HD95 | ASSD | ECE | train plateau | late gain | not learned | '
+      '| HD95 | ASSD | train plateau | late gain | not learned | '
       'chain label |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for arm, e in cv['arms'].items():
     mine = [r for r in runs if r['name'] == arm and r['done']]
     flat = [r for r in mine if (r.get('train_plateau') or {}).get(
@@ -302,8 +301,7 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         f'| {arms[arm]["label"]} | {len(mine)} | {e["patients_done"]} | '
         f'{_number(e["mIoU"], 2, 100)} | {_number(e["mDice"], 2, 100)} | '
         f'{_number(pc["Dice"], 2, 100)} | {_number(pc["HD95"], 1)} | '
-        f'{_number(pc["ASSD"], 1)} | {_number(e["ECE"], 4)} | '
-        f'{on}/{len(flat)} | '
+        f'{_number(pc["ASSD"], 1)} | {on}/{len(flat)} | '
         f'{_number(float(np.mean(late)) if late else None, 1, 100)} | '
         f'{idle} | {label_counts} |')
   lines += [
@@ -428,6 +426,36 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
           lines.append(f'| {arms[arm]["label"]} | ' + ' | '.join(
               _ci(d.get('mDice'), d.get('mDice_ci95')) if d else '—'
               for d in diffs) + ' |')
+  return lines + calibration_markdown(results)
+
+
+def calibration_markdown(results: Dict[str, Any]) -> List[str]:
+  """Calibration and uncertainty of each arm's soft map, clean and under
+  corruption."""
+  arms = results['arms']
+  lines = [
+      '', 'Calibration and uncertainty of the soft map, mean over runs: ECE '
+      '(15 equal-mass bins), NLL and Brier per pixel; error AUROC / AUPRC: '
+      'how well the soft map\'s normalized entropy ranks the wrong pixels '
+      'above the right ones (AUPRC against the error rate by chance); case '
+      'Spearman: rank correlation of a case\'s mean entropy with its Dice '
+      '(negative when the uncertain cases are the bad ones); the last two '
+      'under '
+      'corruption, each swept run\'s mean over its corruptions and '
+      'severities:', '',
+      '| arm | runs | ECE | NLL | Brier | error AUROC | error AUPRC | case '
+      'Spearman | swept runs | ECE corrupted | error AUROC corrupted |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for arm, e in results['cv']['arms'].items():
+    c = e['calibration']
+    lines.append(
+        f'| {arms[arm]["label"]} | {c["ECE"]["runs"]} | ' + ' | '.join(
+            _number(c[k]['mean'], 4) for k in ('ECE', 'NLL', 'Brier')) +
+        ' | ' + ' | '.join(_number(c[k]['mean'], 3) for k in (
+            'error_AUROC', 'error_AUPRC', 'case_Spearman')) +
+        f' | {c["corrupted_ECE"]["runs"]} | '
+        f'{_number(c["corrupted_ECE"]["mean"], 4)} | '
+        f'{_number(c["corrupted_error_AUROC"]["mean"], 3)} |')
   return lines
 
 
