@@ -299,6 +299,8 @@ def test_study_end_to_end(tmp_path):
   for name in ('results.json', 'results.md', 'curves.png', 'schedule.png',
                'sweep_lambda.png', 'sweep_anchor.png', 'qualitative.png'):
     assert os.path.getsize(os.path.join(out, name)) > 500, name
+  # Without folds there are no test patients to pair.
+  assert not os.path.exists(os.path.join(out, 'patients.png'))
   results = json.load(open(os.path.join(out, 'results.json')))
   table = open(os.path.join(out, 'results.md')).read()
   runs = results['runs']
@@ -490,6 +492,7 @@ def test_cross_validated_study_end_to_end(tmp_path):
   assert 'Each corruption on its own' in table
   assert "Does a model read SPAD's noise as the structure?" in table
   assert 'Calibration and uncertainty of the soft map' in table
+  assert os.path.getsize(os.path.join(out, 'patients.png')) > 500
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))
   assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row

@@ -312,7 +312,8 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       f'{cv["resamples"]} bootstrap resamples of patients (each with all '
       'its seeds); the last two columns resample folds instead (each with '
       'its patients and seeds: the patients of a fold share its runs), a '
-      'check on that independence, coarse with few folds:', '',
+      'check on that independence, coarse with few folds (`patients.png`: '
+      'each patient\'s difference per seed):', '',
       '| arm | patients | Δ pooled mIoU | Δ pooled mDice | half-width '
       '(mDice) | Δ mDice, folds resampled | half-width |',
       '|---|---:|---:|---:|---:|---:|---:|']
@@ -532,6 +533,58 @@ def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_patients(path: str, results: Dict[str, Any], title: str) -> bool:
+  """Per arm, each test patient's Dice difference to the reference, one
+  marker per seed, with the pooled difference and its interval over
+  patients: how much of the spread is patients and how much is seeds.
+  Returns False (and writes nothing) when no arm has a paired value."""
+  from spad_jax import visualize  # pylint: disable=g-import-not-at-top
+  cv, labels = results['cv'], results['arms']
+  ref = cv['arms'].get(cv['reference'])
+  shown = [a for a, e in cv['arms'].items() if e.get('vs_reference')]
+  if ref is None or not shown:
+    return False
+  plt = visualize.pyplot()
+  cols = min(3, len(shown))
+  rows = -(-len(shown) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows),
+                           squeeze=False)
+  patients_ = cv['patients']
+  x = np.arange(len(patients_))
+  seeds = results['meta']['seeds']
+  for ax, arm in zip(axes.flat, shown):
+    e = cv['arms'][arm]
+    for s, seed in enumerate(seeds):
+      diff = [np.nan if e['per_patient'][p][s] is None or
+              ref['per_patient'][p][s] is None else
+              100 * (e['per_patient'][p][s] - ref['per_patient'][p][s])
+              for p in patients_]
+      ax.plot(x + 0.12 * (s - (len(seeds) - 1) / 2), diff, 'o', ms=4,
+              label=f'seed {seed}')
+    v = e['vs_reference']
+    if v.get('mDice') is not None:
+      ax.axhline(100 * v['mDice'], color='k', lw=1,
+                 label='pooled Δ, 95 % interval over patients')
+      lo, hi = v['mDice_ci95']
+      ax.axhspan(100 * lo, 100 * hi, color='k', alpha=0.1)
+    ax.axhline(0, color='gray', lw=0.8, ls=':')
+    ax.set_xticks(x)
+    ax.set_xticklabels(patients_, fontsize=7, rotation=90)
+    ax.set_title(f'{labels[arm]["label"]} − {labels[cv["reference"]]["label"]}',
+                 fontsize=9)
+    ax.set_ylabel('Δ Dice (points)')
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=7)
+  for ax in list(axes.flat)[len(shown):]:
+    ax.axis('off')
+  fig.suptitle(title + ' — each test patient\'s Dice difference per seed',
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
 
 
 def plot_schedule(path: str, config, runs: Sequence[plan.Run],
@@ -785,6 +838,8 @@ def report(out: str, runs: Sequence[plan.Run], arms: Sequence[str],
            f'{budget["num_epochs"]} epochs, {budget["model_params"] / 1e6:.2f}'
            f' M params')
   plot_curves(os.path.join(out, 'curves.png'), runs, arms, title)
+  if 'cv' in results:
+    plot_patients(os.path.join(out, 'patients.png'), results, title)
   plot_schedule(os.path.join(out, 'schedule.png'), first.config, runs,
                 f'SPAD schedules over {first.config.train.num_epochs} epochs')
   sweep_seeds = meta_extra.get('sweep_seeds', [])
