@@ -441,8 +441,7 @@ def calibration_markdown(results: Dict[str, Any]) -> List[str]:
       'above the right ones (AUPRC against the error rate by chance); case '
       'Spearman: rank correlation of a case\'s mean entropy with its Dice '
       '(negative when the uncertain cases are the bad ones); the last two '
-      'under '
-      'corruption, each swept run\'s mean over its corruptions and '
+      'under corruption, each swept run\'s mean over its corruptions and '
       'severities:', '',
       '| arm | runs | ECE | NLL | Brier | error AUROC | error AUPRC | case '
       'Spearman | swept runs | ECE corrupted | error AUROC corrupted |',
@@ -535,17 +534,17 @@ def plot_curves(path: str, runs: Sequence[plan.Run], arms: Sequence[str],
   plt.close(fig)
 
 
-def plot_patients(path: str, results: Dict[str, Any], title: str) -> bool:
+def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
   """Per arm, each test patient's Dice difference to the reference, one
   marker per seed, with the pooled difference and its interval over
   patients: how much of the spread is patients and how much is seeds.
-  Returns False (and writes nothing) when no arm has a paired value."""
+  Writes nothing when no arm has a paired value."""
   from spad_jax import visualize  # pylint: disable=g-import-not-at-top
   cv, labels = results['cv'], results['arms']
-  ref = cv['arms'].get(cv['reference'])
   shown = [a for a, e in cv['arms'].items() if e.get('vs_reference')]
-  if ref is None or not shown:
-    return False
+  if not shown:  # A paired value implies the reference's entry.
+    return
+  ref = cv['arms'][cv['reference']]
   plt = visualize.pyplot()
   cols = min(3, len(shown))
   rows = -(-len(shown) // cols)
@@ -584,7 +583,6 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> bool:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
-  return True
 
 
 def plot_schedule(path: str, config, runs: Sequence[plan.Run],
