@@ -16,6 +16,7 @@ sampling settings.
 from absl import app
 from absl import flags
 
+from spad_jax import files
 from spad_jax import robustness
 
 FLAGS = flags.FLAGS
@@ -32,14 +33,11 @@ flags.mark_flags_as_required(['run', 'out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  sweeps = {}
-  for spec in FLAGS.run:
-    name, sep, path = spec.partition('=')
-    if not sep or not name or not path:
-      raise app.UsageError(f'--run={spec!r}: expected NAME=WORKDIR')
-    if name in sweeps:
-      raise app.UsageError(f'--run: the name {name!r} is given twice')
-    sweeps[name] = robustness.load_sweep(path)
+  try:
+    named = files.named_paths(FLAGS.run)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  sweeps = {name: robustness.load_sweep(path) for name, path in named.items()}
   if len(sweeps) < 2:
     raise app.UsageError('--run: give at least two runs to compare')
   if FLAGS.metric not in robustness.FIELDS[2:-1]:

@@ -1,9 +1,10 @@
 """Atomic file writes: a reader (or a killed run) never sees a half-written
-file, because each write goes to a temporary file renamed into place."""
+file, because each write goes to a temporary file renamed into place. Also
+the parsing of the ``NAME=PATH`` run specs that comparison commands take."""
 
 import json
 import os
-from typing import Any, Union
+from typing import Any, Dict, Iterable, Union
 
 import numpy as np
 
@@ -51,3 +52,20 @@ def write_npy(path: str, array: np.ndarray) -> None:
   tmp = path + '.tmp.npy'
   np.save(tmp, array)
   os.replace(tmp, path)
+
+
+def named_paths(specs: Iterable[str], flag: str = '--run') -> Dict[str, str]:
+  """``NAME=PATH`` specs to an ordered ``{name: path}``.
+
+  Raises ValueError naming the spec when a part is empty or a name repeats,
+  so a command can report the flag value the user typed.
+  """
+  named = {}
+  for spec in specs:
+    name, sep, path = spec.partition('=')
+    if not sep or not name or not path:
+      raise ValueError(f'{flag}={spec!r}: expected NAME=PATH')
+    if name in named:
+      raise ValueError(f'{flag}: the name {name!r} is given twice')
+    named[name] = path
+  return named

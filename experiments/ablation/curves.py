@@ -34,14 +34,8 @@ def read_run(name: str, workdir: str) -> dict:
 def compare(specs, out: str) -> dict:
   """Reads the ``NAME=WORKDIR`` specs and writes the figure, CSV and JSON
   to ``out``; returns the JSON's content."""
-  runs = []
-  for spec in specs:
-    name, sep, path = spec.partition('=')
-    if not sep or not name or not path:
-      raise ValueError(f'--run={spec!r}: expected NAME=WORKDIR')
-    if name in [r['name'] for r in runs]:
-      raise ValueError(f'--run: the name {name!r} is given twice')
-    runs.append(read_run(name, path))
+  runs = [read_run(name, path)
+          for name, path in files.named_paths(specs).items()]
   os.makedirs(out, exist_ok=True)
 
   from spad_jax import visualize  # pylint: disable=g-import-not-at-top
