@@ -2,6 +2,7 @@
 written here (experiments/ablation/patients.py)."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -258,3 +259,30 @@ def test_projected_half_width_by_hand():
   assert wide['patients_for_target']['2'] == 1
   # One seed: no within-patient term, no projection.
   assert patients.projected_half_width(np.ones((3, 1)))['half_width'] == {}
+
+
+def test_corrupted_evaluations_come_from_the_records_sweep(tmp_path):
+  """The sweep a record lists (plan.collect_run reads it from
+  robustness.json) names the corrupted evaluation folders; no file is read
+  again, and an unswept run has none."""
+  from experiments.ablation import plan
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.json').write_text('{"mDice": 0.5}')
+  rows = [{'corruption': c, 'severity': s} for c, s in
+          (('none', 0), ('blur', 3), ('jpeg', 3), ('blur', 5))]
+  (workdir / 'robustness.json').write_text(json.dumps({'rows': rows}))
+  run = plan.Run(group='arm', name='a', seed=0, fold=0, overrides={},
+                 workdir=str(workdir))
+  record = plan.collect_run(run)
+  os.remove(workdir / 'robustness.json')
+  want = [str(workdir / 'corruptions' / f) for f in
+          ('blur_s3', 'jpeg_s3', 'blur_s5')]
+  assert patients.corrupted_evaluations(record) == want
+  assert patients.corrupted_evaluations(record, name='blur') == [want[0],
+                                                                 want[2]]
+  unswept = dict(record, swept=None)
+  assert patients.corrupted_evaluations(unswept) is None
+  assert patients.swept_corruptions(
+      [record, unswept, dict(record, done=False,
+                             swept=[['speckle', 1]])]) == ['blur', 'jpeg']

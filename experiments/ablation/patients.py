@@ -147,23 +147,16 @@ def robustness_json(workdir: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
-def _robustness_rows(record: Dict) -> Optional[List[Dict]]:
-  found = robustness_json(record['workdir'])
-  return None if found is None else found['rows']
-
-
 def corrupted_evaluations(record: Dict, name: Optional[str] = None
                           ) -> Optional[List[str]]:
-  """A run's corrupted evaluations (every corruption and severity its
-  robustness.json lists, or only corruption ``name``; the clean split left
-  out); None without a robustness.json."""
-  rows = _robustness_rows(record)
-  if rows is None:
+  """A run's corrupted evaluations (every corruption and severity of its
+  sweep, the record's ``swept``, or only corruption ``name``; the clean split
+  left out); None when the run was not swept."""
+  if record.get('swept') is None:
     return None
-  return [os.path.join(record['workdir'], 'corruptions',
-                       f'{r["corruption"]}_s{int(r["severity"])}')
-          for r in rows if r['corruption'] != 'none' and
-          name in (None, r['corruption'])]
+  return [os.path.join(record['workdir'], 'corruptions', f'{kind}_s{level}')
+          for kind, level in record['swept']
+          if kind != 'none' and name in (None, kind)]
 
 
 def swept_corruptions(records: Sequence[Dict]) -> List[str]:
@@ -172,9 +165,9 @@ def swept_corruptions(records: Sequence[Dict]) -> List[str]:
   names = []
   for r in records:
     if r['group'] == 'arm' and r['done']:
-      for row in _robustness_rows(r) or ():
-        if row['corruption'] != 'none' and row['corruption'] not in names:
-          names.append(row['corruption'])
+      for kind, _ in r.get('swept') or ():
+        if kind != 'none' and kind not in names:
+          names.append(kind)
   return names
 
 

@@ -502,7 +502,12 @@ def collect_run(run: Run) -> Dict[str, Any]:
     out['cpu'] = t.get('cpu')
     out['packages'] = t.get('packages')
   swept = patients.robustness_json(run.workdir)
-  if swept is not None:  # Calibration under corruption: mean over the sweep.
+  if swept is not None:
+    # What was swept, so the report finds the corrupted evaluations without
+    # reading the file again.
+    out['swept'] = [[r['corruption'], int(r['severity'])]
+                    for r in swept['rows']]
+    # Calibration under corruption: mean over the sweep.
     rows = [r for r in swept['rows'] if r['corruption'] != 'none']
     for key, name in (('ece', 'corrupted_ECE'),
                       ('error_auroc', 'corrupted_error_AUROC')):
