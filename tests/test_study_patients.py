@@ -1,7 +1,6 @@
 """Patient-level statistics of a cross-validated study against references
 written here (experiments/ablation/patients.py)."""
 
-import csv
 import json
 import os
 
