@@ -346,6 +346,30 @@ def test_study_end_to_end(tmp_path):
   rows = lambda text: [l for l in text.splitlines() if l.startswith('|')]
   assert rows(open(os.path.join(out, 'results.md')).read()) == rows(table)
 
+  # A subset reported elsewhere reads the same runs and leaves the whole
+  # study's report as it was.
+  sub = str(tmp_path / 'subset')
+  subset = subprocess.run(
+      [sys.executable, '-m', 'experiments.ablation.main',
+       '--config=tests/tiny_config.py', f'--out={out}', '--seeds=1',
+       '--arms=full', f'--report_dir={sub}', '--qualitative_cases=0',
+       '--config.train.num_epochs=1'], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert subset.returncode == 0, subset.stderr[-4000:]
+  assert '1 already done, 0 to train' in subset.stderr
+  assert os.path.getmtime(os.path.join(out, 'full', 'seed1',
+                                       'metrics.json')) == stamp
+  assert rows(open(os.path.join(out, 'results.md')).read()) == rows(table)
+  assert json.load(open(os.path.join(out, 'results.json')))['meta'][
+      'seeds'] == [0, 1]
+  picked = json.load(open(os.path.join(sub, 'results.json')))
+  assert picked['meta']['arms'] == ['full'] and picked['meta']['seeds'] == [1]
+  assert [r['workdir'] for r in picked['runs']] == [
+      os.path.join(out, 'full', 'seed1')]
+  assert picked['arms']['full']['mDice']['values'] == pytest.approx(
+      [_metrics(os.path.join(out, 'full', 'seed1'))['mDice']])
+  assert os.path.getsize(os.path.join(sub, 'curves.png')) > 500
+
 
 def _patient_dataset(root, patients=6, per_patient=4):
   """Synthetic B-scans at 20² in the folder format, ``per_patient`` cases

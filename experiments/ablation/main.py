@@ -43,7 +43,8 @@ disk, and the report is rewritten after every run; a folder that kept only
 the small files (a fresh clone of a committed study) continues, training
 again only a finished run that lost its checkpoint before those phases.
 
-Writes into ``--out``:
+Writes into ``--out`` (or ``--report_dir``: more seeds of some arms, say,
+reported beside the whole study without replacing its report):
 
 - ``results.json``: every run (metrics, overrides, timing, workdir), the
   per-arm summaries, paired differences to the baseline, the sweeps, the
@@ -92,6 +93,11 @@ config_flags.DEFINE_config_file(
     'config', None, 'Base config; --config.<key>=... overrides apply to every '
     'run.', lock_config=False)
 flags.DEFINE_string('out', None, 'Study folder (workdirs and results).')
+flags.DEFINE_string('report_dir', None, 'Folder of results.json, results.md '
+                    'and the figures (default: --out). A subset of a '
+                    'study\'s arms or more seeds of some arms report here '
+                    'without replacing the whole study\'s report; runs '
+                    'already in --out are reused, not trained again.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Values of config.seed.')
 flags.DEFINE_list('arms', list(plan.ARMS),
                   f'Arms to run, of {list(plan.ARMS)} (the paper\'s Table 3: '
@@ -161,7 +167,9 @@ def main(argv):
   except (ValueError, config_validation.ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  report_dir = FLAGS.report_dir or FLAGS.out
   os.makedirs(FLAGS.out, exist_ok=True)
+  os.makedirs(report_dir, exist_ok=True)
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
   train_state.use_compilation_cache(FLAGS.compilation_cache, FLAGS.out)
   meta = {'command': ' '.join(['python -m experiments.ablation.main'] +
@@ -181,7 +189,7 @@ def main(argv):
     far: results are on disk as each run finishes."""
     plan.execute_robustness([run], robustness_seeds, levels)
     plan.execute_noise_probe([run], probe_seeds)
-    report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
+    report.report(report_dir, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                   sweep_values, meta, FLAGS.qualitative_cases)
 
   complete = True
@@ -195,10 +203,10 @@ def main(argv):
       print(f'error: {e}', file=sys.stderr)
       return 2
   meta['complete'] = complete
-  results = report.report(FLAGS.out, runs, FLAGS.arms, seeds, FLAGS.sweeps,
+  results = report.report(report_dir, runs, FLAGS.arms, seeds, FLAGS.sweeps,
                           sweep_values, meta, FLAGS.qualitative_cases)
   print(report.markdown(results))
-  print(f'Wrote {FLAGS.out}/results.json, results.md, curves.png, '
+  print(f'Wrote {report_dir}/results.json, results.md, curves.png, '
         'schedule.png' + ''.join(f', sweep_{s}.png' for s in FLAGS.sweeps) +
         (', qualitative.png' if results['meta']['qualitative_cases'] else ''))
   return 0 if complete else 3
