@@ -578,8 +578,9 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
   axes.flat[0].legend(fontsize=7)
   for ax in list(axes.flat)[len(shown):]:
     ax.axis('off')
-  fig.suptitle(title + ' — each test patient\'s Dice difference per seed',
-               fontsize=9)
+  # One panel is too narrow for the title on one line.
+  fig.suptitle(title + ('\n' if cols == 1 else ' — ') +
+               'each test patient\'s Dice difference per seed', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
