@@ -504,6 +504,15 @@ def test_cross_validated_study_end_to_end(tmp_path):
       'per_corruption']['blur']
   lo, hi = diff['mDice_ci95']
   assert lo <= diff['mDice'] <= hi and len(diff['patients']) == 6
+  # The t check: each patient's mean difference over its seeds, from the
+  # per-patient tables the same file holds.
+  per = {arm: cv['arms'][arm]['per_patient'] for arm in ('unet', 'baseline')}
+  means = [np.mean(np.subtract(per['unet'][p], per['baseline'][p]))
+           for p in cv['patients']]
+  assert diff['patient_t']['patients'] == 6
+  assert diff['patient_t']['mean'] == pytest.approx(np.mean(means))
+  lo, hi = diff['patient_t']['ci95']
+  assert lo < np.mean(means) < hi
   # Each run's train-split curve and its plateau reading.
   runs = [r for r in results['runs'] if r['group'] == 'arm']
   assert len(runs) == 8 and all(r['done'] for r in runs)
@@ -520,6 +529,10 @@ def test_cross_validated_study_end_to_end(tmp_path):
   row = next(line for line in table.splitlines()
              if line.startswith('| UNet (deterministic) | 4 | 6 |'))
   assert f'{100 * cv["arms"]["unet"]["mDice"]:.2f}' in row
+  row = next(line for line in table.splitlines()
+             if line.startswith('| UNet (deterministic) | 6 |'))
+  assert row.endswith(
+      f'{100 * diff["patient_t"]["half_width"]:.2f} |'), row
   # The folder as a fresh clone has it (small files, no checkpoints), and
   # one probe lost with its model: that run alone is trained again, to the
   # same result, and probed; the figure stays as it was.

@@ -260,6 +260,25 @@ def test_projected_half_width_by_hand():
   assert patients.projected_half_width(np.ones((3, 1)))['half_width'] == {}
 
 
+def test_patient_t_interval_against_scipy():
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  diffs = rng.normal(-0.03, 0.05, (10, 4))
+  diffs[3, 1] = np.nan   # a missing seed: the patient's mean of the rest
+  diffs[7] = np.nan      # a patient with no pair: not a unit
+  t = patients.patient_t_interval(diffs)
+  means = [np.mean(r[~np.isnan(r)]) for r in diffs if not np.isnan(r).all()]
+  ref = stats.ttest_1samp(means, 0.0).confidence_interval(0.95)
+  assert t['patients'] == 9
+  assert t['mean'] == pytest.approx(np.mean(means))
+  assert t['ci95'] == pytest.approx([ref.low, ref.high])
+  assert t['half_width'] == pytest.approx((ref.high - ref.low) / 2)
+  # One patient: a mean, no interval.
+  one = patients.patient_t_interval(diffs[:1])
+  assert one['mean'] == pytest.approx(diffs[0].mean())
+  assert one['ci95'] is None and one['half_width'] is None
+
+
 def test_corrupted_evaluations_come_from_the_records_sweep(tmp_path):
   """The sweep a record lists (plan.collect_run reads it from
   robustness.json) names the corrupted evaluation folders; no file is read

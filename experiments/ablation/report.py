@@ -310,25 +310,33 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       'once both have it on every patient), in '
       'points, with 95 % intervals from '
       f'{cv["resamples"]} bootstrap resamples of patients (each with all '
-      'its seeds); the last two columns resample folds instead (each with '
-      'its patients and seeds: the patients of a fold share its runs), a '
-      'check on that independence, coarse with few folds (`patients.png`: '
+      'its seeds); the "folds resampled" columns resample folds instead '
+      '(each with its patients and seeds: the patients of a fold share its '
+      'runs), a '
+      'check on that independence, coarse with few folds; the t columns '
+      'are the mean of the patients\' own mean differences with a '
+      'Student-t interval over patients, a check on the percentile '
+      'bootstrap, which is too narrow with few patients (`patients.png`: '
       'each patient\'s difference per seed):', '',
       '| arm | patients | Δ pooled mIoU | Δ pooled mDice | half-width '
-      '(mDice) | Δ mDice, folds resampled | half-width |',
-      '|---|---:|---:|---:|---:|---:|---:|']
+      '(mDice) | Δ mDice, folds resampled | half-width | Δ patients\' '
+      'mean mDice, t | half-width |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for arm, e in cv['arms'].items():
     v = e.get('vs_reference')
     if not v:
       continue
     f = e.get('vs_reference_by_fold') or {}
+    t = v.get('patient_t') or {}
     lines.append(
         f'| {arms[arm]["label"]} | {len(v["patients"])} | '
         f'{_ci(v["mIoU"], v["mIoU_ci95"])} | '
         f'{_ci(v["mDice"], v["mDice_ci95"])} | '
         f'{_number(v.get("mDice_half_width"), 2, 100)} | '
         f'{_ci(f.get("mDice"), f.get("mDice_ci95"))} | '
-        f'{_number(f.get("mDice_half_width"), 2, 100)} |')
+        f'{_number(f.get("mDice_half_width"), 2, 100)} | '
+        f'{_ci(t.get("mean"), t.get("ci95"))} | '
+        f'{_number(t.get("half_width"), 2, 100)} |')
   proj = {a: e['vs_reference']['projection'] for a, e in cv['arms'].items()
           if (e.get('vs_reference') or {}).get('projection', {}).get(
               'half_width')}
