@@ -312,9 +312,8 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
       f'{cv["resamples"]} bootstrap resamples of patients (each with all '
       'its seeds); the "folds resampled" columns resample folds instead '
       '(each with its patients and seeds: the patients of a fold share its '
-      'runs), a '
-      'check on that independence, coarse with few folds; the t columns '
-      'are the mean of the patients\' own mean differences with a '
+      'runs), a check on that independence, coarse with few folds; the t '
+      'columns are the mean of the patients\' own mean differences with a '
       'Student-t interval over patients, a check on the percentile '
       'bootstrap, which is too narrow with few patients (`patients.png`: '
       'each patient\'s difference per seed):', '',
