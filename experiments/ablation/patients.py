@@ -344,6 +344,15 @@ def projected_half_width(per_patient_diffs: np.ndarray,
                   for k in seeds})
 
 
+def t_half_width(values: np.ndarray, confidence: float = 0.95) -> float:
+  """Half-width of the Student-t interval of the mean of ``values`` (at
+  least two): t·sd/√n with n − 1 degrees of freedom."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n = len(values)
+  return float(stats.t.ppf(0.5 + confidence / 2, n - 1) *
+               np.std(values, ddof=1) / np.sqrt(n))
+
+
 def patient_t_interval(per_patient_diffs: np.ndarray,
                        confidence: float = 0.95) -> Dict[str, Any]:
   """The mean over patients of each patient's mean difference over its
@@ -352,16 +361,13 @@ def patient_t_interval(per_patient_diffs: np.ndarray,
   percentile bootstrap, which with ten patients is too narrow (it draws
   from the ten values seen, and uses no t quantile); it weighs patients
   equally where the pooled Dice weighs them by their fluid pixels."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   values = np.asarray(per_patient_diffs, np.float64)
-  seen = ~np.isnan(values).all(1)
-  means = np.array([np.nanmean(v) for v in values[seen]])
+  means = np.nanmean(values[~np.isnan(values).all(1)], axis=1)
   out = {'patients': int(len(means)), 'confidence': confidence,
          'mean': float(means.mean()) if len(means) else None,
          'ci95': None, 'half_width': None}
   if len(means) > 1:
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(means) - 1) *
-                 means.std(ddof=1) / np.sqrt(len(means)))
+    half = t_half_width(means, confidence)
     out.update(ci95=[out['mean'] - half, out['mean'] + half],
                half_width=half)
   return out
@@ -487,10 +493,9 @@ def analyse(records: Sequence[Dict], config, arms: Sequence[str],
           c, counts[reference], resamples, by_fold=True)
       entry['vs_reference']['fold_components'] = variance_components(
           per_fold - fold_table[reference])
-      entry['vs_reference']['projection'] = projected_half_width(
-          per_patient - patient_table[reference])
-      entry['vs_reference']['patient_t'] = patient_t_interval(
-          per_patient - patient_table[reference])
+      diffs = per_patient - patient_table[reference]
+      entry['vs_reference']['projection'] = projected_half_width(diffs)
+      entry['vs_reference']['patient_t'] = patient_t_interval(diffs)
     out['arms'][arm] = entry
   # Under corruption: every corrupted test image of the swept runs pooled,
   # against the same runs' clean test images.

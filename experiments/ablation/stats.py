@@ -1,11 +1,11 @@
 """The study's statistics: per-seed values, summaries over seeds, paired
 differences to the baseline, the sweeps' rows."""
 
-import math
 from typing import Any, Dict, Sequence
 
 import numpy as np
 
+from experiments.ablation import patients
 from experiments.ablation import plan
 
 METRICS = ('mIoU', 'mDice', 'HD95')
@@ -40,7 +40,6 @@ def paired_difference(arm: Dict[int, float], base: Dict[int, float],
   sample std and the Student-t interval ``mean ± t·sd/√n`` (n − 1 degrees of
   freedom). A simple reading aid: seeds are few and the test set is one
   fixed set of patients, so it says nothing about other patients."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   seeds = sorted(set(arm) & set(base))
   d = np.asarray([arm[s] - base[s] for s in seeds], np.float64)
   out = {'seeds': seeds, 'diffs': [float(x) for x in d], 'n': int(len(d)),
@@ -48,8 +47,7 @@ def paired_difference(arm: Dict[int, float], base: Dict[int, float],
          'ci_low': None, 'ci_high': None, 'confidence': confidence}
   if len(d) > 1:
     sd = float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(
-        len(d))
+    half = patients.t_half_width(d, confidence)
     out.update({'sd': sd, 'ci_low': out['mean'] - half,
                 'ci_high': out['mean'] + half})
   return out
