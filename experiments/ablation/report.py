@@ -567,8 +567,10 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
               ref['per_patient'][p][s] is None else
               100 * (e['per_patient'][p][s] - ref['per_patient'][p][s])
               for p in patients_]
-      ax.plot(x + 0.12 * (s - (len(seeds) - 1) / 2), diff, 'o', ms=4,
-              label=f'seed {seed}')
+      # Seeds share a fixed width per patient so many seeds stay apart
+      # from the next patient's.
+      ax.plot(x + 0.7 * (s / max(1, len(seeds) - 1) - 0.5 * (len(seeds) > 1)),
+              diff, 'o', ms=4, label=f'seed {seed}')
     v = e['vs_reference']
     if v.get('mDice') is not None:
       ax.axhline(100 * v['mDice'], color='k', lw=1,
@@ -582,14 +584,17 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
                  fontsize=9)
     ax.set_ylabel('Δ Dice (points)')
     ax.grid(alpha=0.3)
-  axes.flat[0].legend(fontsize=7)
   for ax in list(axes.flat)[len(shown):]:
     ax.axis('off')
   # One panel is too narrow for the title on one line.
   fig.suptitle(title + ('\n' if cols == 1 else ' — ') +
                'each test patient\'s Dice difference per seed', fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  # Below the panels: inside one, the legend hid the patients' points.
+  handles, names = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, names, loc='upper center', bbox_to_anchor=(0.5, 0),
+             ncol=min(len(names), 5), fontsize=7)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
 
 
