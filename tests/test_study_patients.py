@@ -256,6 +256,18 @@ def test_projected_half_width_by_hand():
   wide = patients.projected_half_width(np.array([[1.0, 3.0], [5.0, 7.0]]),
                                        seeds=(2,), target=10.0)
   assert wide['patients_for_target']['2'] == 1
+  # The seeds now (two per patient) and the fewest seeds on these patients
+  # that reach a target, by search; a floor above the target: none.
+  near = patients.projected_half_width(np.array([[1.0, 3.0], [5.0, 7.0]]),
+                                       seeds=(2,), target=3.8)
+  assert near['seeds_now'] == 2
+  assert near['half_width_now'] == pytest.approx(
+      1.96 * np.sqrt(b2 / 2 + 2 / (2 * 2)))
+  assert near['seeds_for_target'] == next(
+      k for k in range(1, 10 ** 6)
+      if 1.96 * np.sqrt(b2 / 2 + 2 / (2 * k)) <= 3.8)
+  assert near['seeds_for_target'] > 2  # Above the floor, beyond two seeds.
+  assert proj['seeds_for_target'] is None  # Floor 1.96·√3.5 > 0.02.
   # One seed: no within-patient term, no projection.
   assert patients.projected_half_width(np.ones((3, 1)))['half_width'] == {}
 

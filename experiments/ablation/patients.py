@@ -327,16 +327,27 @@ def projected_half_width(per_patient_diffs: np.ndarray,
   (a normal approximation of the patient bootstrap of the pooled Dice).
   The between-patient term is the floor that no number of seeds removes.
   ``patients_for_target[S]``: the fewest patients, S seeds each, whose
-  half-width is at most ``target``, under the same components."""
+  half-width is at most ``target``, under the same components.
+  ``seeds_now`` / ``half_width_now``: the seeds each patient has now (the
+  mean, rounded) and the half-width they give; ``seeds_for_target``: the
+  fewest seeds on these patients that reach ``target`` (None when the
+  floor is above it)."""
   comp = variance_components(per_patient_diffs)
   p = comp['groups']
   if comp['between_sd'] is None or comp['within_sd'] is None:
     return dict(comp, patients=p, half_width={}, floor=None, target=target,
-                patients_for_target={})
+                patients_for_target={}, seeds_now=None, half_width_now=None,
+                seeds_for_target=None)
   b2, w2 = comp['between_sd'] ** 2, comp['within_sd'] ** 2
+  hw = lambda k: float(1.96 * np.sqrt(b2 / p + w2 / (p * k)))
+  now = int(round(np.mean(comp['replicates'])))
+  # Solve 1.96²·(b²/P + w²/(P·S)) ≤ target² for S.
+  room = (target / 1.96) ** 2 - b2 / p
   return dict(comp, patients=p,
-              half_width={str(k): float(1.96 * np.sqrt(b2 / p + w2 / (p * k)))
-                          for k in seeds},
+              half_width={str(k): hw(k) for k in seeds},
+              seeds_now=now, half_width_now=hw(now),
+              seeds_for_target=(int(max(1, np.ceil(w2 / (p * room) - 1e-9)))
+                                if room > 0 else None),
               floor=float(1.96 * np.sqrt(b2 / p)), target=target,
               patients_for_target={
                   str(k): int(max(1, np.ceil(

@@ -346,20 +346,25 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         'each patient\'s Dice difference per seed: between-patient and '
         'seed variance, half-width 1.96·√(between²/P + seed²/(P·S)) for S '
         'seeds per patient; the floor is the between-patient term, which '
-        'only more patients lower; the last column, the patients that '
-        'the same components say would bring it to the target, with 2 '
-        'seeds each):', '',
-        '| arm | P | between patients | seeds | S = 2 | 4 | 8 | 16 | floor '
+        'only more patients lower; "now", the seeds each patient has and '
+        'the half-width they give; the last columns, the seeds on these '
+        'patients and the patients with 2 seeds each that the same '
+        'components say would bring it to the target):', '',
+        '| arm | P | between patients | seeds | S = 2 | 4 | 8 | 16 | now '
+        f'| floor | seeds for ≤ {100 * target:g} '
         f'| patients for ≤ {100 * target:g} (S = 2) |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for arm, v in proj.items():
       hw = v['half_width']
+      need = v.get('seeds_for_target')
       lines.append(
           f'| {arms[arm]["label"]} | {v["patients"]} | '
           f'{_number(v["between_sd"], 2, 100)} | '
           f'{_number(v["within_sd"], 2, 100)} | ' + ' | '.join(
               _number(hw.get(str(k)), 2, 100) for k in (2, 4, 8, 16)) +
-          f' | {_number(v["floor"], 2, 100)} | '
+          f' | {_number(v.get("half_width_now"), 2, 100)} '
+          f'(S = {v.get("seeds_now")}) | {_number(v["floor"], 2, 100)} | '
+          f'{"none" if need is None else need} | '
           f'{v["patients_for_target"]["2"]} |')
   folds = cv['folds']
   lines += ['', 'Pooled mDice (%) of each fold\'s test patients, mean over '
@@ -560,6 +565,9 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
   patients_ = cv['patients']
   x = np.arange(len(patients_))
   seeds = results['meta']['seeds']
+  # Seeds share a fixed width per patient so many seeds stay apart from
+  # the next patient's.
+  offsets = np.linspace(-0.35, 0.35, len(seeds)) if len(seeds) > 1 else [0.0]
   for ax, arm in zip(axes.flat, shown):
     e = cv['arms'][arm]
     for s, seed in enumerate(seeds):
@@ -567,10 +575,7 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
               ref['per_patient'][p][s] is None else
               100 * (e['per_patient'][p][s] - ref['per_patient'][p][s])
               for p in patients_]
-      # Seeds share a fixed width per patient so many seeds stay apart
-      # from the next patient's.
-      ax.plot(x + 0.7 * (s / max(1, len(seeds) - 1) - 0.5 * (len(seeds) > 1)),
-              diff, 'o', ms=4, label=f'seed {seed}')
+      ax.plot(x + offsets[s], diff, 'o', ms=4, label=f'seed {seed}')
     v = e['vs_reference']
     if v.get('mDice') is not None:
       ax.axhline(100 * v['mDice'], color='k', lw=1,
