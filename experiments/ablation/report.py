@@ -356,14 +356,14 @@ def cv_markdown(results: Dict[str, Any]) -> List[str]:
         '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for arm, v in proj.items():
       hw = v['half_width']
-      need = v.get('seeds_for_target')
+      need = v['seeds_for_target']
       lines.append(
           f'| {arms[arm]["label"]} | {v["patients"]} | '
           f'{_number(v["between_sd"], 2, 100)} | '
           f'{_number(v["within_sd"], 2, 100)} | ' + ' | '.join(
               _number(hw.get(str(k)), 2, 100) for k in (2, 4, 8, 16)) +
-          f' | {_number(v.get("half_width_now"), 2, 100)} '
-          f'(S = {v.get("seeds_now")}) | {_number(v["floor"], 2, 100)} | '
+          f' | {_number(v["half_width_now"], 2, 100)} '
+          f'(S = {v["seeds_now"]}) | {_number(v["floor"], 2, 100)} | '
           f'{"none" if need is None else need} | '
           f'{v["patients_for_target"]["2"]} |')
   folds = cv['folds']
