@@ -53,7 +53,8 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
                  on_case: Optional[Callable[[int, Dict[str, np.ndarray]],
                                             None]] = None,
                  return_samples: bool = False,
-                 predict=None) -> Dict[str, Any]:
+                 predict=None,
+                 candidates: Sequence[str] = ()) -> Dict[str, Any]:
   """Samples every case of ``source``; returns confusion counts and timing.
 
   ``warmup`` runs the first batch once untimed, so ``seconds`` excludes
@@ -62,10 +63,13 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   with its ``prediction``, ``entropy``, ``soft`` (and ``samples`` with
   ``return_samples``); its time is reported as ``scoring_seconds``. Batch
   ``i + 1`` is dispatched to the devices before batch ``i`` is scored on the
-  host, so scoring overlaps sampling.
+  host, so scoring overlaps sampling. With ``candidates`` (chain labels) the
+  same chains are also scored as each label would label them:
+  ``candidates`` maps each to its ``confusion`` and shown ``preds``.
   """
   k = config.data.num_classes
-  predict = predict or predictors.cached(config, setup, return_samples)
+  predict = predict or predictors.cached(config, setup, return_samples,
+                                         candidates)
   params = train_state.replicate(ema_params)
   eval_key = setup.keys()[2]
   key_ids = predictors.case_key_ids(source.ids)
@@ -79,6 +83,8 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
     batches = itertools.chain([first], batches)
   conf = np.zeros((k, k), np.int64)
   shown = {'images': [], 'labels': [], 'preds': [], 'entropy': []}
+  by_label = {label: {'confusion': np.zeros((k, k), np.int64), 'preds': []}
+              for label in candidates}
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   start = time.time()
   done, scoring = 0, 0.0
@@ -92,8 +98,13 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
     label = flat(batch['label'])[valid]
     conf += metrics.confusion_counts(pred, label, k)
     done += int(valid.sum())
+    take = slice(0, max(0, num_shown - len(shown['images'])))
+    if by_label:
+      cands = flat(out['candidates'])[valid]
+    for i, scored in enumerate(by_label.values()):
+      scored['confusion'] += metrics.confusion_counts(cands[:, i], label, k)
+      scored['preds'].extend(list(cands[take, i]))
     if len(shown['images']) < num_shown:
-      take = slice(0, num_shown - len(shown['images']))
       for name, arr in (('images', flat(batch['image'])[valid]),
                         ('labels', label), ('preds', pred),
                         ('entropy', flat(out['entropy'])[valid])):
@@ -122,28 +133,38 @@ def sample_split(config, ema_params, setup, source, num_shown: int = 0,
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
+    for scored in by_label.values():
+      scored['confusion'] = np.asarray(multihost_utils.process_allgather(
+          scored['confusion'])).sum(axis=0)
   return {'confusion': conf, 'shown': shown, 'seconds': time.time() - start,
-          'scoring_seconds': scoring}
+          'scoring_seconds': scoring, 'candidates': by_label}
 
 
 def score_chain_labels(config, ema_params, setup, source,
                        num_shown: int = 0) -> Dict[str, Any]:
-  """Samples ``source`` once per label of ``predictors.AUTO_CHAIN_LABELS``
-  (the same draws: a label only reads the chain's steps differently) and
-  picks the one whose prediction (``eval.ensemble`` of ``eval.num_samples``
-  chains, as evaluated) has the highest dataset mDice; ties go to the
-  first. Returns ``pick``, ``mDice`` per label, and ``runs`` (each label's
-  ``sample_split`` result)."""
+  """Samples ``source`` once and labels the chains with every label of
+  ``predictors.AUTO_CHAIN_LABELS`` (the same draws: a label only reads the
+  chain's steps differently); picks the one whose prediction
+  (``eval.ensemble`` of ``eval.num_samples`` chains, as evaluated) has the
+  highest dataset mDice; ties go to the first. Returns ``pick``, ``mDice``
+  per label, ``runs`` (each label's ``sample_split``-like result:
+  ``confusion`` and ``shown``, whose ``preds`` are that label's) and the
+  pass's ``seconds``."""
+  labels = predictors.AUTO_CHAIN_LABELS
+  run = sample_split(predictors.with_chain_label(config, labels[0]),
+                     ema_params, setup, source, num_shown=num_shown,
+                     candidates=labels)
   runs, scores = {}, {}
-  for label in predictors.AUTO_CHAIN_LABELS:
-    runs[label] = sample_split(predictors.with_chain_label(config, label),
-                               ema_params, setup, source, num_shown=num_shown)
+  for label in labels:
+    scored = run['candidates'][label]
+    runs[label] = {'confusion': scored['confusion'],
+                   'shown': dict(run['shown'], preds=scored['preds'])}
     scores[label] = metrics.summarize_confusion(
-        runs[label]['confusion'], list(source.class_names))['mDice']
-  ranked = [-np.inf if scores[l] is None else scores[l]
-            for l in predictors.AUTO_CHAIN_LABELS]
-  pick = predictors.AUTO_CHAIN_LABELS[int(np.argmax(ranked))]
-  return {'pick': pick, 'mDice': scores, 'runs': runs}
+        scored['confusion'], list(source.class_names))['mDice']
+  ranked = [-np.inf if scores[l] is None else scores[l] for l in labels]
+  pick = labels[int(np.argmax(ranked))]
+  return {'pick': pick, 'mDice': scores, 'runs': runs,
+          'seconds': run['seconds']}
 
 
 def resolve_chain_label(config, ema_params, setup, source=None):

@@ -76,7 +76,8 @@ def denoiser(model, params) -> Callable:
   return denoise
 
 
-def make_predict_fn(config, model, schedule, return_samples: bool = False):
+def make_predict_fn(config, model, schedule, return_samples: bool = False,
+                    candidates: Sequence[str] = ()):
   """pmapped ``(params, images, key, case_ids) -> ensemble``.
 
   ``params``, ``images`` and ``case_ids`` (``case_key_ids`` of the images'
@@ -95,13 +96,21 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
   (``eval.ensemble_of``). With ``return_samples`` also ``samples``
   ``[B, N, H, W]`` uint8 (the label maps the ensemble combined, for GED and
   variances) and ``chain_labels`` (each chain's own label map: its answer
-  alone).
+  alone). With ``candidates`` (chain labels) also ``candidates``
+  ``[B, len(candidates), H, W]``: the prediction each label would give, from
+  the same chains, so picking among them costs one sampling pass.
   """
   num_classes = config.data.num_classes
   n = config.eval.num_samples
   times = diffusion.time_sequence(config.diffusion.num_steps,
                                   config.eval.num_steps)
 
+  for label in candidates:
+    if config.model.kind != 'diffusion' or label not in diffusion.CHAIN_LABELS:
+      raise ValueError(
+          f'chain label candidate {label!r} (model.kind='
+          f'{config.model.kind!r}): only a diffusion model has chains to '
+          f'label, with one of {", ".join(diffusion.CHAIN_LABELS)}')
   if config.model.kind == 'deterministic':
     return _make_deterministic_predict_fn(config, model, return_samples)
   rules = sampling_record(config)  # The eval keys with their defaults.
@@ -129,25 +138,34 @@ def make_predict_fn(config, model, schedule, return_samples: bool = False):
     probs = per_chain(out['probs' if rules['soft_map'] == 'last'
                           else 'probs_chain_mean'])
     last = per_chain(out['labels'])
-    if rules['chain_label'] == 'last':
-      labels = last
-    else:
-      pooled = (probs if rules['chain_label'] == 'soft_map' else
-                per_chain(out['probs_chain_mean']))
-      labels = jnp.argmax(pooled, axis=-1)
-    combined = (last if n > 1 and rules['ensemble_of'] == 'last' else
-                labels)
-    if config.eval.ensemble == 'mean':
-      result = diffusion.mean_ensemble(probs)
-    elif config.eval.ensemble == 'medoid':
-      result = diffusion.medoid_ensemble(combined, num_classes)
-      del result['medoid']  # Every output is per pixel.
-    else:
-      result = diffusion.ensemble(combined, num_classes)
+
+    def combine(chain_label):
+      """The ensemble, its chains labelled ``chain_label``."""
+      if chain_label == 'last':
+        labels = last
+      else:
+        pooled = (probs if chain_label == 'soft_map' else
+                  per_chain(out['probs_chain_mean']))
+        labels = jnp.argmax(pooled, axis=-1)
+      combined = (last if n > 1 and rules['ensemble_of'] == 'last' else
+                  labels)
+      if config.eval.ensemble == 'mean':
+        result = diffusion.mean_ensemble(probs)
+      elif config.eval.ensemble == 'medoid':
+        result = diffusion.medoid_ensemble(combined, num_classes)
+        del result['medoid']  # Every output is per pixel.
+      else:
+        result = diffusion.ensemble(combined, num_classes)
+      return result, labels, combined
+
+    result, labels, combined = combine(rules['chain_label'])
     result['prob'] = jnp.mean(probs, axis=0)
     if return_samples:
       result['samples'] = jnp.moveaxis(combined, 0, 1).astype(jnp.uint8)
       result['chain_labels'] = jnp.moveaxis(labels, 0, 1).astype(jnp.uint8)
+    if candidates:
+      result['candidates'] = jnp.stack(
+          [combine(label)[0]['prediction'] for label in candidates], axis=1)
     return result
 
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
@@ -179,14 +197,17 @@ def _make_deterministic_predict_fn(config, model, return_samples: bool):
   return jax.pmap(predict, axis_name=AXIS, in_axes=(0, 0, None, 0))
 
 
-def cached(config, setup, return_samples: bool = False):
+def cached(config, setup, return_samples: bool = False,
+           candidates: Sequence[str] = ()):
   """The compiled sampler of ``setup`` for these settings, made once: the
   validations during training and the final evaluation share it (and its
   compilation)."""
   # Everything make_predict_fn reads; setup fixes the model and schedule.
-  key = (return_samples, config.data.num_classes, config.eval.num_samples,
+  key = (return_samples, tuple(candidates), config.data.num_classes,
+         config.eval.num_samples,
          tuple(sorted(sampling_record(config).items())))
   if key not in setup.predictors:
     setup.predictors[key] = make_predict_fn(config, setup.model,
-                                            setup.schedule, return_samples)
+                                            setup.schedule, return_samples,
+                                            candidates)
   return setup.predictors[key]

@@ -320,7 +320,7 @@ def validate(config, workdir, setup, state, val_source, step: int,
     scored = evaluate.score_chain_labels(
         config, ema, setup, val_source, num_shown=config.eval.num_grid_cases)
     run = scored['runs'][scored['pick']]
-    seconds = sum(r['seconds'] for r in scored['runs'].values())
+    seconds = scored['seconds']
   else:
     run = evaluate.sample_split(config, ema, setup, val_source,
                                 num_shown=config.eval.num_grid_cases,

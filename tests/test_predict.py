@@ -490,6 +490,58 @@ def test_chains_depend_on_seed_and_case_only():
                                   three['samples'][b, chosen])
 
 
+def test_candidate_labels_match_their_own_samplers():
+  """One pass with ``candidates`` gives, for every chain label, exactly the
+  prediction of that label's own sampler (the same draws), one chain or an
+  ensemble; a label that is not a chain label, or a model without
+  chains, is refused by name."""
+  import jax
+  from spad_jax import diffusion
+  from spad_jax import predictors
+  from spad_jax import train_state
+  config = tiny_config()
+  config.eval.num_steps = 4
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model,
+                                         jax.random.key(1), 1)
+  params = train_state.replicate(_random_outputs(state.params))
+  s = config.data.image_size
+  images = np.random.default_rng(2).normal(size=(1, 3, s, s, 1)).astype(
+      np.float32)
+  ids = predictors.case_key_ids(['a', 'b', 'c'])[None]
+  key = jax.random.key(3)
+  labels = diffusion.CHAIN_LABELS
+  for n, ensemble, soft_map in ((1, 'vote', 'last'),
+                                (3, 'medoid', 'chain_mean')):
+    cfg = config.copy_and_resolve_references()
+    cfg.eval.num_samples = n
+    cfg.eval.ensemble = ensemble
+    cfg.eval.soft_map = soft_map
+    fn = predictors.make_predict_fn(cfg, setup.model, setup.schedule,
+                                    candidates=labels)
+    both = jax.device_get(fn(params, images, key, ids))
+    assert both['candidates'].shape == (1, 3, len(labels), s, s)
+    predictions = []
+    for i, label in enumerate(labels):
+      alone = predictors.make_predict_fn(
+          predictors.with_chain_label(cfg, label), setup.model,
+          setup.schedule)
+      own = jax.device_get(alone(params, images, key, ids))['prediction']
+      np.testing.assert_array_equal(both['candidates'][:, :, i], own)
+      predictions.append(own)
+    # The chain's main outputs are its own label's ('last' by default).
+    np.testing.assert_array_equal(both['prediction'], predictions[0])
+    assert np.any(predictions[0] != predictions[2]), (n, ensemble)
+  with pytest.raises(ValueError, match="candidate 'auto'"):
+    predictors.make_predict_fn(config, setup.model, setup.schedule,
+                               candidates=('last', 'auto'))
+  unet_config = config.copy_and_resolve_references()
+  unet_config.model.kind = 'deterministic'
+  with pytest.raises(ValueError, match="model.kind='deterministic'"):
+    predictors.make_predict_fn(unet_config, setup.model, setup.schedule,
+                               candidates=('last',))
+
+
 def test_auto_chain_label_is_picked_on_validation(tmp_path):
   """eval.chain_label='auto' scores each candidate label on the validation
   split, picks the best, and then evaluates, validates and predicts exactly
