@@ -3,8 +3,10 @@
   python tests/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID \
       WORKDIR OUT.npz
 
-Trains the tiny config (validation each epoch), evaluates, and saves this
-process's final parameters and EMA parameters to OUT.npz.
+Trains the tiny config (validation each epoch, the chain label picked on
+the val split: confusion counts gathered over the processes), evaluates,
+and saves this process's final parameters, EMA parameters and each
+candidate label's val confusion counts to OUT.npz.
 
 With NUM_PROCESSES 1 it runs alone, without jax.distributed (COORDINATOR is
 ignored): the single-process reference of the same global batch and steps.
@@ -27,9 +29,11 @@ def main(coordinator, num_processes, process_id, workdir, out_path):
                                int(process_id))
   from spad_jax import evaluate  # pylint: disable=g-import-not-at-top
   from spad_jax import train  # pylint: disable=g-import-not-at-top
+  from spad_jax.data import sources  # pylint: disable=g-import-not-at-top
   import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config.get_config()
   config.train.eval_every_epochs = 1
+  config.eval.chain_label = 'auto'
   state, setup, complete = train.train(config, workdir)
   assert complete
   result = evaluate.evaluate(config, workdir, setup=setup)
@@ -38,6 +42,11 @@ def main(coordinator, num_processes, process_id, workdir, out_path):
           'step': np.asarray(jax.device_get(state.step)),
           'mDice': np.asarray(np.nan if result['mDice'] is None
                               else result['mDice'])}
+  # The pick's counts: each label's confusion over the whole val split.
+  scored = evaluate.score_chain_labels(config, state.ema_params, setup,
+                                      sources.load_split(config, 'val'))
+  for label, run in scored['runs'].items():
+    flat['val_confusion_' + label] = run['confusion']
   for name in ('params', 'ema_params'):
     leaves = jax.tree_util.tree_flatten_with_path(
         jax.device_get(getattr(state, name)))[0]

@@ -265,6 +265,10 @@ def test_two_processes_train_to_identical_parameters(tmp_path):
   assert list(single['devices']) == [4, 4]
   assert single.keys() == p0.keys()
   assert int(single['step']) == int(p0['step'])
+  # The chain label's pick counts every val pixel once, whichever process
+  # sampled it: the one process's total.
+  for key in [k for k in p0 if k.startswith('val_confusion_')]:
+    assert p0[key].sum() == single[key].sum() > 0, key
   # Not bitwise: gloo sums the two processes' partial means in another order
   # than one process's all-reduce over 4 devices, and Adam amplifies the
   # rounding of near-zero gradients (only 2 % of the values are equal).
