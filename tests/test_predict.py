@@ -358,6 +358,19 @@ def _random_outputs(params):
       np.random.default_rng(0).normal(size=x.shape), x.dtype), params)
 
 
+def _random_sampler():
+  """The tiny config with 4 sampling steps, its Setup, and a model with
+  ``_random_outputs`` replicated for the predictors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from spad_jax import train_state  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.eval.num_steps = 4
+  setup = train_state.Setup.from_config(config)
+  state = train_state.create_train_state(config, setup.model,
+                                         jax.random.key(1), 1)
+  return config, setup, train_state.replicate(_random_outputs(state.params))
+
+
 def test_one_predictor_per_sampling_setting():
   """Validation, evaluation and the benches share compiled samplers by
   setting; any key the sampler reads gives its own."""
@@ -392,13 +405,7 @@ def test_chains_depend_on_seed_and_case_only():
   ensemble of 3 holds the single chain, and another case id draws others."""
   import jax
   from spad_jax import predictors
-  from spad_jax import train_state
-  config = tiny_config()
-  config.eval.num_steps = 4
-  setup = train_state.Setup.from_config(config)
-  state = train_state.create_train_state(config, setup.model,
-                                         jax.random.key(1), 1)
-  params = train_state.replicate(_random_outputs(state.params))
+  config, setup, params = _random_sampler()
   s = config.data.image_size
   images = np.random.default_rng(1).normal(size=(4, s, s, 1)).astype(
       np.float32)
@@ -498,13 +505,7 @@ def test_candidate_labels_match_their_own_samplers():
   import jax
   from spad_jax import diffusion
   from spad_jax import predictors
-  from spad_jax import train_state
-  config = tiny_config()
-  config.eval.num_steps = 4
-  setup = train_state.Setup.from_config(config)
-  state = train_state.create_train_state(config, setup.model,
-                                         jax.random.key(1), 1)
-  params = train_state.replicate(_random_outputs(state.params))
+  config, setup, params = _random_sampler()
   s = config.data.image_size
   images = np.random.default_rng(2).normal(size=(1, 3, s, s, 1)).astype(
       np.float32)
