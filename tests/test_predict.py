@@ -358,17 +358,15 @@ def _random_outputs(params):
       np.random.default_rng(0).normal(size=x.shape), x.dtype), params)
 
 
-def _random_sampler():
-  """The tiny config with 4 sampling steps, its Setup, and a model with
-  ``_random_outputs`` replicated for the predictors."""
+def _random_model(config):
+  """config's Setup, a fresh train state and ``_random_outputs`` of its
+  parameters (unreplicated)."""
   import jax  # pylint: disable=g-import-not-at-top
   from spad_jax import train_state  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
-  config.eval.num_steps = 4
   setup = train_state.Setup.from_config(config)
   state = train_state.create_train_state(config, setup.model,
                                          jax.random.key(1), 1)
-  return config, setup, train_state.replicate(_random_outputs(state.params))
+  return setup, state, _random_outputs(state.params)
 
 
 def test_one_predictor_per_sampling_setting():
@@ -405,7 +403,10 @@ def test_chains_depend_on_seed_and_case_only():
   ensemble of 3 holds the single chain, and another case id draws others."""
   import jax
   from spad_jax import predictors
-  config, setup, params = _random_sampler()
+  from spad_jax import train_state
+  config = tiny_config()
+  setup, _, params = _random_model(config)
+  params = train_state.replicate(params)
   s = config.data.image_size
   images = np.random.default_rng(1).normal(size=(4, s, s, 1)).astype(
       np.float32)
@@ -505,7 +506,10 @@ def test_candidate_labels_match_their_own_samplers():
   import jax
   from spad_jax import diffusion
   from spad_jax import predictors
-  config, setup, params = _random_sampler()
+  from spad_jax import train_state
+  config = tiny_config()
+  setup, _, params = _random_model(config)
+  params = train_state.replicate(params)
   s = config.data.image_size
   images = np.random.default_rng(2).normal(size=(1, 3, s, s, 1)).astype(
       np.float32)
@@ -557,11 +561,8 @@ def test_auto_chain_label_is_picked_on_validation(tmp_path):
   config = tiny_config()
   config.eval.chain_label = 'auto'
   config_validation.validate(config)
-  setup = train_state.Setup.from_config(config)
-  state = train_state.create_train_state(config, setup.model,
-                                         jax.random.key(1), 1)
   # Random outputs give chains whose final and pooled labels differ.
-  params = _random_outputs(state.params)
+  setup, state, params = _random_model(config)
   state = state.replace(params=params, ema_params=params)
   with pytest.raises(ValueError, match='eval.chain_label'):
     predictors.make_predict_fn(config, setup.model, setup.schedule)
@@ -641,10 +642,7 @@ def test_train_split_monitor_scores_the_first_training_cases():
   from spad_jax.data import sources
   config = tiny_config()
   config.eval.chain_label = 'auto'
-  setup = train_state.Setup.from_config(config)
-  state = train_state.create_train_state(config, setup.model,
-                                         jax.random.key(1), 1)
-  params = _random_outputs(state.params)
+  setup, state, params = _random_model(config)
   head = sources.load_split(config, 'train').head(3)
   fn = predictors.make_predict_fn(predictors.with_chain_label(config, 'last'),
                                   setup.model, setup.schedule)
