@@ -575,7 +575,9 @@ def plot_patients(path: str, results: Dict[str, Any], title: str) -> None:
               ref['per_patient'][p][s] is None else
               100 * (e['per_patient'][p][s] - ref['per_patient'][p][s])
               for p in patients_]
-      ax.plot(x + offsets[s], diff, 'o', ms=4, label=f'seed {seed}')
+      # Ten colours repeat: every further ten seeds take another marker.
+      ax.plot(x + offsets[s], diff, 'osD^v'[s // 10 % 5], ms=4,
+              color=f'C{s % 10}', label=f'seed {seed}')
     v = e['vs_reference']
     if v.get('mDice') is not None:
       ax.axhline(100 * v['mDice'], color='k', lw=1,
