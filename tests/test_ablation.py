@@ -232,6 +232,73 @@ def test_a_resumed_runs_time_counts_every_invocation(tmp_path, monkeypatch):
     plan.read_partial_time(workdir, True)
 
 
+def test_the_phases_after_training_record_their_time(tmp_path, monkeypatch):
+  """study_run.json adds the seconds of the phases after training
+  (after_seconds), so the study's cost needs no log; phases finished by a
+  later invocation after an untimed one are summed and flagged."""
+  from experiments.ablation import report
+  base = tiny_config.get_config()
+  base.eval.checkpoint = 'latest'  # So the model is on disk (see below).
+  runs = plan.plan_runs(base, str(tmp_path), ['baseline', 'full'], [0])
+  clock = {'now': 1000.0}
+  monkeypatch.setattr(plan.time, 'time', lambda: clock['now'])
+  monkeypatch.setattr(plan, 'release_compiled', lambda: None)
+  trained = []
+  after_cost = {runs[0].workdir: 7.0, runs[1].workdir: 11.0}
+
+  def train_fn(config, workdir):
+    trained.append(workdir)
+    os.makedirs(os.path.join(workdir, 'checkpoints', '1'), exist_ok=True)
+    clock['now'] += 100.0
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump({'mDice': 0.5}, f)
+    return {'mDice': 0.5}
+
+  def after_run(run):
+    clock['now'] += after_cost[run.workdir]
+    open(os.path.join(run.workdir, 'phase.json'), 'w').close()
+
+  def needs_model(run):
+    return not os.path.exists(os.path.join(run.workdir, 'phase.json'))
+
+  def timing(run):
+    with open(os.path.join(run.workdir, 'study_run.json')) as f:
+      return json.load(f)
+
+  assert plan.execute(runs, train_fn, after_run, needs_model)
+  for run, cost in zip(runs, (7.0, 11.0)):
+    t = timing(run)
+    assert (t['seconds'], t['after_seconds'],
+            t['after_untimed_invocations']) == (100.0, cost, 0)
+  rows = [plan.collect_run(r) for r in runs]
+  text = '\n'.join(report.timing_lines(rows))
+  assert ('recorded for 2 of the 2 runs: 0:00:18 in all; per run median '
+          '9 s (min 7, max 11).') in text
+
+  # The second run's phases were killed before they recorded their time
+  # (as a run finished before they were timed looks): the next invocation
+  # finishes them and flags the sum as a lower bound.
+  t = timing(runs[1])
+  del t['after_seconds'], t['after_untimed_invocations']
+  with open(os.path.join(runs[1].workdir, 'study_run.json'), 'w') as f:
+    json.dump(t, f)
+  os.remove(os.path.join(runs[1].workdir, 'phase.json'))
+  after_cost[runs[1].workdir] = 4.0
+  trained.clear()
+  assert plan.execute(runs, train_fn, after_run, needs_model)
+  assert not trained  # Caught up from its checkpoint, not trained again.
+  t = timing(runs[1])
+  assert (t['seconds'], t['after_seconds'],
+          t['after_untimed_invocations']) == (100.0, 4.0, 1)
+  assert timing(runs[0])['after_seconds'] == 7.0  # Not run again.
+  rows = [plan.collect_run(r) for r in runs]
+  assert (rows[1]['after_seconds'], rows[1]['after_untimed_invocations']) == (
+      4.0, 1)
+  text = '\n'.join(report.timing_lines(rows))
+  assert ('0:00:11 in all (a lower bound: 1 of them were finished after a '
+          'stop that recorded no time)') in text
+
+
 @pytest.mark.skipif(not os.path.exists('/proc/self/maps'),
                     reason='counts memory mappings in /proc (Linux)')
 def test_a_long_study_does_not_keep_every_run_compiled(tmp_path):

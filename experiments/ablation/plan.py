@@ -245,7 +245,7 @@ def execute(runs: Sequence[Run], train_fn=None,
   if after_run is not None:
     for run in unique:
       if is_done(run) and needs_model(run) and has_model(run):
-        after_run(run)
+        timed_after_run(run, after_run, caught_up=True)
         release_compiled()
   todo = [r for r in unique if not is_done(r) or r in retrain]
   logging.info('Study: %d runs (%d distinct), %d already done, %d to train.',
@@ -282,7 +282,7 @@ def execute(runs: Sequence[Run], train_fn=None,
         overrides=run.overrides))
     os.remove(partial_time_path(run.workdir))  # Written when it began.
     if after_run is not None:
-      after_run(run)
+      timed_after_run(run, after_run, caught_up=False)
     release_compiled()
     durations.append(time.time() - begin)  # With the phases after it.
     left = len(todo) - i - 1
@@ -292,6 +292,33 @@ def execute(runs: Sequence[Run], train_fn=None,
                  formatting.number(result.get('mDice'), 4, missing='—'),
                  left, formatting.hms(eta))
   return True
+
+
+def timed_after_run(run: Run, after_run: Callable[[Run], None],
+                    caught_up: bool) -> None:
+  """Runs ``after_run(run)`` and adds its seconds to the run's
+  ``study_run.json`` as ``after_seconds``, so a study's cost (training plus
+  the sweep, probe and report after it) is read from its files.
+
+  ``caught_up``: the run finished in an earlier invocation and this one
+  completes its phases; if that earlier one recorded no after-phase time
+  (killed in them, or before they were timed), the sum leaves it out and
+  ``after_untimed_invocations`` counts it.
+  """
+  begin = time.time()
+  after_run(run)
+  seconds = time.time() - begin
+  path = os.path.join(run.workdir, 'study_run.json')
+  if not os.path.exists(path):  # Finished before runs were timed.
+    return
+  with open(path) as f:
+    timing = json.load(f)
+  untimed = timing.get('after_untimed_invocations', 0)
+  if caught_up and 'after_seconds' not in timing:
+    untimed += 1
+  timing.update(after_seconds=timing.get('after_seconds', 0.0) + seconds,
+                after_untimed_invocations=untimed)
+  files.write_json(path, timing)
 
 
 def partial_time_path(workdir: str) -> str:
@@ -495,6 +522,8 @@ def collect_run(run: Run) -> Dict[str, Any]:
     with open(timing) as f:
       t = json.load(f)
     out['seconds'] = t.get('seconds')
+    out['after_seconds'] = t.get('after_seconds')
+    out['after_untimed_invocations'] = t.get('after_untimed_invocations')
     out['resumed'] = t.get('resumed')
     # Before invocations were timed, a resumed run's file held only its last.
     out['untimed_invocations'] = t.get('untimed_invocations',

@@ -220,7 +220,25 @@ def timing_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
           f'evaluation, compilation) median '
           f'{np.median(secs):.0f} s (min {min(secs):.0f}, max '
           f'{max(secs):.0f}); median training rate '
-          f'{np.median(rates) if rates else float("nan"):.2f} steps/s.']
+          f'{np.median(rates) if rates else float("nan"):.2f} steps/s.'
+          ] + after_timing_lines(done)
+
+
+def after_timing_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
+  """The time of the phases after training (robustness sweep, noise
+  probe, report), over the runs that recorded it."""
+  timed = [r for r in runs if r.get('after_seconds') is not None]
+  if not timed:
+    return []
+  secs = [r['after_seconds'] for r in timed]
+  untimed = sum(1 for r in timed if r.get('after_untimed_invocations'))
+  return ['', 'Phases after training (robustness sweep, noise probe, '
+          f'report) recorded for {len(timed)} of the {len(runs)} runs: '
+          f'{formatting.hms(sum(secs))} in all'
+          + (f' (a lower bound: {untimed} of them were finished after a stop '
+             'that recorded no time)' if untimed else '')
+          + f'; per run median {np.median(secs):.0f} s (min '
+          f'{min(secs):.0f}, max {max(secs):.0f}).']
 
 
 def noise_probe_markdown(results: Dict[str, Any]) -> List[str]:
