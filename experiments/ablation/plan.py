@@ -275,7 +275,7 @@ def execute(runs: Sequence[Run], train_fn=None,
       return False
     # `seconds` sums every invocation that recorded its time; untimed ones
     # (killed outright) are counted, not timed.
-    files.write_json(os.path.join(run.workdir, 'study_run.json'), dict(
+    files.write_json(study_run_path(run.workdir), dict(
         timing, resumed=resumed,
         finished=time.strftime('%Y-%m-%d %H:%M:%S'),
         cpu=cpu_identity(), packages=package_versions(),
@@ -308,7 +308,7 @@ def timed_after_run(run: Run, after_run: Callable[[Run], None],
   begin = time.time()
   after_run(run)
   seconds = time.time() - begin
-  path = os.path.join(run.workdir, 'study_run.json')
+  path = study_run_path(run.workdir)
   if not os.path.exists(path):  # Finished before runs were timed.
     return
   with open(path) as f:
@@ -319,6 +319,11 @@ def timed_after_run(run: Run, after_run: Callable[[Run], None],
   timing.update(after_seconds=timing.get('after_seconds', 0.0) + seconds,
                 after_untimed_invocations=untimed)
   files.write_json(path, timing)
+
+
+def study_run_path(workdir: str) -> str:
+  """Where a finished run records what it cost and on which machine."""
+  return os.path.join(workdir, 'study_run.json')
 
 
 def partial_time_path(workdir: str) -> str:
@@ -517,7 +522,7 @@ def collect_run(run: Run) -> Dict[str, Any]:
       'chain_label': ((m.get('chain_label_auto') or {}).get('picked') or
                       (m.get('sampling') or {}).get('chain_label')),
   })
-  timing = os.path.join(run.workdir, 'study_run.json')
+  timing = study_run_path(run.workdir)
   if os.path.exists(timing):
     with open(timing) as f:
       t = json.load(f)
