@@ -64,6 +64,13 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
 import spad_jax  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``long`` first: the workers then start on them together and
+  end on short tests, instead of one worker finishing a long test alone."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker('long') is None)
+
+
 def tiny_config():
   """tests/tiny_config.py's config (loaded by path: tests/ is no package)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -112,11 +119,13 @@ STEP_VARIANTS = {
                           'diffusion.importance_history=2,'
                           'diffusion.ce_lambda=0.5,'
                           'diffusion.ce_weighting=stage'),
-    'stratified': 'diffusion.t_sampling=stratified',
     'deterministic': 'model.kind=deterministic',
-    'self_condition_own_sample': ('model.self_condition=True,'
-                                  'diffusion.own_sample_fraction=0.5,'
-                                  'diffusion.own_sample_stride=5'),
+    # Stratified t rides along: its strata span the global batch, so it is
+    # one more thing that must not depend on the device count, and each
+    # variant costs a compile on both device counts.
+    'self_condition_own_sample_stratified': (
+        'model.self_condition=True,diffusion.own_sample_fraction=0.5,'
+        'diffusion.own_sample_stride=5,diffusion.t_sampling=stratified'),
 }
 NUM_STEPS = 2
 # Losses of one step on 1 vs 4 devices: the per-device batch changes the
@@ -165,32 +174,62 @@ def _read_train_steps(out, names):
   return result
 
 
-@pytest.fixture(scope='session')
-def _steps_on_1_and_4_devices():
-  # Built once per test session: the first worker to need it runs it under
-  # a lock, the others wait for its files (pytest-xdist keeps session
-  # fixtures per worker, and the build is the suite's longest, ~2.5 min).
-  shared = os.path.join(os.environ[SHARED_DIR_ENV], 'train_steps')
+def _built_once(name: str, build) -> str:
+  """A folder ``build(folder)`` fills once per test session: the first worker
+  to need it builds it under a lock, the others wait and reuse it
+  (pytest-xdist keeps session fixtures per worker)."""
+  shared = os.path.join(os.environ[SHARED_DIR_ENV], name)
   os.makedirs(shared, exist_ok=True)
-  names = [list(STEP_VARIANTS), [n for n in STEP_VARIANTS if n != 'bf16']]
-  outs = [os.path.join(shared, f'steps_{d}.npz') for d in (1, 4)]
   with open(os.path.join(shared, 'lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     done = os.path.join(shared, 'done')
     if not os.path.exists(done):
-      # Both processes at once: most of their time is single-threaded
-      # compilation, so together they took 91 s against 172 s in turn.
-      runs = [_start_train_steps(out, d, n)
-              for out, d, n in zip(outs, (1, 4), names)]
-      try:
-        for run in runs:
-          _finish_train_steps(run)
-      finally:
-        for run in runs:
-          if run.poll() is None:
-            run.kill()
+      build(shared)
       open(done, 'w').close()
-  return [_read_train_steps(out, n) for out, n in zip(outs, names)]
+  return shared
+
+
+@pytest.fixture(scope='session')
+def _steps_on_1_and_4_devices():
+  names = [list(STEP_VARIANTS), [n for n in STEP_VARIANTS if n != 'bf16']]
+  outs = ['steps_1.npz', 'steps_4.npz']
+
+  def build(folder):
+    # Both processes at once: most of their time is single-threaded
+    # compilation, so together they took 91 s against 172 s in turn.
+    runs = [_start_train_steps(os.path.join(folder, out), d, n)
+            for out, d, n in zip(outs, (1, 4), names)]
+    try:
+      for run in runs:
+        _finish_train_steps(run)
+    finally:
+      for run in runs:
+        if run.poll() is None:
+          run.kill()
+
+  shared = _built_once('train_steps', build)
+  return [_read_train_steps(os.path.join(shared, out), n)
+          for out, n in zip(outs, names)]
+
+
+def _trained_tiny_workdir() -> str:
+  """The shared workdir of tests/tiny_config.py trained for one epoch (4
+  steps) by main.py; read it through ``trained_tiny_copy``."""
+
+  def build(folder):
+    result = run_main(['--config=tests/tiny_config.py',
+                       f'--workdir={folder}/run',
+                       '--config.train.num_epochs=1'])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  return os.path.join(_built_once('trained_tiny', build), 'run')
+
+
+def trained_tiny_copy(dest: str) -> str:
+  """A private copy at ``dest`` of a tiny workdir trained for one epoch
+  (trained once per test session: several tests evaluate such a run)."""
+  shutil.copytree(_trained_tiny_workdir(), dest)
+  return dest
 
 
 @pytest.fixture(scope='session')

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from conftest import trained_tiny_copy
 import numpy as np
 import pytest
 
@@ -13,11 +14,9 @@ import pytest
 POOLED = 'x0_resample τ=0.5 mode×1 mean p̂:chain_mean label:soft_map of:last'
 
 
-def test_sampling_curve_bench(main_runner, tmp_path):
-  workdir = str(tmp_path / 'tiny')
-  trained = main_runner(['--config=tests/tiny_config.py', f'--workdir={workdir}',
-                         '--config.train.num_epochs=1'])
-  assert trained.returncode == 0, trained.stderr[-3000:]
+@pytest.mark.long
+def test_sampling_curve_bench(tmp_path):
+  workdir = trained_tiny_copy(str(tmp_path / 'tiny'))
   out = str(tmp_path / 'bench')
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   result = subprocess.run(
@@ -168,6 +167,7 @@ def test_pipeline_throughput_bench(tmp_path):
   assert all(r['images_per_sec'] > 0 for r in rows)
 
 
+@pytest.mark.long
 def test_step_ab_bench_tiny(tmp_path):
   """bench/step_ab.py's alternated step timings run at toy size (the plain
   variants build the UNet with flax's GroupNorm)."""

@@ -103,6 +103,7 @@ def test_unknown_variant_fails_before_any_work(tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.long
 def test_convergence_bench_end_to_end(tmp_path):
   out = tmp_path / 'conv'
   args = ['--config=tests/tiny_config.py', f'--out={out}',

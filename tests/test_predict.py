@@ -12,6 +12,7 @@ from scipy import stats
 from conftest import reference_mdice
 from conftest import run_main
 from conftest import tiny_config
+from conftest import trained_tiny_copy
 from spad_jax.data import synthetic
 
 TINY = '--config=tests/tiny_config.py'
@@ -20,12 +21,8 @@ CLASSES = synthetic.CLASS_NAMES
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny workdir trained for one epoch (4 steps)."""
-  workdir = str(tmp_path_factory.mktemp('predict') / 'run')
-  result = run_main([TINY, f'--workdir={workdir}',
-                     '--config.train.num_epochs=1'])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+  """This module's copy of a tiny workdir trained for one epoch (4 steps)."""
+  return trained_tiny_copy(str(tmp_path_factory.mktemp('predict') / 'run'))
 
 
 def synthetic_case(index, hw, seed=99):

@@ -16,6 +16,7 @@ from test_data import make_folder
 DUKE = '--config=tests/duke_small_config.py'
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not os.path.isdir(SHARED),
                     reason=f'Duke DME data not found at {SHARED}')
 def test_duke_dme_trains_and_evaluates(main_runner, tmp_path):
