@@ -1,6 +1,7 @@
-"""Run records through clu's metric writers: ``train_log.jsonl`` always,
-TensorBoard scalars and images when TensorFlow and TensorBoard are installed
-(GPU machines without them still get the JSONL).
+"""Run records: ``train_log.jsonl`` always, TensorBoard scalars and images
+through clu's summary writer when TensorFlow and TensorBoard are installed
+(GPU machines without them still get the JSONL). TensorFlow is imported
+only when a training run makes its writer.
 
 Progress (steps/s, ETA) is ours, not ``clu.periodic_actions.ReportProgress``:
 clu's point estimate divides by the wall time since the last report, so a
@@ -14,11 +15,9 @@ must exclude validation, which ``Progress.update`` after a validation does.
 import json
 import os
 import time
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Sequence
 
 from absl import logging
-from clu.metric_writers import interface
-from clu.metric_writers import multi_writer
 from spad_jax import tf_cpu
 
 
@@ -31,12 +30,12 @@ class QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
-class JsonlWriter(interface.MetricWriter):
+class JsonlWriter:
   """Scalars as one JSON line per step, ``{"step", "time", name: value}``;
-  other summaries are not written (TensorBoard has them). The file is
-  opened for each line rather than held: a tool that replaces it while a
-  run goes on (a git checkout or stash of a committed log, a sync) would
-  otherwise leave the run writing into the unlinked old file."""
+  images are not written (TensorBoard has them). The file is opened for
+  each line rather than held: a tool that replaces it while a run goes on
+  (a git checkout or stash of a committed log, a sync) would otherwise
+  leave the run writing into the unlinked old file."""
 
   def __init__(self, path: str):
     self._path = path
@@ -48,26 +47,8 @@ class JsonlWriter(interface.MetricWriter):
     with open(self._path, 'a') as f:
       f.write(json.dumps(row) + '\n')
 
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
   def write_images(self, step, images):
     del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_hparams(self, hparams):
-    del hparams
 
   def flush(self):
     pass  # Each line is written and closed at once.
@@ -76,11 +57,37 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
 
-def create_writer(workdir: str, enabled: bool = True) -> interface.MetricWriter:
+class Writers:
+  """Sends each record to every writer: the part of clu's ``MultiWriter``
+  training uses. Not clu's own because ``clu.metric_writers``' package
+  ``__init__`` imports TensorFlow (~4 s), which every process that imports
+  this module (predict and evaluate too) would then pay."""
+
+  def __init__(self, writers: Sequence[Any]):
+    self._writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_images(step, images)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
+def create_writer(workdir: str, enabled: bool = True) -> Writers:
   """``train_log.jsonl`` + TensorBoard (``<workdir>/tb``) for the process
   that records (process 0); a writer that writes nothing for the others."""
   if not enabled:
-    return multi_writer.MultiWriter([])
+    return Writers([])
   writers = [JsonlWriter(os.path.join(workdir, 'train_log.jsonl'))]
   try:
     import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
@@ -90,7 +97,7 @@ def create_writer(workdir: str, enabled: bool = True) -> interface.MetricWriter:
   except ImportError:
     logging.warning('TensorFlow or TensorBoard is not installed: no '
                     'TensorBoard records, train_log.jsonl only.')
-  return multi_writer.MultiWriter(writers)
+  return Writers(writers)
 
 
 class Progress:
