@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from spad_jax import records
 
 
@@ -68,7 +69,6 @@ def test_entry_points_import_without_tensorflow():
           'experiments.ablation.report; '
           'print(sorted(m for m in sys.modules if m.split(".")[0] in '
           '("tensorflow", "tensorflow_datasets")))')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', code], cwd=root, check=True,
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
                        capture_output=True, text=True, timeout=300)
   assert out.stdout.strip() == '[]', out.stdout[-2000:]
